@@ -1,0 +1,105 @@
+"""GenerationEval: periodic generation on fixed prompts, scored and logged as metrics and a table."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_info
+
+from plpost.data.formats import validate_prompt_row
+from plpost.data.sources import SourceLike, describe, load_source
+from plpost.generation import generate_texts
+
+
+class GenerationEval(L.Callback):
+    """Generates completions for a fixed prompt set every `every_n_steps` optimizer steps.
+
+    With `score_fn(prompts, completions, **columns) -> Tensor` (the same signature as PPO
+    reward functions; columns are the prompt rows' other fields), logs `{name}/score`, the mean
+    score. Always logs `{name}/stopped` (the share of completions that ended with a stop token
+    before `max_new_tokens`) and `{name}/length` (mean completion tokens), and a table of the
+    first `table_rows` prompts (a W&B table with WandbLogger, the console otherwise).
+
+    Args:
+        prompts: rows with a `prompt` field (string or messages) plus any extra columns.
+        score_fn: scores completions; e.g. ``plpost.tasks.addition.exact_match_reward``.
+        every_n_steps: how often, in optimizer steps; 0 evaluates only when training ends.
+        max_new_tokens: the longest completion.
+        do_sample: sample instead of greedy decoding.
+        limit: use only the first `limit` prompts.
+        table_rows: how many completions to show in the table.
+        name: the prefix of the logged names.
+    """
+
+    def __init__(
+        self,
+        prompts: SourceLike,
+        score_fn: Callable[..., torch.Tensor] | None = None,
+        *,
+        every_n_steps: int = 100,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        limit: int | None = None,
+        table_rows: int = 16,
+        name: str = "eval",
+    ) -> None:
+        source = describe(prompts)
+        dataset = load_source(prompts)
+        rows = [dict(row) for row in (dataset.select(range(min(limit, len(dataset)))) if limit else dataset)]
+        self.prompts = [validate_prompt_row(source, index, row) for index, row in enumerate(rows)]
+        self.columns = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
+        self.score_fn = score_fn
+        self.every_n_steps = every_n_steps
+        self.max_new_tokens = max_new_tokens
+        self.do_sample = do_sample
+        self.table_rows = table_rows
+        self.name = name
+        self._last_step = -1
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step % self.every_n_steps == 0 and step != self._last_step:
+            self._last_step = step
+            self.evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step != self._last_step:
+            self.evaluate(trainer, pl_module)
+
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        tokenizer = pl_module.tokenizer
+        texts, lengths, stopped = generate_texts(
+            pl_module.generation_model(), tokenizer, self.prompts, max_new_tokens=self.max_new_tokens,
+            do_sample=self.do_sample,
+        )
+        metrics = {
+            f"{self.name}/stopped": float(stopped.float().mean()),
+            f"{self.name}/length": float(lengths.float().mean()),
+        }
+        scores = None
+        if self.score_fn is not None:
+            scores = self.score_fn(self.prompts, texts, **self.columns)
+            metrics[f"{self.name}/score"] = float(torch.as_tensor(scores, dtype=torch.float32).mean())
+        if trainer.is_global_zero:
+            self.log_table(trainer, texts, scores)
+        if trainer.logger is not None:
+            trainer.logger.log_metrics(metrics, step=trainer.global_step)
+        rank_zero_info(f"step {trainer.global_step}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
+        return metrics
+
+    def log_table(self, trainer: L.Trainer, texts: list[str], scores: torch.Tensor | None) -> None:
+        rows = []
+        for i in range(min(self.table_rows, len(texts))):
+            score = float(scores[i]) if scores is not None else None
+            rows.append([trainer.global_step, str(self.prompts[i]), texts[i], score])
+        columns = ["step", "prompt", "completion", "score"]
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_table(key=f"{self.name}/samples", columns=columns, data=rows)
+                return
+        for row in rows[:4]:
+            rank_zero_info(f"  {row[1]!r} -> {row[2]!r} (score {row[3]})")

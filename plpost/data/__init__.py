@@ -1,0 +1,6 @@
+from plpost.data.chat import ChatDataModule
+from plpost.data.collate import ChatBatch
+from plpost.data.formats import DataValidationError
+from plpost.data.sources import DataSource
+
+__all__ = ["ChatBatch", "ChatDataModule", "DataSource", "DataValidationError"]

@@ -1,0 +1,104 @@
+"""ChatDataModule: conversations or prompt/completion rows for supervised fine-tuning."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
+
+from plpost.data.base import PostTrainingDataModule, SkipRecord
+from plpost.data.collate import ChatBatch, collate_chat, count_loss_tokens
+from plpost.data.formats import validate_chat_row
+from plpost.data.sources import SourceLike
+from plpost.data.tokenize import Overflow, Overflowed, tokenize_supervised
+
+
+class ChatDataModule(PostTrainingDataModule):
+    """Chat data for SFT: the loss falls on assistant tokens only, end-of-turn token included.
+
+    Rows are ``{"messages": [{"role", "content"}, ...]}`` (every assistant turn is supervised)
+    or ``{"prompt", "completion"}`` (both strings, or both message lists; only the completion
+    is supervised). Every record is validated and tokenized in `setup`, before training.
+
+    Args:
+        tokenizer: Hub name, local folder or bundled name (``plpost:tiny``) of the tokenizer;
+            its chat template renders the conversations.
+        train: training rows: a file, a bundled file, a Hub dataset name, a `DataSource`, or a
+            list of row dicts.
+        val: validation rows, same forms as `train`.
+        val_size: hold out this many training records for validation instead of `val`.
+        batch_size: sequences per micro-batch.
+        eval_batch_size: sequences per validation batch (default: batch_size).
+        max_length: the longest sequence in tokens.
+        overflow: what happens to a record longer than max_length: "truncate" keeps its first
+            max_length tokens, "drop" skips it, "error" stops with an error naming it. Truncated
+            and dropped records are counted and logged; a record left with no supervised token
+            is always skipped and counted, so it never reaches the loss.
+        packing: put each micro-batch into one row with no padding; position ids restart at
+            each sequence and attention never crosses sequences.
+        pad_to_multiple_of: round padded lengths up (e.g. 8 for tensor cores).
+        num_workers: DataLoader worker processes.
+        shuffle: reshuffle the training records every epoch.
+        seed: seed of the shuffle.
+        chat_template: a Jinja template (string or .jinja file) replacing the tokenizer's.
+        trust_remote_code: allow a tokenizer that runs code from its repository.
+    """
+
+    def __init__(
+        self,
+        tokenizer: str,
+        train: SourceLike | None = None,
+        val: SourceLike | None = None,
+        *,
+        val_size: int = 0,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        max_length: int = 1024,
+        overflow: Overflow = "truncate",
+        packing: bool = False,
+        pad_to_multiple_of: int = 1,
+        num_workers: int = 0,
+        shuffle: bool = True,
+        seed: int = 0,
+        chat_template: str | None = None,
+        trust_remote_code: bool = False,
+    ) -> None:
+        super().__init__(
+            tokenizer,
+            train,
+            val,
+            val_size=val_size,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            max_length=max_length,
+            num_workers=num_workers,
+            shuffle=shuffle,
+            seed=seed,
+            chat_template=chat_template,
+            trust_remote_code=trust_remote_code,
+        )
+        self.overflow = overflow
+        self.packing = packing
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def preprocess(self, source: str, index: int, row: dict[str, Any]) -> dict:
+        context, supervised = validate_chat_row(source, index, row)
+        try:
+            example = tokenize_supervised(
+                self.tokenizer, context, supervised, max_length=self.max_length, overflow=self.overflow,
+                source=source, index=index,
+            )
+        except Overflowed:
+            raise SkipRecord("dropped (longer than max_length)") from None
+        if count_loss_tokens(example.labels) == 0:
+            raise SkipRecord("skipped (no supervised token left after truncation)")
+        return {"input_ids": example.input_ids, "labels": example.labels, "truncated": example.truncated}
+
+    def example_weight(self, example: dict) -> float:
+        return count_loss_tokens(example["labels"])
+
+    def collate_fn(self) -> Callable[[Sequence[tuple[dict, float | None]]], ChatBatch]:
+        return partial(
+            collate_chat, pad_token_id=self.tokenizer.pad_token_id, packing=self.packing,
+            pad_to_multiple_of=self.pad_to_multiple_of,
+        )

@@ -1,0 +1,82 @@
+"""Sampling that knows the optimizer step each example lands in, so losses normalise per step.
+
+A loss averaged per micro-batch changes with the micro-batch size when examples carry unequal
+numbers of loss tokens (an 8x1 and a 2x4 layout weigh tokens differently). The correct
+normaliser is the number of loss tokens (or pairs) in the whole optimizer step, over every
+micro-batch of the accumulation window and every device. The sampler computes it up front from
+per-example weights: every rank draws the same seeded permutation, so each rank knows the total
+of the window without communicating, and hands it to the collate function with each index.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch.utils.data import Dataset, DistributedSampler
+
+
+class AccumulationWindowSampler(DistributedSampler):
+    """Yields `(index, window_weight)` for this rank, in micro-batch order.
+
+    weights: per example, what the loss is normalised by (loss tokens, or 1 per pair).
+    Ranks interleave as in DistributedSampler (global position p belongs to rank p % replicas),
+    and each optimizer step consumes batch_size * accumulate positions per rank. The last
+    window of an epoch may be shorter; its weight is what it actually holds. When the example
+    count does not divide evenly across ranks the order wraps around, as DistributedSampler
+    does, and the repeated examples count in the normaliser like any other.
+
+    Subclasses DistributedSampler so Lightning keeps it instead of injecting its own and calls
+    `set_epoch` on it, which reshuffles per epoch.
+    """
+
+    def __init__(
+        self,
+        weights: Sequence[float],
+        *,
+        batch_size: int,
+        accumulate: int = 1,
+        num_replicas: int = 1,
+        rank: int = 0,
+        shuffle: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(weights, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
+        self.weights = torch.as_tensor(weights, dtype=torch.float64)
+        self.window = batch_size * accumulate
+
+    def global_order(self) -> torch.Tensor:
+        count = len(self.weights)
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(count, generator=generator)
+        else:
+            order = torch.arange(count)
+        if self.total_size > count:
+            repeats = math.ceil(self.total_size / count)
+            order = order.repeat(repeats)
+        return order[: self.total_size]
+
+    def __iter__(self) -> Iterator[tuple[int, float]]:
+        order = self.global_order()
+        span = self.window * self.num_replicas
+        window_weights = [float(self.weights[order[start : start + span]].sum()) for start in range(0, len(order), span)]
+        for position in range(self.num_samples):
+            yield int(order[position * self.num_replicas + self.rank]), window_weights[position // self.window]
+
+
+class WeightedExamples(Dataset):
+    """Examples indexed either by position or by the `(index, window_weight)` pairs of the sampler."""
+
+    def __init__(self, examples: Sequence[dict]) -> None:
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, key: int | tuple[int, float]) -> tuple[dict, float | None]:
+        if isinstance(key, tuple):
+            index, window_weight = key
+            return self.examples[index], window_weight
+        return self.examples[key], None

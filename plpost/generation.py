@@ -1,0 +1,97 @@
+"""Prompt encoding and text generation shared by callbacks and evaluation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from plpost.data.collate import pad_rows
+from plpost.data.formats import Message
+from plpost.data.tokenize import chat_ids, end_of_turn_ids
+
+Prompt = str | list[Message]
+
+
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: Prompt) -> list[int]:
+    """A message list is rendered with the chat template and the generation prompt; a string as is."""
+    if isinstance(prompt, str):
+        return list(tokenizer(prompt)["input_ids"])
+    return chat_ids(tokenizer, prompt, add_generation_prompt=True)
+
+
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt]) -> tuple[Tensor, Tensor]:
+    """(input_ids, attention_mask), left-padded so every prompt ends where generation begins."""
+    rows = [prompt_ids(tokenizer, prompt) for prompt in prompts]
+    input_ids = pad_rows(rows, tokenizer.pad_token_id, left=True)
+    attention_mask = pad_rows([[1] * len(row) for row in rows], 0, left=True)
+    return input_ids, attention_mask
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    return sorted(end_of_turn_ids(tokenizer))
+
+
+def generation_config(tokenizer: PreTrainedTokenizerBase, **settings) -> GenerationConfig:
+    """A GenerationConfig that stops at EOS or end-of-turn and pads with the tokenizer's pad token."""
+    return GenerationConfig(eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id, **settings)
+
+
+class Generations(NamedTuple):
+    texts: list[str]
+    """Completions, special tokens removed."""
+    lengths: Tensor
+    """(prompts,) completion tokens, the stop token included."""
+    stopped: Tensor
+    """(prompts,) bool: the completion ended with a stop token within max_new_tokens."""
+
+
+def completion_stats(completion_ids: Tensor, stop_ids: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """Lengths up to and including the first stop token, and whether there was one.
+
+    completion_ids: (batch, time), the generated tokens only (generate pads after a stop).
+    """
+    is_stop = torch.isin(completion_ids, torch.as_tensor(list(stop_ids), device=completion_ids.device))
+    stopped = is_stop.any(dim=1)
+    first_stop = torch.where(stopped, is_stop.int().argmax(dim=1), completion_ids.shape[1] - 1)
+    return first_stop + 1, stopped
+
+
+@torch.no_grad()
+def generate_texts(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[Prompt],
+    *,
+    max_new_tokens: int = 64,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    batch_size: int = 64,
+) -> Generations:
+    """Completions for `prompts`, greedy unless `do_sample`; leaves the model in the mode it found it."""
+    was_training = model.training
+    model.eval()
+    settings = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, use_cache=True)
+    if do_sample:
+        settings.update(temperature=temperature, top_p=top_p, top_k=0)
+    config = generation_config(tokenizer, **settings)
+    device = next(model.parameters()).device
+    texts, lengths, stopped = [], [], []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            input_ids, attention_mask = encode_prompts(tokenizer, prompts[start : start + batch_size])
+            output = model.generate(
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config
+            )
+            completion_ids = output[:, input_ids.shape[1] :]
+            texts += tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+            batch_lengths, batch_stopped = completion_stats(completion_ids, config.eos_token_id)
+            lengths.append(batch_lengths.cpu())
+            stopped.append(batch_stopped.cpu())
+    finally:
+        model.train(was_training)
+    return Generations(texts, torch.cat(lengths), torch.cat(stopped))

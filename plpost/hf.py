@@ -1,0 +1,55 @@
+"""Loading Hugging Face tokenizers and models by Hub name, local folder or bundled name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from plpost.assets import resolve_pretrained
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_tokenizer(
+    name_or_path: str, *, chat_template: str | None = None, trust_remote_code: bool = False
+) -> PreTrainedTokenizerBase:
+    """The tokenizer, with `chat_template` (a Jinja string or a .jinja file) replacing its own if given.
+
+    A tokenizer without a pad token pads with EOS; every mask in plpost comes from the data,
+    never from comparing ids with the pad id, so a supervised EOS stays supervised.
+    """
+    tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(name_or_path), trust_remote_code=trust_remote_code)
+    if chat_template is not None:
+        template_file = Path(chat_template)
+        is_file = template_file.suffix in (".jinja", ".j2") and template_file.is_file()
+        tokenizer.chat_template = template_file.read_text() if is_file else chat_template
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(
+    name_or_path: str,
+    *,
+    random_init: bool = False,
+    dtype: str | None = None,
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """AutoModelForCausalLM from a Hub name or folder; `random_init` builds its config with fresh weights."""
+    path = resolve_pretrained(name_or_path)
+    torch_dtype = DTYPES[dtype] if dtype else None
+    if random_init:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if attn_implementation:
+            config._attn_implementation = attn_implementation
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        return model.to(torch_dtype) if torch_dtype else model
+    return AutoModelForCausalLM.from_pretrained(
+        path,
+        dtype=torch_dtype,
+        attn_implementation=attn_implementation,
+        trust_remote_code=trust_remote_code,
+    )

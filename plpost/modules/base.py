@@ -1,0 +1,193 @@
+"""What every stage shares: building the policy in `configure_model`, LoRA, optimizer injection,
+and keeping frozen models (reference, reward) out of checkpoints."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from plpost.hf import load_causal_lm, load_tokenizer
+from plpost.optim import WarmupCosineLR
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapters through `peft` (see `peft.LoraConfig` for the meaning of each field).
+
+    Args:
+        r: rank of the update matrices.
+        alpha: scaling numerator (the update is scaled by alpha / r, or alpha / sqrt(r) with rslora).
+        dropout: dropout on the adapter input.
+        target_modules: module names to adapt, or "all-linear".
+        modules_to_save: modules trained in full and saved with the adapter (e.g. a score head).
+        use_rslora: rank-stabilised scaling.
+        use_dora: weight-decomposed adapters (DoRA).
+        merge_on_export: write merged full weights on export instead of an adapter folder.
+    """
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] | str = "all-linear"
+    modules_to_save: list[str] | None = None
+    use_rslora: bool = False
+    use_dora: bool = False
+    merge_on_export: bool = False
+    bias: Literal["none", "all", "lora_only"] = "none"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def peft_config(self, task_type: str):
+        from peft import LoraConfig
+
+        settings = asdict(self)
+        extra = settings.pop("extra")
+        settings.pop("merge_on_export")
+        settings["lora_alpha"] = settings.pop("alpha")
+        settings["lora_dropout"] = settings.pop("dropout")
+        return LoraConfig(task_type=task_type, **settings, **extra)
+
+
+def default_optimizer(params) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
+
+
+class PostTrainingModule(L.LightningModule):
+    """Base of the stage modules; `self.policy` is the model being trained.
+
+    Stage subclasses list their frozen submodules in `frozen_modules`; those are never trained,
+    never written into checkpoints, and their source is recorded in the checkpoint instead.
+    """
+
+    frozen_modules: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        model: str,
+        tokenizer: str | None = None,
+        *,
+        random_init: bool = False,
+        dtype: Literal["float32", "bfloat16", "float16"] | None = None,
+        attn_implementation: str | None = None,
+        trust_remote_code: bool = False,
+        lora: LoraSettings | None = None,
+        gradient_checkpointing: bool = False,
+        optimizer: OptimizerCallable = default_optimizer,
+        scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__()
+        self.model_name = model
+        self.tokenizer_name = tokenizer or model
+        self.random_init = random_init
+        self.dtype_name = dtype
+        self.attn_implementation = attn_implementation
+        self.trust_remote_code = trust_remote_code
+        self.lora = lora
+        self.gradient_checkpointing = gradient_checkpointing
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.policy: PreTrainedModel | None = None
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+
+    # -- models ---------------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.tokenizer_name, trust_remote_code=self.trust_remote_code)
+        return self._tokenizer
+
+    def load_pretrained(self, name_or_path: str | None = None, *, random_init: bool | None = None) -> PreTrainedModel:
+        return load_causal_lm(
+            name_or_path or self.model_name,
+            random_init=self.random_init if random_init is None else random_init,
+            dtype=self.dtype_name,
+            attn_implementation=self.attn_implementation,
+            trust_remote_code=self.trust_remote_code,
+        )
+
+    def prepare_trainable(self, model: PreTrainedModel, task_type: str = "CAUSAL_LM") -> PreTrainedModel:
+        """Adds LoRA adapters and gradient checkpointing as configured."""
+        if self.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        if self.lora is not None:
+            from peft import get_peft_model
+
+            if self.gradient_checkpointing:
+                model.enable_input_require_grads()
+            model = get_peft_model(model, self.lora.peft_config(task_type))
+        return model
+
+    def configure_model(self) -> None:
+        # Built here, not in __init__, so sharded strategies can build it directly on their devices.
+        if self.policy is None:
+            self.policy = self.prepare_trainable(self.load_pretrained())
+
+    def export_model(self) -> PreTrainedModel:
+        """The model that export writes as a Hugging Face folder."""
+        return self.policy
+
+    def generation_model(self) -> PreTrainedModel:
+        """The model that samples and evaluation callbacks generate with."""
+        return self.policy
+
+    @staticmethod
+    def freeze(model: torch.nn.Module) -> torch.nn.Module:
+        model.eval()
+        model.requires_grad_(False)
+        return model
+
+    # -- optimisation ---------------------------------------------------------------------
+    def configure_optimizers(self):
+        parameters = [p for p in self.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(parameters)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        if isinstance(scheduler, WarmupCosineLR) and scheduler.total_steps is None:
+            scheduler.total_steps = int(self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def loss_scale(self) -> float:
+        """Undoes Lightning's division by accumulate_grad_batches and DDP's gradient averaging.
+
+        Losses here are sums divided by the loss tokens (or pairs) of the whole optimizer step on
+        all devices, so the micro-batch losses must add up, not average.
+        """
+        return float(self.trainer.accumulate_grad_batches * self.trainer.world_size)
+
+    def global_sum(self, value: Tensor) -> Tensor:
+        return self.trainer.strategy.reduce(value.detach().float(), reduce_op="sum")
+
+    def log_learning_rate(self) -> None:
+        optimizer = self.optimizers(use_pl_optimizer=False)
+        optimizer = optimizer[0] if isinstance(optimizer, list) else optimizer
+        self.log("train/lr", optimizer.param_groups[0]["lr"], rank_zero_only=True)
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def is_frozen_key(self, key: str) -> bool:
+        return any(key.startswith(f"{name}.") for name in self.frozen_modules)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("state_dict", {})
+        for key in [k for k in state if self.is_frozen_key(k)]:
+            del state[key]
+        checkpoint["plpost_frozen_sources"] = self.frozen_sources()
+
+    def frozen_sources(self) -> dict[str, str]:
+        """Where each frozen model comes from, recorded in checkpoints in place of its weights."""
+        return {}
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [k for k in result.missing_keys if not self.is_frozen_key(k)]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(
+                f"checkpoint does not match the model: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
+            )
+        return result
