@@ -48,8 +48,7 @@ class GenerationEval(L.Callback):
         name: str = "eval",
     ) -> None:
         source = describe(prompts)
-        dataset = load_source(prompts)
-        rows = [dict(row) for row in (dataset.select(range(min(limit, len(dataset)))) if limit else dataset)]
+        rows = [dict(row) for row in load_source(prompts)][:limit]
         self.prompts = [validate_prompt_row(source, index, row) for index, row in enumerate(rows)]
         self.columns = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
         self.score_fn = score_fn

@@ -1,15 +1,19 @@
 """Where rows come from: a Hub dataset, local JSONL/JSON/Parquet/CSV files, or an in-memory list.
 
-All three end as a `datasets.Dataset`. Local JSON Lines files are first read line by line so
-that a line that is not UTF-8 or not JSON is reported with its file and line number, which the
-`datasets` JSON reader cannot do.
+Hub datasets and Parquet files (typed by their schema) are read by `datasets`. JSON, JSON Lines
+and CSV files and in-memory lists stay Python objects (CSV cells are strings): Arrow would give every row one schema, silently turning a mistyped
+field into another type (a number answer into a string, or the reverse) or into null, which
+validation must see as the user wrote it. JSON Lines are read line by line so that a line that
+is not UTF-8 or not JSON is reported with its file and line number.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any, Union
 
 import datasets
@@ -47,29 +51,31 @@ def describe(source: SourceLike) -> str:
     return source if isinstance(source, str) else source.path
 
 
-def load_source(source: SourceLike) -> datasets.Dataset:
-    """Reads `source` into a Dataset; raises DataValidationError for unreadable or empty input."""
+Rows = Sequence[Mapping[str, Any]]
+
+
+def load_source(source: SourceLike) -> Rows:
+    """Reads `source` into indexable rows; raises DataValidationError for unreadable or empty input."""
     if isinstance(source, list):
         if not source:
             raise DataValidationError("in-memory rows", None, None, "the list of rows is empty")
-        dataset = datasets.Dataset.from_list(source)
-        return dataset
+        return source
     if isinstance(source, str):
         source = DataSource(path=source)
     path = resolve_pretrained(source.path)
     local = Path(path)
     if local.suffix in LOCAL_BUILDERS or local.exists():
-        dataset = _load_local(local)
+        rows = _load_local(local)
     else:
-        dataset = datasets.load_dataset(path, source.name, split=source.split)
-    if len(dataset) == 0:
+        rows = datasets.load_dataset(path, source.name, split=source.split)
+    if len(rows) == 0:
         raise DataValidationError(source.path, None, None, "the dataset has no rows")
-    if source.limit is not None:
-        dataset = dataset.select(range(min(source.limit, len(dataset))))
-    return dataset
+    if source.limit is not None and source.limit < len(rows):
+        rows = rows.select(range(source.limit)) if isinstance(rows, datasets.Dataset) else rows[: source.limit]
+    return rows
 
 
-def _load_local(path: Path) -> datasets.Dataset:
+def _load_local(path: Path) -> Rows:
     if not path.is_file():
         raise DataValidationError(str(path), None, None, "no such file")
     builder = LOCAL_BUILDERS.get(path.suffix)
@@ -80,11 +86,36 @@ def _load_local(path: Path) -> datasets.Dataset:
     if path.stat().st_size == 0:
         raise DataValidationError(str(path), None, None, "the file is empty")
     if path.suffix == ".jsonl":
-        _check_json_lines(path)
+        return _read_json_lines(path)
+    if path.suffix == ".json":
+        return _read_json(path)
+    if path.suffix == ".csv":
+        return _read_csv(path)
     return datasets.load_dataset(builder, data_files=str(path), split="train")
 
 
-def _check_json_lines(path: Path) -> None:
+def _read_csv(path: Path) -> list:
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            return list(csv.DictReader(handle))
+    except UnicodeDecodeError as error:
+        raise DataValidationError(str(path), None, None, f"not valid UTF-8 ({error.reason} at byte {error.start})") from None
+
+
+def _read_json(path: Path) -> list:
+    try:
+        rows = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise DataValidationError(str(path), None, None, f"not valid UTF-8 ({error.reason} at byte {error.start})") from None
+    except json.JSONDecodeError as error:
+        raise DataValidationError(str(path), None, None, f"not valid JSON ({error.msg}, line {error.lineno})") from None
+    if not isinstance(rows, list):
+        raise DataValidationError(str(path), None, None, "expected a JSON array of records (or use .jsonl)")
+    return rows
+
+
+def _read_json_lines(path: Path) -> list:
+    rows = []
     record = 0
     with path.open("rb") as handle:
         for line_number, raw in enumerate(handle, start=1):
@@ -97,9 +128,10 @@ def _check_json_lines(path: Path) -> None:
             if not line.strip():
                 continue
             try:
-                json.loads(line)
+                rows.append(json.loads(line))
             except json.JSONDecodeError as error:
                 raise DataValidationError(
                     str(path), record, None, f"line {line_number} is not valid JSON ({error.msg})"
                 ) from None
             record += 1
+    return rows

@@ -111,7 +111,11 @@ class PostTrainingModule(L.LightningModule):
         )
 
     def prepare_trainable(self, model: PreTrainedModel, task_type: str = "CAUSAL_LM") -> PreTrainedModel:
-        """Adds LoRA adapters and gradient checkpointing as configured."""
+        """Adds LoRA adapters and gradient checkpointing as configured, in train mode.
+
+        from_pretrained returns models in eval mode, and Lightning keeps each submodule's mode.
+        """
+        model.train()
         if self.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False

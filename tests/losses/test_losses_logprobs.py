@@ -165,21 +165,20 @@ def test_backward_saves_no_float32_copy_of_the_logits():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="peak-memory check needs CUDA")
 def test_cuda_peak_memory_stays_below_a_float32_copy():
-    """Forward + backward on (4096, 32000) bf16 logits (250 MiB; a float32 copy is 500 MiB) with
-    chunk_size=512: extra memory beyond logits and their bf16 gradient is a few float32 chunks
-    (~62 MiB each), so the peak stays well below one full float32 copy."""
-    rows, vocab = 4096, 32_000
+    """Forward + backward on (4096, 32000) bf16 logits (250 MiB; a float32 copy is 500 MiB, and the
+    naive log_softmax keeps two) with chunk_size=512. Beyond the logits and their bf16 gradient,
+    each pass holds one float32 chunk (512 x 32000 x 4 B = 62.5 MiB) at a time; allow two."""
+    rows, vocab, chunk_size = 4096, 32_000, 512
     logits = torch.randn(1, rows, vocab, device="cuda").bfloat16().requires_grad_(True)
     targets = torch.randint(0, vocab, (1, rows), device="cuda")
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    out = token_logprobs(logits, targets, chunk_size=512)
+    out = token_logprobs(logits, targets, chunk_size=chunk_size)
     (grad,) = torch.autograd.grad(out.sum(), logits)
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base - grad.numel() * grad.element_size()
-    float32_copy = rows * vocab * 4
-    assert extra < 0.5 * float32_copy, extra / 2**20
+    assert extra < 2 * chunk_size * vocab * 4, extra / 2**20
     ref = reference_logprobs(logits.detach(), targets)
     torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=0)
 
