@@ -1,0 +1,157 @@
+"""The framework-free ceiling: forward + backward + AdamW over the same batches, nothing else.
+
+Batches are tokenized and collated before the clock starts (no data loader), nothing is logged,
+and the losses are written the plain way (log-softmax of the whole float32 logits), so this
+loop's time is what the model itself costs on these batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from benchmarks.data import IGNORE_INDEX, tokenize_chat, tokenize_pair
+from benchmarks.frameworks import adamw, attention_implementation
+from benchmarks.measure import StepClock, matmul_parameters
+from benchmarks.presets import Preset
+
+DPO_BETA = 0.1
+
+
+class Batch(NamedTuple):
+    input_ids: Tensor
+    attention_mask: Tensor | None
+    position_ids: Tensor | None
+    labels: Tensor
+
+    def to(self, device: torch.device) -> "Batch":
+        return Batch(*(None if t is None else t.to(device, non_blocking=True) for t in self))
+
+
+def padded(sequences: list[list[int]], labels: list[list[int]], pad_id: int) -> Batch:
+    ids = [torch.tensor(s) for s in sequences]
+    return Batch(
+        pad_sequence(ids, batch_first=True, padding_value=pad_id),
+        pad_sequence([torch.ones_like(t) for t in ids], batch_first=True, padding_value=0),
+        None,  # right padding: the model's default positions are right
+        pad_sequence([torch.tensor(l) for l in labels], batch_first=True, padding_value=IGNORE_INDEX),
+    )
+
+
+def packed(sequences: list[list[int]], labels: list[list[int]]) -> Batch:
+    """One row; position ids restart per sequence, which transformers turns into a block-diagonal mask."""
+    return Batch(
+        torch.tensor([[t for s in sequences for t in s]]),
+        None,
+        torch.tensor([[p for s in sequences for p in range(len(s))]]),
+        torch.tensor([[x for l in labels for x in [IGNORE_INDEX, *l[1:]]]]),
+    )
+
+
+def sft_batches(variant: str, preset: Preset, rows: list[dict], tokenizer) -> list[Batch]:
+    examples = [tokenize_chat(tokenizer, row["messages"]) for row in rows]
+    batches = []
+    for start in range(0, preset.steps * preset.batch_size, preset.batch_size):
+        ids, labels = zip(*examples[start : start + preset.batch_size])
+        batches.append(packed(ids, labels) if variant == "padding-free" else padded(ids, labels, tokenizer.pad_token_id))
+    return batches
+
+
+def preference_batches(preset: Preset, rows: list[dict], tokenizer) -> list[Batch]:
+    """Chosen rows then rejected rows; labels are the completion tokens."""
+    batches = []
+    for start in range(0, preset.steps * preset.batch_size, preset.batch_size):
+        pairs = [tokenize_pair(tokenizer, row) for row in rows[start : start + preset.batch_size]]
+        sequences, labels = [], []
+        for side in (1, 2):
+            for pair in pairs:
+                sequences.append(pair[0] + pair[side])
+                labels.append([IGNORE_INDEX] * len(pair[0]) + pair[side])
+        batches.append(padded(sequences, labels, tokenizer.pad_token_id))
+    return batches
+
+
+def forward_logits(model, batch: Batch) -> Tensor:
+    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids).logits
+
+
+def sft_loss(model, batch: Batch) -> Tensor:
+    logits = forward_logits(model, batch)[:, :-1]
+    targets = batch.labels[:, 1:]
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def reward_loss(model, batch: Batch) -> Tensor:
+    chosen, rejected = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.squeeze(-1).chunk(2)
+    return -F.logsigmoid(chosen.float() - rejected.float()).mean()
+
+
+def sequence_logps(model, batch: Batch) -> Tensor:
+    logits = forward_logits(model, batch)[:, :-1]
+    targets = batch.labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    logps = logits.float().log_softmax(-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (logps * mask).sum(-1)
+
+
+def dpo_loss(policy_logps: Tensor, reference_logps: Tensor) -> Tensor:
+    ratios = policy_logps - reference_logps
+    chosen, rejected = ratios.chunk(2)
+    return -F.logsigmoid(DPO_BETA * (chosen - rejected)).mean()
+
+
+def run(stage: str, variant: str, preset: Preset, model_dir: str, rows: list[dict], workdir: Path,
+        clock: StepClock) -> dict:
+    device = torch.device(preset.device)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    kwargs = dict(dtype=torch.float32, attn_implementation=attention_implementation())
+    if stage == "reward":
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, **kwargs)
+        model.config.pad_token_id = tokenizer.pad_token_id
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    model.to(device).train()
+    batches = sft_batches(variant, preset, rows, tokenizer) if stage == "sft" else preference_batches(preset, rows, tokenizer)
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16) if preset.precision == "bf16-mixed" else contextlib.nullcontext()
+    )
+    reference, reference_logps = None, None
+    if stage == "dpo":
+        reference = copy.deepcopy(model).eval().requires_grad_(False)
+        if variant == "precomputed-ref":  # one pass before training, then the copy is freed
+            with torch.no_grad(), autocast:
+                reference_logps = [sequence_logps(reference, batch.to(device)) for batch in batches]
+            reference = None
+    optimizer = adamw(preset)(model.parameters())
+    for step, batch in enumerate(batches):
+        clock.batch(batch.input_ids, batch.attention_mask)
+        batch = batch.to(device)
+        with autocast:
+            if stage == "sft":
+                loss = sft_loss(model, batch)
+            elif stage == "reward":
+                loss = reward_loss(model, batch)
+            else:
+                if reference_logps is None:
+                    with torch.no_grad():
+                        reference_step = sequence_logps(reference, batch)
+                else:
+                    reference_step = reference_logps[step]
+                loss = dpo_loss(sequence_logps(model, batch), reference_step)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        clock.step_end()
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"the last loss is {loss.item()}")
+    settings = {"sft": f"{variant} rows, cross_entropy on float32 logits", "reward": "padded pairs",
+                "dpo": f"{'frozen deepcopy' if variant == 'live-ref' else 'reference pass before training'}"}[stage]
+    return {"params": matmul_parameters(model), "settings": settings}

@@ -1,0 +1,155 @@
+"""Benchmark presets: the model, the data shape and the training settings every framework shares.
+
+A case is (stage, variant); each case runs once per framework. Variants:
+- sft "padding-free": plpost `ChatDataModule(packing=True)`, TRL `SFTConfig(padding_free=True)`, raw loop
+  packed rows. Each micro-batch is one row of concatenated sequences, position ids restarting per
+  sequence (no TRL-style fixed-length bin packing: the batches stay the same 8 sequences everywhere).
+- sft "padded": every row padded to the longest row of its micro-batch.
+- reward "padded", dpo "live-ref" / "precomputed-ref": preference pairs are always padded (TRL's DPO
+  has padding_free disabled in 1.16, and neither plpost nor TRL packs preference pairs).
+  "live-ref" keeps a frozen copy of the reference in memory and runs it every step;
+  "precomputed-ref" computes the reference log-probs of every pair once before training
+  (plpost `reference="precomputed"`, TRL `precompute_ref_log_probs=True`); that pass is not timed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+STAGES = ("sft", "reward", "dpo")
+FRAMEWORKS = ("plpost", "trl", "raw")
+VARIANTS = {"sft": ("padding-free", "padded"), "reward": ("padded",), "dpo": ("live-ref", "precomputed-ref")}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Everything that must be identical across frameworks (and a few harness settings).
+
+    model: LlamaConfig fields; the vocabulary may exceed the tokenizer's (ids never reach the top
+        rows), so the LM head costs what a real vocabulary costs.
+    batch_size: sequences per SFT step, pairs per reward / DPO step (2 x batch_size rows per forward).
+    max_length: the longest sequence; the synthetic rows are generated within it, so no framework
+        truncates anything.
+    prompt_median / completion_median / length_sigma: lognormal token lengths (long-tailed).
+    precision: "fp32" (32-true) or "bf16-mixed" (fp32 weights and optimizer, bf16 autocast).
+    fused_adamw: torch.optim.AdamW(fused=True) in every framework (TRL: optim="adamw_torch_fused").
+    cases: (stage, variant) in the order they run; the first ones matter most under a deadline.
+    extras_after: run the log-prob memory check and the FSDP smoke after this many cases (None: last).
+    logprob_memory: (tokens, vocab, dtype) of the chunked-vs-naive log-softmax measurement, or None.
+    fsdp_smoke_steps: steps of each stage under Lightning's FSDP strategy on one GPU (0: skip).
+    """
+
+    name: str
+    device: str
+    model: dict
+    batch_size: int
+    max_length: int
+    prompt_median: int
+    completion_median: int
+    length_sigma: float
+    precision: str
+    warmup_steps: int
+    timed_steps: int
+    learning_rate: float = 1e-5
+    fused_adamw: bool = False
+    threads: int | None = None
+    seed: int = 0
+    cases: tuple[tuple[str, str], ...] = ()
+    frameworks: tuple[str, ...] = FRAMEWORKS
+    repeats: int = 1
+    run_timeout_s: int = 600
+    logprob_memory: tuple[int, int, str] | None = None
+    fsdp_smoke_steps: int = 0
+    extras_after: int | None = None
+    notes: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def steps(self) -> int:
+        return self.warmup_steps + self.timed_steps
+
+    def with_overrides(self, **overrides) -> Preset:
+        return replace(self, **{key: value for key, value in overrides.items() if value is not None})
+
+
+ALL_CASES = tuple((stage, variant) for stage in STAGES for variant in VARIANTS[stage])
+
+PRESETS = {
+    "cpu-tiny": Preset(
+        name="cpu-tiny",
+        device="cpu",
+        # plpost:tiny's shape (4 Llama layers of width 128) with a 2k vocabulary: ~1M matmul parameters,
+        # small enough that framework overhead and model compute both show.
+        model=dict(
+            hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=384, vocab_size=2048, tie_word_embeddings=False,
+        ),
+        batch_size=8,
+        max_length=192,
+        prompt_median=24,
+        completion_median=40,
+        length_sigma=0.8,
+        precision="fp32",
+        warmup_steps=3,
+        timed_steps=12,
+        # One thread per run: on a shared 2-core machine a 2-thread OpenMP region stalls whenever
+        # either thread is descheduled (step times jumped between 3 s and 15 s with 2 threads).
+        threads=1,
+        cases=(("sft", "padding-free"), ("reward", "padded"), ("dpo", "live-ref"), ("sft", "padded"),
+               ("dpo", "precomputed-ref")),
+        run_timeout_s=300,
+        logprob_memory=(8192, 32000, "bfloat16"),
+        notes="1 CPU thread per run, fp32, sdpa attention",
+    ),
+    "gpu-0.5b": Preset(
+        name="gpu-0.5b",
+        device="cuda",
+        # Llama-shaped, ~0.37B parameters (0.31B in the 24 layers, 2 x 33M embedding / head).
+        model=dict(
+            hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
+            intermediate_size=2816, vocab_size=32000, tie_word_embeddings=False,
+        ),
+        batch_size=8,
+        max_length=1024,
+        prompt_median=200,
+        completion_median=400,
+        length_sigma=0.7,
+        precision="bf16-mixed",
+        warmup_steps=4,
+        timed_steps=12,
+        fused_adamw=True,
+        cases=(("sft", "padding-free"), ("reward", "padded"), ("dpo", "live-ref"), ("dpo", "precomputed-ref"),
+               ("sft", "padded")),
+        run_timeout_s=150,
+        logprob_memory=(8192, 32000, "bfloat16"),
+        fsdp_smoke_steps=3,
+        extras_after=3,
+        notes="one GPU, bf16-mixed, sdpa attention",
+    ),
+    # For the harness test: a model so small that a run takes seconds.
+    "smoke": Preset(
+        name="smoke",
+        device="cpu",
+        model=dict(
+            hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+            intermediate_size=64, vocab_size=263, tie_word_embeddings=False,
+        ),
+        batch_size=2,
+        max_length=64,
+        prompt_median=10,
+        completion_median=12,
+        length_sigma=0.5,
+        precision="fp32",
+        warmup_steps=1,
+        timed_steps=2,
+        threads=1,
+        cases=ALL_CASES,
+        run_timeout_s=120,
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise SystemExit(f"unknown preset {name!r}; expected one of: {', '.join(PRESETS)}")
+    return PRESETS[name]

@@ -1,0 +1,324 @@
+"""PreferenceDataModule: (prompt, chosen, rejected) pairs for reward modelling and DPO."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any, Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+from plpost.data.base import PostTrainingDataModule, SkipRecord
+from plpost.data.collate import pad_rows
+from plpost.data.formats import DataValidationError, Message, RecordChecker
+from plpost.data.sources import SourceLike, describe
+from plpost.data.tokenize import IGNORE_INDEX, Overflow, chat_ids, end_of_turn_ids, text_mask
+from plpost.generation import prompt_ids as encode_prompt
+
+IdenticalPairs = Literal["error", "skip"]
+
+
+class PreferenceRow(NamedTuple):
+    """A validated record: a prompt and two different completions of it (all strings, or all messages)."""
+
+    prompt: list[Message] | str
+    chosen: list[Message] | str
+    rejected: list[Message] | str
+    margin: float | None
+
+
+def validate_preference_row(source: str, index: int, row: Any, *, identical_pairs: IdenticalPairs) -> PreferenceRow:
+    """Checks one record; `identical_pairs` says what a pair with chosen == rejected is.
+
+    Explicit prompt: ``{"prompt", "chosen", "rejected"}``, all strings or all message lists (the
+    prompt does not end with an assistant turn; the completions are assistant turns).
+    Implicit prompt: ``{"chosen", "rejected"}``, two whole conversations. Message lists are
+    split after their longest run of equal leading messages, so the prompt always ends at a
+    message boundary; strings after their longest common leading text (which must not be empty).
+    """
+    checker = RecordChecker(source, index, row)
+    chosen, rejected = checker.field("chosen"), checker.field("rejected")
+    prompt = row.get("prompt")
+    if prompt is None:
+        if type(chosen) is not type(rejected) or not isinstance(chosen, (str, list)):
+            checker.fail("rejected", "chosen and rejected must both be strings or both be message lists")
+        read = checker.messages if isinstance(chosen, list) else checker.text
+        chosen, rejected = read(chosen, "chosen"), read(rejected, "rejected")
+        refuse_identical(checker, chosen, rejected, identical_pairs)
+        prompt, chosen, rejected = split_shared_prompt(checker, chosen, rejected)
+    elif not isinstance(prompt, (str, list)):
+        checker.fail("prompt", f"expected a string or a list of messages, got {type(prompt).__name__}")
+    kinds = {name: isinstance(value, str) for name, value in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected))}
+    if len(set(kinds.values())) > 1:
+        odd = next(name for name, is_text in kinds.items() if is_text != kinds["prompt"])
+        checker.fail(odd, "prompt, chosen and rejected must all be strings or all be message lists")
+    if isinstance(prompt, str):
+        prompt, chosen, rejected = (checker.text(v, n) for n, v in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)))
+    else:
+        prompt = checker.messages(prompt, "prompt")
+        if prompt[-1]["role"] == "assistant":
+            checker.fail("prompt", "ends with an assistant turn, so there is nothing left to answer")
+        chosen = checker.messages(chosen, "chosen", allowed_roles=("assistant",))
+        rejected = checker.messages(rejected, "rejected", allowed_roles=("assistant",))
+    refuse_identical(checker, chosen, rejected, identical_pairs)
+    return PreferenceRow(prompt, chosen, rejected, read_margin(checker))
+
+
+def refuse_identical(checker: RecordChecker, chosen: Any, rejected: Any, identical_pairs: IdenticalPairs) -> None:
+    if chosen != rejected:
+        return
+    if identical_pairs == "skip":
+        raise SkipRecord("skipped (chosen identical to rejected)")
+    checker.fail("rejected", "is identical to chosen, so the pair prefers nothing (identical_pairs: skip drops such pairs)")
+
+
+def split_shared_prompt(
+    checker: RecordChecker, chosen: list[Message] | str, rejected: list[Message] | str
+) -> tuple[list[Message] | str, list[Message] | str, list[Message] | str]:
+    """(prompt, chosen completion, rejected completion) of two different whole conversations."""
+    if isinstance(chosen, str):
+        shared = len(os.path.commonprefix([chosen, rejected]))
+        if shared == 0:
+            checker.fail("prompt", "is missing, and chosen and rejected share no leading text to take as the prompt")
+    else:
+        shared = 0
+        while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+            shared += 1
+        if shared == 0:
+            checker.fail("prompt", "is missing, and chosen and rejected share no leading message to take as the prompt")
+        for name, messages in (("chosen", chosen), ("rejected", rejected)):
+            for position in range(shared, len(messages)):
+                if messages[position]["role"] != "assistant":
+                    checker.fail(
+                        f"{name}[{position}].role",
+                        f"is {messages[position]['role']!r} after the prompt shared with the other completion "
+                        f"(messages 0..{shared - 1}); the completions must be assistant turns",
+                    )
+    for name, completion in (("chosen", chosen), ("rejected", rejected)):
+        if not completion[shared:] or (isinstance(completion, str) and not completion[shared:].strip()):
+            checker.fail(name, "has nothing after the prompt it shares with the other completion")
+    return chosen[:shared], chosen[shared:], rejected[shared:]
+
+
+def read_margin(checker: RecordChecker) -> float | None:
+    margin = checker.row.get("margin")
+    if margin is None:
+        return None
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)):
+        checker.fail("margin", f"expected a number, got {type(margin).__name__}")
+    if not math.isfinite(margin):
+        checker.fail("margin", f"{margin} is not a finite number")
+    return float(margin)
+
+
+class PreferenceBatch(NamedTuple):
+    """N preference pairs as 2N sequences, so both completions go through the model in one forward.
+
+    input_ids, attention_mask, labels, position_ids: (2N, T), the N chosen rows then the N
+    rejected rows (row i and row N + i are one pair). labels hold the completion tokens (its
+    end-of-turn token included) and IGNORE_INDEX on prompt and padding; they are aligned with
+    input_ids (shift them for next-token targets).
+    pair_normalizer: scalar, the pairs of the whole optimizer step (all micro-batches and
+    devices) when the sampler knows it, else N.
+    margin: (N,) from the optional `margin` column, else None.
+    pair_index: (N,) the record index of each pair in its source (a key for cached values).
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    labels: Tensor
+    position_ids: Tensor
+    pair_normalizer: Tensor
+    margin: Tensor | None
+    pair_index: Tensor
+
+
+def collate_preference(
+    items: Sequence[tuple[dict, float | None]],
+    *,
+    pad_token_id: int,
+    padding_side: Literal["right", "left"] = "right",
+    pad_to_multiple_of: int = 1,
+) -> PreferenceBatch:
+    examples = [example for example, _ in items]
+    window_weight = items[0][1]
+    pair_normalizer = torch.tensor(float(len(examples) if window_weight is None else window_weight))
+    sequences, labels = [], []
+    for completion in ("chosen_ids", "rejected_ids"):
+        for example in examples:
+            sequences.append(example["prompt_ids"] + example[completion])
+            labels.append([IGNORE_INDEX] * len(example["prompt_ids"]) + example[completion])
+    pad = partial(pad_rows, left=padding_side == "left", multiple_of=pad_to_multiple_of)
+    attention_mask = pad([[1] * len(sequence) for sequence in sequences], 0)
+    # Counted from the first real token, so a left-padded row sees the positions it has unpadded.
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    has_margin = examples[0]["margin"] is not None  # all or none: checked per split in `examples_from`
+    margin = torch.tensor([example["margin"] for example in examples]) if has_margin else None
+    pair_index = torch.tensor([example["pair_index"] for example in examples], dtype=torch.long)
+    return PreferenceBatch(
+        pad(sequences, pad_token_id), attention_mask, pad(labels, IGNORE_INDEX), position_ids, pair_normalizer,
+        margin, pair_index,
+    )
+
+
+class PreferenceDataModule(PostTrainingDataModule):
+    """Preference pairs: a prompt, a chosen and a rejected completion, and an optional margin.
+
+    Rows are ``{"prompt", "chosen", "rejected"}`` or ``{"chosen", "rejected"}`` whole
+    conversations sharing a prefix (see `validate_preference_row`), strings or message lists,
+    with an optional numeric ``margin`` (given for every record of a split or for none).
+    Message-list prompts are rendered by the chat template with the generation prompt, and each
+    completion is what the template renders after them (checked to be a token prefix); string
+    prompts are tokenized as text and each completion after them, followed by EOS. The loss is
+    normalised per pair.
+
+    Args:
+        tokenizer: Hub name, local folder or bundled name (``plpost:tiny``) of the tokenizer;
+            its chat template renders the conversations.
+        train: training rows: a file, a bundled file, a Hub dataset name, a `DataSource`, or a
+            list of row dicts.
+        val: validation rows, same forms as `train`.
+        val_size: hold out this many training records for validation instead of `val`.
+        batch_size: pairs per micro-batch (each batch holds 2 * batch_size sequences).
+        eval_batch_size: pairs per validation batch (default: batch_size).
+        max_length: the longest sequence (prompt + one completion) in tokens.
+        max_prompt_length: keep only the last this-many tokens of a longer prompt (its end,
+            which the completion answers); counted as truncated. None: prompts are not cut.
+        overflow: what happens to a pair with a sequence longer than max_length: "truncate"
+            keeps its first max_length tokens (cutting the completion's end), "drop" skips the
+            pair, "error" stops with an error naming it. Truncated and dropped pairs are counted
+            and logged; a pair whose completion loses every token is always skipped and counted.
+        identical_pairs: a pair whose chosen and rejected are the same: "error" stops with an
+            error naming it, "skip" skips it and counts it.
+        padding_side: where batches are padded; the models read each row's last real token
+            from the attention mask, so both sides give the same results.
+        pad_to_multiple_of: round padded lengths up (e.g. 8 for tensor cores).
+        num_workers: DataLoader worker processes.
+        shuffle: reshuffle the training pairs every epoch.
+        seed: seed of the shuffle.
+        chat_template: a Jinja template (string or .jinja file) replacing the tokenizer's.
+        trust_remote_code: allow a tokenizer that runs code from its repository.
+    """
+
+    def __init__(
+        self,
+        tokenizer: str,
+        train: SourceLike | None = None,
+        val: SourceLike | None = None,
+        *,
+        val_size: int = 0,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        max_length: int = 1024,
+        max_prompt_length: int | None = None,
+        overflow: Overflow = "truncate",
+        identical_pairs: IdenticalPairs = "error",
+        padding_side: Literal["right", "left"] = "right",
+        pad_to_multiple_of: int = 1,
+        num_workers: int = 0,
+        shuffle: bool = True,
+        seed: int = 0,
+        chat_template: str | None = None,
+        trust_remote_code: bool = False,
+    ) -> None:
+        super().__init__(
+            tokenizer,
+            train,
+            val,
+            val_size=val_size,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            max_length=max_length,
+            num_workers=num_workers,
+            shuffle=shuffle,
+            seed=seed,
+            chat_template=chat_template,
+            trust_remote_code=trust_remote_code,
+        )
+        if max_prompt_length is not None and max_prompt_length < 1:
+            raise ValueError(f"max_prompt_length={max_prompt_length} must be at least 1 (or None: prompts are not cut)")
+        self.max_prompt_length = max_prompt_length
+        self.overflow = overflow
+        self.identical_pairs = identical_pairs
+        self.padding_side = padding_side
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def preprocess(self, source: str, index: int, row: dict[str, Any]) -> dict:
+        pair = validate_preference_row(source, index, row, identical_pairs=self.identical_pairs)
+        prompt_ids = encode_prompt(self.tokenizer, pair.prompt)  # as generation sees it
+        chosen_ids = self.completion_ids(prompt_ids, pair.prompt, pair.chosen, source, index, "chosen")
+        rejected_ids = self.completion_ids(prompt_ids, pair.prompt, pair.rejected, source, index, "rejected")
+        truncated = self.max_prompt_length is not None and len(prompt_ids) > self.max_prompt_length
+        if truncated:
+            prompt_ids = prompt_ids[-self.max_prompt_length :]
+        completions = {"chosen": chosen_ids, "rejected": rejected_ids}
+        for name, completion in completions.items():
+            length = len(prompt_ids) + len(completion)
+            if length <= self.max_length:
+                continue
+            if self.overflow == "error":
+                raise DataValidationError(
+                    source, index, name, f"prompt + {name} is {length} tokens, more than max_length={self.max_length}"
+                )
+            if self.overflow == "drop":
+                raise SkipRecord("dropped (longer than max_length)")
+            completions[name], truncated = completion[: max(0, self.max_length - len(prompt_ids))], True
+            if not completions[name]:
+                raise SkipRecord("skipped (a completion has no token left after truncation)")
+        return {
+            "prompt_ids": prompt_ids, "chosen_ids": completions["chosen"], "rejected_ids": completions["rejected"],
+            "margin": pair.margin, "pair_index": index, "truncated": truncated,
+        }
+
+    def completion_ids(
+        self, prompt_ids: list[int], prompt: list[Message] | str, completion: list[Message] | str,
+        source: str, index: int, field: str,
+    ) -> list[int]:
+        """The tokens that follow the prompt's tokens when the completion is appended to it."""
+        if isinstance(prompt, str):
+            ids, supervised = text_mask(self.tokenizer, prompt, completion)  # completion tokens + EOS
+            return [token for token, is_completion in zip(ids, supervised) if is_completion]
+        ids = chat_ids(self.tokenizer, prompt + completion, add_generation_prompt=False)
+        if ids[: len(prompt_ids)] != prompt_ids:
+            raise DataValidationError(
+                source, index, field,
+                "the chat template does not render the prompt (with its generation prompt) as a token prefix of "
+                f"prompt + {field}, so the completion tokens cannot be located; pass a `chat_template` that does",
+            )
+        completion_ids = ids[len(prompt_ids) :]
+        if not self.end_of_turn_ids & set(completion_ids):
+            raise DataValidationError(
+                source, index, field,
+                "the chat template ends this completion without an end-of-turn token "
+                f"(any of {sorted(self.end_of_turn_ids)}), so the model could not learn where answers stop",
+            )
+        return completion_ids
+
+    @property
+    def end_of_turn_ids(self) -> set[int]:
+        if not hasattr(self, "_end_of_turn_ids"):
+            self._end_of_turn_ids = end_of_turn_ids(self.tokenizer)
+        return self._end_of_turn_ids
+
+    def examples_from(self, source: SourceLike, split: str) -> list[dict]:
+        examples = super().examples_from(source, split)
+        with_margin = [example["margin"] is not None for example in examples]
+        if any(with_margin) and not all(with_margin):
+            first = examples[with_margin.index(False)]["pair_index"]
+            raise DataValidationError(
+                describe(source), first, "margin",
+                "is missing, but other records of this split have one (give it for every record or for none)",
+            )
+        return examples
+
+    def example_weight(self, example: dict) -> float:
+        return 1.0  # the loss is normalised per pair, whatever the lengths
+
+    def collate_fn(self) -> Callable[[Sequence[tuple[dict, float | None]]], PreferenceBatch]:
+        return partial(
+            collate_preference, pad_token_id=self.tokenizer.pad_token_id, padding_side=self.padding_side,
+            pad_to_multiple_of=self.pad_to_multiple_of,
+        )

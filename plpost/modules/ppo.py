@@ -1,0 +1,371 @@
+"""PPOModule: RLHF with PPO: sample, score, then several clipped updates of policy and value."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections import defaultdict
+from contextlib import nullcontext
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor
+
+from plpost.data.prompts import PromptBatch
+from plpost.generation import generation_config
+from plpost.losses import adaptive_kl_coefficient, clipped_value_loss, explained_variance, gae, kl_penalty
+from plpost.losses import masked_mean, masked_sum, masked_whiten, ppo_policy_loss
+from plpost.modules.base import LoraSettings, PostTrainingModule, default_optimizer
+from plpost.modules.ppo_value import ValueHead, critic_values, disable_dropout, load_critic, zero_where_not
+from plpost.modules.reference import FrozenCopy, adapter_disabled, model_fingerprint
+from plpost.optim import WarmupCosineLR
+from plpost.rewards import Responses, RewardModel, RewardScorer, RewardSource, per_token_rewards
+from plpost.rollout import Rollout, decode_completions, in_chunks, response_forward, rng_state, sample_responses
+from plpost.rollout import set_rng_state
+
+
+class PPOModule(PostTrainingModule):
+    """PPO for language models (Ziegler et al. 2019; Ouyang et al. 2022), one rollout per training step.
+
+    A training step takes a `PromptBatch`, samples one response per prompt, scores it with the
+    reward sources, and computes per-token rewards r_t = -kl_coef * KL_t (+ the score on the last
+    token), GAE advantages and returns; then `ppo_epochs` passes over the rollout, each split
+    into `num_mini_batches` optimizer steps of `gradient_accumulation_steps` micro-batches.
+    Losses are per token over the whole mini-batch (all micro-batches, all devices). Optimization
+    is manual, so `trainer.global_step` counts optimizer steps (ppo_epochs * num_mini_batches
+    per rollout, and `max_steps` too); bound a run in rollouts with `max_epochs` or
+    `limit_train_batches`. Logged metrics are per rollout.
+
+    Args:
+        model: the initial policy (usually the SFT export): Hub name, folder or ``plpost:tiny``.
+        tokenizer: the tokenizer (default: the model's); linked from the data in the CLI.
+        rewards: the reward sources, summed with their weights (`plpost.rewards.RewardFunction`
+            for a Python function, `plpost.rewards.RewardModel` for a trained reward model folder).
+        missing_eos_penalty: subtracted from the score of a response that never produced a stop
+            token within max_new_tokens (None: no penalty).
+        normalize_rewards: standardise scores with their running mean and std.
+        reward_clip: clamp scores to [-reward_clip, reward_clip] (None: no clipping).
+        value_model: "head": a scalar linear head on the policy's last hidden state (shared
+            backbone, one forward for both); "critic": a separate model (`critic_model`).
+        critic_model: the critic's initial weights (default: the first `RewardModel` source's
+            folder); it must share the policy's tokenizer.
+        reference: the KL anchor: "copy": a frozen copy of `reference_model`; "adapter_disabled":
+            the LoRA policy with its adapter switched off (no memory); "auto": the latter with LoRA.
+        reference_model: the reference's weights for "copy" (default: `model`).
+        max_new_tokens: the longest response.
+        temperature: sampling temperature; log-probs are taken at the same temperature.
+        top_p: nucleus sampling threshold (1.0: off).
+        top_k: sample among the k most likely tokens (0: off).
+        ppo_epochs: passes over each rollout.
+        num_mini_batches: optimizer steps per pass; must divide the per-device batch size.
+        gradient_accumulation_steps: micro-batches per optimizer step; must divide the mini-batch.
+        clip_ratio: PPO's epsilon: the ratio is clipped to [1 - eps, 1 + eps].
+        vf_coef: weight of the value loss.
+        cliprange_value: how far a value may move from its rollout value before its loss is clipped.
+        gamma: discount factor of GAE.
+        lam: lambda of GAE.
+        whiten_advantages: standardise advantages over the rollout's response tokens.
+        entropy_coef: weight of an entropy bonus (0: none, and no entropy is computed).
+        kl_coef: the (initial) KL penalty coefficient.
+        kl_estimator: "k1": log pi - log pi_ref; "k3": its non-negative, lower-variance variant.
+        target_kl: adapt kl_coef towards this KL per response (nats) with the controller of
+            Ziegler et al.; None keeps kl_coef fixed.
+        kl_horizon: the controller's horizon, in episodes (responses).
+        gradient_clip_val: clip the gradient norm of each optimizer step (None: off). Given here,
+            not to the Trainer, which does not clip under manual optimization.
+        random_init, dtype, attn_implementation, trust_remote_code, lora, gradient_checkpointing,
+        optimizer, scheduler: as in `SFTModule`; the scheduler is stepped every optimizer step.
+    """
+
+    frozen_modules = ("reference", "reward_scorer.sources")
+
+    def __init__(
+        self,
+        model: str,
+        tokenizer: str | None = None,
+        *,
+        rewards: list[RewardSource],
+        missing_eos_penalty: float | None = None,
+        normalize_rewards: bool = False,
+        reward_clip: float | None = None,
+        value_model: Literal["head", "critic"] = "head",
+        critic_model: str | None = None,
+        reference: Literal["auto", "copy", "adapter_disabled"] = "auto",
+        reference_model: str | None = None,
+        max_new_tokens: int = 64,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        ppo_epochs: int = 4,
+        num_mini_batches: int = 1,
+        gradient_accumulation_steps: int = 1,
+        clip_ratio: float = 0.2,
+        vf_coef: float = 0.1,
+        cliprange_value: float = 0.2,
+        gamma: float = 1.0,
+        lam: float = 0.95,
+        whiten_advantages: bool = True,
+        entropy_coef: float = 0.0,
+        kl_coef: float = 0.05,
+        kl_estimator: Literal["k1", "k3"] = "k1",
+        target_kl: float | None = None,
+        kl_horizon: int = 10000,
+        gradient_clip_val: float | None = 1.0,
+        random_init: bool = False,
+        dtype: Literal["float32", "bfloat16", "float16"] | None = None,
+        attn_implementation: str | None = None,
+        trust_remote_code: bool = False,
+        lora: LoraSettings | None = None,
+        gradient_checkpointing: bool = False,
+        optimizer: OptimizerCallable = default_optimizer,
+        scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__(
+            model, tokenizer, random_init=random_init, dtype=dtype, attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code, lora=lora, gradient_checkpointing=gradient_checkpointing,
+            optimizer=optimizer, scheduler=scheduler,
+        )
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "rewards"])
+        if reference == "adapter_disabled" and lora is None:
+            raise ValueError("reference='adapter_disabled' needs a LoRA policy (`lora:`); use 'copy'")
+        if value_model == "critic" and critic_model is None:
+            critic_model = next((s.path for s in rewards if isinstance(s, RewardModel)), None)
+            if critic_model is None:
+                raise ValueError("value_model='critic' needs `critic_model` (or a RewardModel source to start from)")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.reward_scorer = RewardScorer(
+            rewards, missing_eos_penalty=missing_eos_penalty, normalize=normalize_rewards, clip=reward_clip
+        )
+        self.critic_name = critic_model
+        self.use_adapter_reference = reference == "adapter_disabled" or (reference == "auto" and lora is not None)
+        self.reference_name = reference_model or model
+        self.reference: FrozenCopy | None = None
+        self.value_head: ValueHead | None = None
+        self.critic: torch.nn.Module | None = None
+        # Buffers, so checkpoints carry them: the adaptive KL controller's state and the counters.
+        self.register_buffer("kl_coef", torch.tensor(float(kl_coef), dtype=torch.float64))
+        self.register_buffer("episodes", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("rollouts", torch.zeros((), dtype=torch.float64))
+        self.automatic_optimization = False
+
+    # -- models ---------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.policy is not None:
+            return
+        initial = self.load_pretrained()
+        if not self.use_adapter_reference:
+            # A copy of the policy's own initial weights when they are the reference (also right for
+            # random_init, where loading again would draw different weights).
+            same = self.reference_name == self.model_name
+            reference = copy.deepcopy(initial) if same else self.load_pretrained(self.reference_name, random_init=False)
+            self.reference = FrozenCopy(reference, self.reference_name)
+        self.policy = self.prepare_trainable(initial)
+        disable_dropout(self.policy)
+        text_config = self.policy.config.get_text_config()
+        if self.hparams.value_model == "head":
+            self.value_head = ValueHead(text_config.hidden_size)
+        else:
+            critic = load_critic(
+                self.critic_name, pad_token_id=self.tokenizer.pad_token_id, dtype=self.dtype_name,
+                attn_implementation=self.attn_implementation, trust_remote_code=self.trust_remote_code,
+            )
+            self.critic = self.prepare_trainable(critic, task_type="SEQ_CLS")
+            disable_dropout(self.critic)
+        self.reward_scorer.setup(self.tokenizer)
+
+    def frozen_sources(self) -> dict[str, Any]:
+        reference = "the policy without its adapter" if self.use_adapter_reference else self.reference_name
+        sources = {"reference": model_fingerprint(reference) if self.reference is not None else reference}
+        sources.update({f"reward/{s.name}": s.source() for s in self.reward_scorer.sources})
+        return sources
+
+    def policy_and_values(self, input_ids, attention_mask, position_ids, response_mask, *, with_entropy=False):
+        """(ResponseForward, (B, R) values): the one forward that the rollout and the update share."""
+        forward = response_forward(
+            self.policy, input_ids, attention_mask, position_ids, response_mask,
+            temperature=self.hparams.temperature, with_entropy=with_entropy, with_hidden=self.value_head is not None,
+        )
+        if self.value_head is not None:
+            values = self.value_head(forward.hidden)
+        else:
+            values = critic_values(self.critic, input_ids, attention_mask, position_ids, response_mask.shape[1])
+        return forward, zero_where_not(response_mask, values)
+
+    def rollout_logprobs_and_values(self, *tensors: Tensor) -> tuple[Tensor, Tensor]:
+        forward, values = self.policy_and_values(*tensors)
+        return forward.logprobs, values
+
+    def reference_logprobs(self, *tensors: Tensor) -> Tensor:
+        reference = nullcontext(self.reference) if self.reference is not None else adapter_disabled(self.policy)
+        with reference as model:
+            return response_forward(model, *tensors, temperature=self.hparams.temperature).logprobs
+
+    # -- rollout --------------------------------------------------------------------------
+    def micro_batch_size(self, rows: int) -> int:
+        splits = self.hparams.num_mini_batches * self.hparams.gradient_accumulation_steps
+        if rows % splits:
+            raise ValueError(
+                f"the rollout batch ({rows} prompts) must divide into num_mini_batches * gradient_accumulation_steps "
+                f"= {splits} micro-batches; change the data's batch_size or these two"
+            )
+        return rows // splits
+
+    @torch.no_grad()
+    def make_rollout(self, batch: PromptBatch) -> tuple[Rollout, dict[str, Tensor]]:
+        """Samples, then scores: log-probs and values in the update's micro-batch layout."""
+        hp = self.hparams
+        config = generation_config(
+            self.tokenizer, do_sample=True, temperature=hp.temperature, top_p=hp.top_p, top_k=hp.top_k,
+            max_new_tokens=hp.max_new_tokens, use_cache=True,
+        )
+        samples = sample_responses(
+            self.generation_model(), batch.input_ids, batch.attention_mask, config, pad_token_id=self.tokenizer.pad_token_id
+        )
+        tensors = [samples.input_ids, samples.attention_mask, samples.position_ids, samples.response_mask]
+        micro = self.micro_batch_size(len(samples.input_ids))
+        logprobs, values = in_chunks(self.rollout_logprobs_and_values, tensors, micro)
+        ref_logprobs = in_chunks(self.reference_logprobs, tensors, micro)
+        responses = Responses(
+            batch.prompts, decode_completions(self.tokenizer, samples), batch.columns,
+            samples.input_ids, samples.attention_mask, samples.position_ids, samples.stopped,
+        )
+        scores = self.reward_scorer(responses, gather=self.all_gather)
+        return Rollout(*samples, logprobs, ref_logprobs, values, scores.scores), scores.per_source
+
+    # -- training -------------------------------------------------------------------------
+    def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        hp = self.hparams
+        started = time.perf_counter()
+        rollout, per_source = self.make_rollout(batch)                # generate, score (no gradients)
+        generated = time.perf_counter()
+        mask = rollout.response_mask
+        kl = zero_where_not(mask, kl_penalty(rollout.logprobs, rollout.ref_logprobs, estimator=hp.kl_estimator))
+        rewards = per_token_rewards(kl, rollout.scores, mask, kl_coef=float(self.kl_coef))
+        advantages, returns = gae(rewards, rollout.values, mask, gamma=hp.gamma, lam=hp.lam)
+        if hp.whiten_advantages:
+            advantages = masked_whiten(advantages, mask)
+        update = self.ppo_update(rollout, advantages, returns)        # ppo_epochs x mini-batches
+        sequence_kl = kl.sum(1)
+        kl_coef_used = float(self.kl_coef)
+        self.update_kl_coefficient(sequence_kl)
+        self.log_rollout(rollout, sequence_kl, rewards, returns, per_source, update, kl_coef_used,
+                         generation_s=generated - started, update_s=time.perf_counter() - generated)
+
+    def ppo_update(self, rollout: Rollout, advantages: Tensor, returns: Tensor) -> dict[str, Tensor]:
+        """Token-weighted means over every epoch of the update's statistics."""
+        hp = self.hparams
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        mask = rollout.response_mask
+        rows = mask.shape[0]
+        micro = self.micro_batch_size(rows)
+        mini = micro * hp.gradient_accumulation_steps
+        sums: dict[str, Tensor] = defaultdict(lambda: torch.zeros((), device=mask.device))
+        for epoch in range(hp.ppo_epochs):
+            # Epoch 0 keeps the rollout's order, so each micro-batch is exactly a chunk the rollout's
+            # forward saw (same rows, same shapes): until the first optimizer step the ratio is
+            # exactly 1, bit for bit, not merely close to it.
+            order = torch.arange(rows, device=mask.device) if epoch == 0 else torch.randperm(rows).to(mask.device)
+            for mini_rows in order.split(mini):
+                tokens = self.global_sum(mask[mini_rows].sum())       # per token of the whole optimizer step
+                for micro_rows in mini_rows.split(micro):
+                    loss, stats = self.micro_batch_loss(rollout, advantages, returns, micro_rows)
+                    self.manual_backward(loss / tokens * self.loss_scale())
+                    for name, value in stats.items():
+                        sums[name] += value
+                if hp.gradient_clip_val is not None:
+                    self.clip_gradients(optimizer, gradient_clip_val=hp.gradient_clip_val, gradient_clip_algorithm="norm")
+                optimizer.step()
+                optimizer.zero_grad()
+                if scheduler is not None:
+                    scheduler.step()
+        return {name: value / sums["tokens"] for name, value in sums.items() if name != "tokens"}
+
+    def micro_batch_loss(self, rollout: Rollout, advantages: Tensor, returns: Tensor, rows: Tensor):
+        """(summed loss of these rows' tokens, summed statistics)."""
+        hp = self.hparams
+        mask = rollout.response_mask[rows]
+        forward, values = self.policy_and_values(
+            rollout.input_ids[rows], rollout.attention_mask[rows], rollout.position_ids[rows], mask,
+            with_entropy=hp.entropy_coef > 0,
+        )
+        policy = ppo_policy_loss(forward.logprobs, rollout.logprobs[rows], advantages[rows], mask, clip_ratio=hp.clip_ratio)
+        value = clipped_value_loss(values, rollout.values[rows], returns[rows], mask, clip_range=hp.cliprange_value)
+        loss = policy.token_losses.sum() + hp.vf_coef * value.token_losses.sum()
+        stats = {
+            "tokens": mask.sum().float(), "policy/clipfrac": policy.clipped.sum().float(),
+            "policy/approxkl": masked_sum(policy.approx_kl, mask), "policy/ratio": policy.ratio.sum(),
+            "loss/policy": policy.token_losses.detach().sum(), "loss/value": value.token_losses.detach().sum(),
+            "val/clipfrac": value.clipped.sum().float(),
+        }
+        if hp.entropy_coef > 0:
+            loss = loss - hp.entropy_coef * forward.entropy.sum()
+            stats["policy/entropy"] = forward.entropy.detach().sum()
+        return loss, stats
+
+    def update_kl_coefficient(self, sequence_kl: Tensor) -> None:
+        """Counts the episodes and moves kl_coef towards target_kl (if set) by the KL of all devices."""
+        episodes = self.global_sum(torch.tensor(float(len(sequence_kl)), device=sequence_kl.device))
+        observed = self.global_sum(sequence_kl.sum()) / episodes
+        self.episodes += episodes.to(self.episodes.dtype)
+        self.rollouts += 1
+        if self.hparams.target_kl is not None:
+            coef = adaptive_kl_coefficient(
+                float(self.kl_coef), observed, target=self.hparams.target_kl, horizon=self.hparams.kl_horizon,
+                n_steps=int(episodes),
+            )
+            self.kl_coef.fill_(coef)
+
+    def log_rollout(self, rollout, sequence_kl, rewards, returns, per_source, update, kl_coef, *, generation_s, update_s):
+        mask = rollout.response_mask
+        non_score = masked_sum(rewards, mask, dim=1) - rollout.scores
+        metrics = {
+            "objective/kl": sequence_kl.mean(), "objective/kl_coef": kl_coef,
+            "objective/entropy": -masked_sum(rollout.logprobs, mask, dim=1).mean(),  # sampled estimate
+            "objective/non_score_reward": non_score.mean(),
+            "objective/rlhf_reward": (rollout.scores + non_score).mean(),
+            "val/explained_variance": explained_variance(rollout.values, returns, mask),
+            "val/value_mean": masked_mean(rollout.values, mask),
+            "rollout/response_length": mask.sum(1).float().mean(), "rollout/stopped": rollout.stopped.float().mean(),
+            **{f"rewards/{name}": value.mean() for name, value in per_source.items()},
+            **update,
+            "time/generation_s": generation_s, "time/update_s": update_s,
+            "perf/episodes_per_s": len(mask) * self.trainer.world_size / (generation_s + update_s),
+            "train/episodes": self.episodes.float(),
+        }
+        self.log_dict({k: torch.as_tensor(v, dtype=torch.float32) for k, v in metrics.items()}, sync_dist=True)
+        self.log("objective/scores", rollout.scores.mean(), prog_bar=True, sync_dist=True)
+        self.log_learning_rate()
+
+    def configure_optimizers(self):
+        config = super().configure_optimizers()
+        scheduler = config["lr_scheduler"]["scheduler"] if isinstance(config, dict) else None
+        # The base class sizes the schedule with Lightning's estimate of stepping batches, which
+        # under manual optimization counts rollouts; PPO steps ppo_epochs * num_mini_batches times each.
+        if isinstance(scheduler, WarmupCosineLR) and scheduler.total_steps == int(self.trainer.estimated_stepping_batches):
+            scheduler.total_steps = self.estimated_optimizer_steps()
+        return config
+
+    def estimated_optimizer_steps(self) -> int:
+        trainer = self.trainer
+        per_rollout = self.hparams.ppo_epochs * self.hparams.num_mini_batches
+        rollouts = trainer.num_training_batches * max(trainer.max_epochs or 1, 1)
+        if trainer.max_epochs == -1 or rollouts == float("inf"):
+            return trainer.max_steps
+        total = int(rollouts) * per_rollout
+        return min(total, trainer.max_steps) if trainer.max_steps != -1 else total
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        # Sampling draws from the global generators: restoring them makes a resumed run sample
+        # what the uninterrupted one would have.
+        checkpoint["plpost_rng"] = rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "plpost_rng" in checkpoint:
+            set_rng_state(checkpoint["plpost_rng"])
+            if self.trainer is not None and self.trainer.global_rank > 0:
+                # The file holds rank 0's generators; other ranks must not sample in lockstep with it.
+                torch.manual_seed(int(torch.randint(2**62, ())) + self.trainer.global_rank)

@@ -1,0 +1,85 @@
+"""PPO's value function: a scalar head on the policy's backbone, or a separate critic model."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
+
+from plpost.assets import resolve_pretrained
+from plpost.hf import DTYPES
+from plpost.modules.reward import SCORE_HEAD
+
+
+class ValueHead(nn.Module):
+    """V(s) = w . h + b on the policy's last hidden state h, one value per position.
+
+    Zero-initialised, so V = 0 everywhere at the start: before it has learnt anything the critic
+    says nothing, rather than adding random noise to every advantage.
+    """
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        """hidden: (B, R, H) -> (B, R) float32 values."""
+        return self.linear(hidden.to(self.linear.weight.dtype)).squeeze(-1).float()
+
+
+def load_critic(
+    name_or_path: str,
+    *,
+    pad_token_id: int | None,
+    dtype: str | None = None,
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """An AutoModelForSequenceClassification with one output: a reward model folder keeps its
+    trained head (a good start: it already tells good responses from bad), a causal LM folder
+    gets a new head on its backbone."""
+    path = resolve_pretrained(name_or_path)
+    config = AutoConfig.from_pretrained(path, num_labels=1, trust_remote_code=trust_remote_code)
+    config.pad_token_id = pad_token_id
+    if attn_implementation:
+        config._attn_implementation = attn_implementation
+    return AutoModelForSequenceClassification.from_pretrained(
+        path, config=config, dtype=DTYPES[dtype] if dtype else None, trust_remote_code=trust_remote_code
+    )
+
+
+def critic_values(
+    critic: nn.Module, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, response_length: int
+) -> Tensor:
+    """(B, R) float32 values V(s_t) before each of the R response tokens, from a critic's score head.
+
+    The head runs on the R positions that precede the response tokens (positions P - 1 ... P + R - 2
+    of the (B, P + R) input), as the policy's logits do, so V(s_t) sees exactly what predicts
+    token t. `critic` may be wrapped by peft.
+    """
+    classifier = critic.get_base_model() if hasattr(critic, "get_base_model") else critic
+    head = getattr(classifier, SCORE_HEAD, None)
+    if head is None or classifier.base_model is classifier:
+        raise TypeError(f"{type(classifier).__name__} has no `base_model` with a `{SCORE_HEAD}` head to read values from")
+    hidden = classifier.base_model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state
+    return head(hidden[:, -(response_length + 1) : -1]).squeeze(-1).float()
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Sets every dropout probability to 0: PPO's ratio compares two forwards of the same weights,
+    which must agree exactly (TRL does the same). Attention layers keep their dropout rate as a
+    float attribute (read at each forward in train mode), so those are zeroed too."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for name in ("attention_dropout", "dropout"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+
+
+def zero_where_not(mask: Tensor, values: Tensor) -> Tensor:
+    return torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device))

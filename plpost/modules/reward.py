@@ -1,0 +1,187 @@
+"""RewardModule: a scalar reward head on the transformer, trained with a Bradley-Terry loss on pairs."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Literal, NamedTuple
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
+
+from plpost.assets import resolve_pretrained
+from plpost.data.preference import PreferenceBatch
+from plpost.hf import DTYPES
+from plpost.losses import RewardLoss, bradley_terry_loss, reward_centering_penalty
+from plpost.modules.base import LoraSettings, PostTrainingModule, default_optimizer
+
+SCORE_HEAD = "score"
+PAIR_METRICS = ("loss", "accuracy", "rewards_chosen", "rewards_rejected", "margin")
+
+
+def sequence_rewards(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None
+) -> Tensor:
+    """(rows,) rewards: the score head of a `*ForSequenceClassification` model at each row's last real token.
+
+    input_ids, attention_mask: (rows, time), padded on either side. The last real token is the
+    last position where attention_mask is 1. Hugging Face's own pooling instead looks for the
+    last token that is not the pad id, which is wrong when pad == eos and rows end with eos,
+    so the backbone (`model.base_model`) and the head (`model.score`) are called here directly;
+    the head then runs on one hidden state per row rather than on every position.
+    position_ids default to positions counted from each row's first real token, so a
+    left-padded row gets the reward it has unpadded. `model` may be wrapped by peft.
+    """
+    classifier = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = getattr(classifier, SCORE_HEAD, None)
+    if head is None or classifier.base_model is classifier:
+        raise TypeError(
+            f"{type(classifier).__name__} has no `base_model` backbone with a `{SCORE_HEAD}` head; plpost reads rewards "
+            "from *ForSequenceClassification models built that way (Llama, Qwen2, Mistral, Gemma, GPT-NeoX, ...)"
+        )
+    if position_ids is None:
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    hidden = classifier.base_model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state
+    time = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
+    last_real = (time * attention_mask.bool()).argmax(-1)  # the largest position where the mask is 1
+    return head(hidden[torch.arange(hidden.shape[0], device=hidden.device), last_real]).squeeze(-1)
+
+
+class PairOutputs(NamedTuple):
+    """Rewards and losses of N pairs, all (N,)."""
+
+    chosen_rewards: Tensor
+    rejected_rewards: Tensor
+    fit: RewardLoss
+    losses: Tensor
+    """Bradley-Terry plus the weighted centering penalty: what is minimised, per pair."""
+
+
+class RewardModule(PostTrainingModule):
+    """Trains a scalar reward r(prompt, completion) so that chosen completions outscore rejected ones.
+
+    The model is the transformer with a one-output linear head (`AutoModelForSequenceClassification`,
+    num_labels=1), read at the last real token of each sequence (see `sequence_rewards`); it is
+    `self.policy`, the base class's name for the model being trained. Per pair, the loss is
+    -log sigmoid(r_chosen - r_rejected - margin) (+ center_rewards_coefficient *
+    (r_chosen + r_rejected)^2); the loss of an optimizer step is the sum over its pairs divided
+    by the pairs of that whole step (all micro-batches, all devices), so it is the same whatever
+    the micro-batch size, gradient accumulation or device count. The exported folder loads with
+    `AutoModelForSequenceClassification.from_pretrained` (its config carries the pad token id).
+
+    Args:
+        model: Hub name, local folder, or bundled name (``plpost:tiny``) of a causal LM (usually
+            the SFT model); its backbone is loaded and a new reward head put on top.
+        tokenizer: the tokenizer (default: the model's); linked from the data in the CLI.
+        center_rewards_coefficient: weight of the reward-centering penalty (Eisenstein et al.,
+            2023; e.g. 0.01), which keeps rewards near 0 on average; None: no penalty.
+        random_init: build the model from its config with random weights instead of loading them.
+        dtype: load the weights in this dtype (default: as stored). For mixed precision use the
+            Trainer's `precision` instead.
+        attn_implementation: "sdpa", "eager", "flash_attention_2", ... (default: transformers' choice).
+        trust_remote_code: allow model code from the model's repository (off: it runs arbitrary code).
+        lora: train LoRA adapters instead of all weights; the reward head is always trained in
+            full (it is added to `modules_to_save`), since it starts from random weights.
+        gradient_checkpointing: recompute activations in the backward pass to save memory.
+        optimizer: the optimizer, given the trainable parameters.
+        scheduler: the learning-rate schedule, stepped every optimizer step.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        tokenizer: str | None = None,
+        *,
+        center_rewards_coefficient: float | None = None,
+        random_init: bool = False,
+        dtype: Literal["float32", "bfloat16", "float16"] | None = None,
+        attn_implementation: str | None = None,
+        trust_remote_code: bool = False,
+        lora: LoraSettings | None = None,
+        gradient_checkpointing: bool = False,
+        optimizer: OptimizerCallable = default_optimizer,
+        scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        if lora is not None and SCORE_HEAD not in (lora.modules_to_save or []):
+            lora = replace(lora, modules_to_save=[*(lora.modules_to_save or []), SCORE_HEAD])
+        super().__init__(
+            model,
+            tokenizer,
+            random_init=random_init,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+            lora=lora,
+            gradient_checkpointing=gradient_checkpointing,
+            optimizer=optimizer,
+            scheduler=scheduler,
+        )
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.center_rewards_coefficient = center_rewards_coefficient
+        self.train_metrics = nn.ModuleDict({name: MeanMetric() for name in PAIR_METRICS})
+        self.val_metrics = nn.ModuleDict({name: MeanMetric() for name in PAIR_METRICS})
+
+    def load_pretrained(self, name_or_path: str | None = None, *, random_init: bool | None = None) -> PreTrainedModel:
+        # The base class loads causal LMs; a reward model is the same backbone with a scalar head.
+        path = resolve_pretrained(name_or_path or self.model_name)
+        random_init = self.random_init if random_init is None else random_init
+        dtype = DTYPES[self.dtype_name] if self.dtype_name else None
+        config = AutoConfig.from_pretrained(path, num_labels=1, trust_remote_code=self.trust_remote_code)
+        # Exported with the pad id, so Hugging Face's own pooling (used by other libraries) works
+        # wherever pad != eos; plpost itself never relies on it.
+        config.pad_token_id = self.tokenizer.pad_token_id
+        if self.attn_implementation:
+            config._attn_implementation = self.attn_implementation
+        if random_init:
+            model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=self.trust_remote_code)
+            return model.to(dtype) if dtype else model
+        return AutoModelForSequenceClassification.from_pretrained(
+            path, config=config, dtype=dtype, trust_remote_code=self.trust_remote_code
+        )
+
+    def configure_model(self) -> None:
+        if self.policy is None:
+            self.policy = self.prepare_trainable(self.load_pretrained(), task_type="SEQ_CLS")
+
+    def rewards(self, batch: PreferenceBatch) -> tuple[Tensor, Tensor]:
+        """(chosen, rejected) rewards, (N,) each, float32, from one forward over all 2N rows."""
+        rewards = sequence_rewards(self.policy, batch.input_ids, batch.attention_mask, batch.position_ids).float()
+        return rewards.chunk(2)
+
+    def pair_outputs(self, batch: PreferenceBatch) -> PairOutputs:
+        chosen, rejected = self.rewards(batch)
+        fit = bradley_terry_loss(chosen, rejected, batch.margin)
+        losses = fit.losses
+        if self.center_rewards_coefficient:
+            losses = losses + self.center_rewards_coefficient * reward_centering_penalty(chosen, rejected)
+        return PairOutputs(chosen, rejected, fit, losses)
+
+    def training_step(self, batch: PreferenceBatch, batch_idx: int) -> Tensor:
+        out = self.pair_outputs(batch)
+        loss = out.losses.sum() / batch.pair_normalizer * self.loss_scale()  # per pair of the optimizer step
+        self.log_pair_metrics(out, stage="train")
+        self.log_learning_rate()
+        return loss
+
+    def validation_step(self, batch: PreferenceBatch, batch_idx: int) -> None:
+        self.log_pair_metrics(self.pair_outputs(batch), stage="val")
+
+    def log_pair_metrics(self, out: PairOutputs, stage: Literal["train", "val"]) -> None:
+        """Per-pair means: train logs each step's pairs, val the whole validation set's."""
+        values = {
+            "loss": out.losses, "accuracy": out.fit.accurate.float(), "rewards_chosen": out.chosen_rewards,
+            "rewards_rejected": out.rejected_rewards, "margin": out.fit.margins,
+        }
+        metrics = self.train_metrics if stage == "train" else self.val_metrics
+        for name, value in values.items():
+            # Calling the metric updates it and returns this batch's mean, which on_step logs;
+            # per-pair updates make the epoch value a mean over pairs, however batches split.
+            metrics[name](value.detach())
+            self.log(
+                f"{stage}/{name}", metrics[name], on_step=stage == "train", on_epoch=stage == "val",
+                prog_bar=name in ("loss", "accuracy"),
+            )

@@ -1,0 +1,293 @@
+"""Reward sources for PPO: Python functions, trained reward models, and their weighted sum.
+
+A reward source scores B (prompt, completion) pairs with one number each. `RewardScorer`
+combines several into the score PPO optimises:
+
+    score = sum_i weight_i * source_i  - missing_eos_penalty * (no stop token)
+    score = (score - running mean) / running std          (if normalize)
+    score = clip(score, -clip, clip)                       (if clip)
+
+`per_token_rewards` then turns a score into PPO's per-token rewards, with the KL penalty.
+
+Sources are `torch.nn.Module`s so that a reward model moves to the device with the PPO module;
+their weights are frozen and never written into checkpoints (the running statistics are).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, NamedTuple
+
+import torch
+from torch import Tensor, nn
+from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerBase
+
+from plpost.assets import resolve_pretrained
+from plpost.data.formats import Message
+from plpost.data.tokenize import chat_ids, text_mask
+from plpost.hf import DTYPES, load_tokenizer
+from plpost.modules.reward import sequence_rewards
+
+
+class Responses(NamedTuple):
+    """B sampled responses, in text and in the policy's tokens, for reward sources to score.
+
+    prompts: the raw prompts (strings or message lists); completions: the response texts
+    (special tokens removed); columns: the prompt rows' other fields, B values each.
+    input_ids, attention_mask, position_ids: (B, T) the policy's prompt + response tokens
+    (left-padded prompt, response padded after its stop token); stopped: (B,) bool.
+    """
+
+    prompts: list[str | list[Message]]
+    completions: list[str]
+    columns: dict[str, list[Any]]
+    input_ids: Tensor
+    attention_mask: Tensor
+    position_ids: Tensor
+    stopped: Tensor
+
+
+class RewardSource(nn.Module):
+    """One reward: `forward(responses)` returns (B,) float32 scores.
+
+    Args:
+        weight: its weight in the sum of sources.
+        name: how it is logged (``rewards/<name>``); default: derived from what it wraps.
+    """
+
+    def __init__(self, weight: float = 1.0, name: str | None = None) -> None:
+        super().__init__()
+        self.weight = weight
+        self.name = name
+
+    def setup(self, policy_tokenizer: PreTrainedTokenizerBase) -> None:
+        """Loads what the source needs (called from the PPO module's `configure_model`)."""
+
+    def source(self) -> str:
+        """Where it comes from, recorded in checkpoints."""
+        return self.name or type(self).__name__
+
+    def forward(self, responses: Responses) -> Tensor:
+        raise NotImplementedError
+
+
+class RewardFunction(RewardSource):
+    """Any Python callable ``fn(prompts, completions, **columns) -> Tensor | list[float]`` of shape (B,).
+
+    In YAML, `fn` is an import path, e.g. ``plpost.tasks.addition.exact_match_reward``. The
+    columns are the prompt rows' other fields (e.g. ``answer``), one value per prompt.
+
+    Args:
+        fn: the reward function.
+        weight: its weight in the sum of sources.
+        name: how it is logged (default: the function's name).
+    """
+
+    def __init__(self, fn: Callable[..., Tensor], weight: float = 1.0, name: str | None = None) -> None:
+        super().__init__(weight, name or getattr(fn, "__name__", type(fn).__name__))
+        self.fn = fn
+
+    def source(self) -> str:
+        return f"{getattr(self.fn, '__module__', '?')}.{getattr(self.fn, '__qualname__', self.name)}"
+
+    def forward(self, responses: Responses) -> Tensor:
+        scores = self.fn(responses.prompts, responses.completions, **responses.columns)
+        scores = torch.as_tensor(scores, dtype=torch.float32).to(responses.input_ids.device)
+        expected = (len(responses.completions),)
+        if scores.shape != expected:
+            raise ValueError(f"reward function {self.source()} returned shape {tuple(scores.shape)}, expected {expected}")
+        return scores
+
+
+class RewardModel(RewardSource):
+    """A trained reward model folder (`RewardModule`'s export: an AutoModelForSequenceClassification
+    with one output), read at the last real token of prompt + response.
+
+    When its tokenizer has the policy's vocabulary, it scores the policy's own tokens (no decoding).
+    Otherwise each pair is decoded and re-tokenized with its tokenizer: message prompts through its
+    chat template with the completion as the assistant turn, string prompts as prompt + completion
+    + EOS (as the preference data was); the LAST max_length tokens are kept, since the score is
+    read at the end. Re-rendering closes every turn, so a response cut at max_new_tokens looks
+    finished to it: use `missing_eos_penalty` for those.
+
+    Args:
+        path: the export folder (or Hub name) of the reward model, with its tokenizer.
+        weight: its weight in the sum of sources.
+        name: how it is logged (default: the folder's name).
+        batch_size: rows per forward (default: the whole rollout batch at once).
+        max_length: the longest re-tokenized sequence (unused when the tokens are shared).
+        dtype: load the weights in this dtype (default: as stored).
+        trust_remote_code: allow model code from the model's repository.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        weight: float = 1.0,
+        name: str | None = None,
+        *,
+        batch_size: int | None = None,
+        max_length: int = 2048,
+        dtype: Literal["float32", "bfloat16", "float16"] | None = None,
+        trust_remote_code: bool = False,
+    ) -> None:
+        super().__init__(weight, name or path.rstrip("/").rsplit("/", 1)[-1])
+        self.path = path
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.dtype_name = dtype
+        self.trust_remote_code = trust_remote_code
+        self.model: nn.Module | None = None
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+        self.shares_tokens = False
+
+    def source(self) -> str:
+        return self.path
+
+    def setup(self, policy_tokenizer: PreTrainedTokenizerBase) -> None:
+        if self.model is not None:
+            return
+        self.tokenizer = load_tokenizer(self.path, trust_remote_code=self.trust_remote_code)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            resolve_pretrained(self.path),
+            dtype=DTYPES[self.dtype_name] if self.dtype_name else None,
+            trust_remote_code=self.trust_remote_code,
+        )
+        if model.config.num_labels != 1:
+            raise ValueError(f"reward model {self.path} has {model.config.num_labels} outputs, expected 1")
+        self.model = model.requires_grad_(False).eval()
+        self.shares_tokens = self.tokenizer.get_vocab() == policy_tokenizer.get_vocab()
+
+    def train(self, mode: bool = True) -> RewardModel:
+        return super().train(False)  # frozen: eval mode whatever its owner is switched to
+
+    @torch.no_grad()
+    def forward(self, responses: Responses) -> Tensor:
+        if self.model is None:
+            raise RuntimeError(f"reward model {self.path} is not loaded: call setup() first")
+        if self.shares_tokens:
+            tensors = [responses.input_ids, responses.attention_mask, responses.position_ids]
+        else:
+            tensors = self.retokenize(responses)
+        rows = tensors[0].shape[0]
+        chunk = self.batch_size or rows
+        scores = [
+            sequence_rewards(self.model, *(t[start : start + chunk] for t in tensors))
+            for start in range(0, rows, chunk)
+        ]
+        return torch.cat(scores).float()
+
+    def retokenize(self, responses: Responses) -> list[Tensor]:
+        rows = []
+        for prompt, completion in zip(responses.prompts, responses.completions):
+            if isinstance(prompt, str):
+                ids = text_mask(self.tokenizer, prompt, completion)[0]
+            else:
+                turn = {"role": "assistant", "content": completion}
+                ids = chat_ids(self.tokenizer, [*prompt, turn], add_generation_prompt=False)
+            rows.append(ids[-self.max_length :])
+        longest = max(len(row) for row in rows)
+        device = responses.input_ids.device
+        input_ids = torch.full((len(rows), longest), self.tokenizer.pad_token_id, dtype=torch.long, device=device)
+        attention_mask = torch.zeros((len(rows), longest), dtype=torch.long, device=device)
+        for i, row in enumerate(rows):  # right padding: sequence_rewards reads the last real token
+            input_ids[i, : len(row)] = torch.as_tensor(row, device=device)
+            attention_mask[i, : len(row)] = 1
+        return [input_ids, attention_mask, (attention_mask.cumsum(-1) - 1).clamp(min=0)]
+
+
+class RunningMoments(nn.Module):
+    """Running mean and variance of every value seen (Chan et al.'s parallel update), float64 buffers.
+
+    Written by hand: torchmetrics has running means but no running variance to normalise with.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("mean", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("m2", torch.zeros((), dtype=torch.float64))
+
+    def update(self, values: Tensor) -> None:
+        """values: any shape; merged as a batch of values.numel() samples."""
+        values = values.detach().to(torch.float64).flatten()
+        n = values.numel()
+        batch_mean = values.mean()
+        batch_m2 = (values - batch_mean).square().sum()
+        total = self.count + n
+        delta = batch_mean - self.mean
+        self.m2 += batch_m2 + delta.square() * self.count * n / total
+        self.mean += delta * n / total
+        self.count.copy_(total)
+
+    @property
+    def std(self) -> Tensor:
+        """Population standard deviation (1/n) of everything seen."""
+        return (self.m2 / self.count.clamp(min=1)).sqrt()
+
+
+class Scores(NamedTuple):
+    scores: Tensor
+    """(B,) the shaped score PPO optimises (weighted sum, penalty, normalisation, clipping)."""
+    per_source: dict[str, Tensor]
+    """name -> (B,) each source's raw score, for logging."""
+
+
+class RewardScorer(nn.Module):
+    """The weighted sum of reward sources, shaped as described in the module docstring.
+
+    sources: the reward sources; missing_eos_penalty: subtracted from responses that never
+    produced a stop token (None: no penalty); normalize: divide by a running std after removing
+    a running mean (statistics of every shaped score so far, all devices); clip: clamp the
+    final score to [-clip, clip] (None: no clipping).
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[RewardSource],
+        *,
+        missing_eos_penalty: float | None = None,
+        normalize: bool = False,
+        clip: float | None = None,
+    ) -> None:
+        super().__init__()
+        if not sources:
+            raise ValueError("give at least one reward source")
+        names = [source.name for source in sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"reward sources need distinct names to be logged apart, got {names}")
+        self.sources = nn.ModuleList(sources)
+        self.missing_eos_penalty = missing_eos_penalty
+        self.normalize = normalize
+        self.clip = clip
+        self.moments = RunningMoments()
+
+    def setup(self, policy_tokenizer: PreTrainedTokenizerBase) -> None:
+        for source in self.sources:
+            source.setup(policy_tokenizer)
+
+    def forward(self, responses: Responses, gather: Callable[[Tensor], Tensor] = lambda x: x) -> Scores:
+        """gather: collects a tensor from every device (for the running statistics)."""
+        per_source = {source.name: source(responses) for source in self.sources}
+        scores = sum(source.weight * per_source[source.name] for source in self.sources)
+        if self.missing_eos_penalty is not None:
+            scores = scores - self.missing_eos_penalty * (~responses.stopped).float()
+        if self.normalize:
+            self.moments.update(gather(scores))
+            scores = (scores - self.moments.mean.float()) / (self.moments.std.float() + 1e-8)
+        if self.clip is not None:
+            scores = scores.clamp(-self.clip, self.clip)
+        return Scores(scores, per_source)
+
+
+def per_token_rewards(kl: Tensor, scores: Tensor, mask: Tensor, *, kl_coef: float) -> Tensor:
+    """r_t = -kl_coef * KL_t on every response token, plus the sequence score on the last one.
+
+    kl, mask: (B, R), mask True on a prefix of each row; scores: (B,). Returns (B, R), 0 where
+    mask is False. E.g. kl = (0.1, 0.2), score 1, kl_coef 0.5 -> r = (-0.05, -0.1 + 1) = (-0.05, 0.9).
+    """
+    rewards = torch.where(mask, -kl_coef * kl, torch.zeros((), dtype=kl.dtype, device=kl.device))
+    last = mask.long().sum(1) - 1
+    rows = torch.arange(mask.shape[0], device=mask.device)
+    rewards[rows, last] += scores.to(rewards.dtype)
+    return rewards

@@ -1,0 +1,206 @@
+"""Sampling for PPO: batched generation with a KV cache, responses cut after their stop token, and
+the one forward pass over (prompt + response) that both the rollout and the PPO update use.
+
+Sharing `response_forward` is what makes PPO's first ratio exactly 1: the old log-probs and the
+log-probs being trained come from the same function, on the same tokens, position ids, mask and
+temperature, in the same dtype path (see `PPOModule` for the matching micro-batch layout).
+
+What is not recomputed: the sampled tokens, which responses stopped and where (all from
+`generate`'s output). What is: the log-probs of the sampled tokens. `generate` can return its
+logits, but they come from the cached, one-token-at-a-time decode, whose floating-point results
+differ from a full forward's in the last bits, which would make the first ratio merely close to
+1. The full forward costs one pass over the batch and also yields the value head's hidden states.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from plpost.generation import completion_stats
+from plpost.losses import token_entropy, token_logprobs
+
+
+class Samples(NamedTuple):
+    """Sampled responses after their prompts; R = response_mask.shape[1] response positions.
+
+    input_ids: (B, P + R), the left-padded prompt then the response, padded after the stop token.
+    attention_mask: (B, P + R), 1 on real prompt tokens and on response tokens up to the stop.
+    position_ids: (B, P + R), counted from each row's first real token (0 on left padding).
+    response_mask: (B, R) bool, True up to and including the first stop token (all of the
+        response when it never stopped).
+    stopped: (B,) bool, the response ended with a stop token within max_new_tokens.
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    position_ids: Tensor
+    response_mask: Tensor
+    stopped: Tensor
+
+    @property
+    def response_ids(self) -> Tensor:
+        """(B, R), pad after the stop token."""
+        return self.input_ids[:, -self.response_mask.shape[1] :]
+
+
+def position_ids_from(attention_mask: Tensor) -> Tensor:
+    """Positions counted from each row's first real token, as in training (0 on left padding)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@torch.no_grad()
+def sample_responses(
+    model: PreTrainedModel,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    config: GenerationConfig,
+    *,
+    pad_token_id: int,
+) -> Samples:
+    """Samples one response per left-padded prompt with `model.generate` (KV cache on).
+
+    input_ids, attention_mask: (B, P) left-padded prompts. `config` says how to sample and
+    which tokens stop (`config.eos_token_id`: EOS and end-of-turn, see `generation_config`).
+    Everything after a response's first stop token is replaced by `pad_token_id` and masked out.
+    The model is put in eval mode while it generates (with gradient checkpointing on, a model
+    in train mode would refuse the KV cache) and given back in the mode it came in.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+    finally:
+        model.train(was_training)
+    response = output[:, input_ids.shape[1] :]
+    lengths, stopped = completion_stats(response, config.eos_token_id)
+    response_mask = torch.arange(response.shape[1], device=response.device) < lengths[:, None]
+    response = torch.where(response_mask, response, torch.full_like(response, pad_token_id))
+    full_mask = torch.cat([attention_mask.long(), response_mask.long()], dim=1)
+    return Samples(
+        input_ids=torch.cat([input_ids, response], dim=1),
+        attention_mask=full_mask,
+        position_ids=position_ids_from(full_mask),
+        response_mask=response_mask,
+        stopped=stopped,
+    )
+
+
+class Rollout(NamedTuple):
+    """Everything one PPO update needs about a batch of sampled responses (no gradients anywhere).
+
+    input_ids, attention_mask, position_ids: (B, P + R) prompt + response, as in `Samples`.
+    response_mask: (B, R) bool; stopped: (B,) bool.
+    logprobs, ref_logprobs: (B, R) log-probs of the response tokens under the sampling policy and
+        the reference, both at the sampling temperature; values: (B, R) V(s_t) before each token.
+    scores: (B,) the sequence-level reward of each response (after shaping, see `RewardScorer`).
+    All per-token tensors are 0 where response_mask is False.
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    position_ids: Tensor
+    response_mask: Tensor
+    stopped: Tensor
+    logprobs: Tensor
+    ref_logprobs: Tensor
+    values: Tensor
+    scores: Tensor
+
+
+def decode_completions(tokenizer: PreTrainedTokenizerBase, samples: Samples) -> list[str]:
+    """Response texts with special tokens (the stop token, padding) removed."""
+    return tokenizer.batch_decode(samples.response_ids, skip_special_tokens=True)
+
+
+class ResponseForward(NamedTuple):
+    """One forward over prompt + response, read at the R response positions (all (B, R, ...))."""
+
+    logprobs: Tensor
+    """(B, R) log softmax(logits / temperature) of each response token, 0 where response_mask is 0."""
+    entropy: Tensor | None
+    """(B, R) entropy of softmax(logits / temperature) before each response token, when asked."""
+    hidden: Tensor | None
+    """(B, R, H) last hidden state before each response token (for a value head), when asked."""
+
+
+def response_forward(
+    model: PreTrainedModel,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    position_ids: Tensor,
+    response_mask: Tensor,
+    *,
+    temperature: float,
+    with_entropy: bool = False,
+    with_hidden: bool = False,
+) -> ResponseForward:
+    """Per-response-token log-probs (and optionally entropies, hidden states) in one forward.
+
+    input_ids, attention_mask, position_ids: (B, P + R) as in `Samples`; response_mask: (B, R).
+    Response token t sits at position P + t and is predicted from position P + t - 1, so only
+    the last R + 1 positions get logits (`logits_to_keep`: the LM head never runs on the
+    prompt, and no (B, T, V) tensor is sliced). The last of them predicts nothing.
+    Gradients flow when called with grad enabled (the PPO update); the rollout calls it
+    under no_grad.
+    """
+    length = response_mask.shape[1]
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        logits_to_keep=length + 1,
+        output_hidden_states=with_hidden,
+        use_cache=False,
+    )
+    response_ids = input_ids[:, -length:]
+    targets = torch.where(response_mask, response_ids, torch.full_like(response_ids, -100))
+    targets = torch.cat([targets, torch.full_like(targets[:, :1], -100)], dim=1)  # (B, R + 1)
+    logprobs = token_logprobs(out.logits, targets, temperature=temperature)[:, :length]
+    entropy = None
+    if with_entropy:
+        entropy_mask = torch.cat([response_mask, torch.zeros_like(response_mask[:, :1])], dim=1)
+        entropy = token_entropy(out.logits, entropy_mask, temperature=temperature)[:, :length]
+    hidden = out.hidden_states[-1][:, -(length + 1) : -1] if with_hidden else None
+    return ResponseForward(logprobs, entropy, hidden)
+
+
+def in_chunks(fn: Callable[..., Tensor | tuple[Tensor, ...]], tensors: Sequence[Tensor], chunk_size: int):
+    """fn(*rows) over consecutive row chunks of `tensors`, its tensor (or each tensor of its
+    tuple) concatenated along dim 0.
+
+    The PPO update runs its first epoch over the same chunks in the same order, so the two see
+    bitwise-identical inputs.
+    """
+    rows = tensors[0].shape[0]
+    parts = [fn(*(t[start : start + chunk_size] for t in tensors)) for start in range(0, rows, chunk_size)]
+    if isinstance(parts[0], Tensor):
+        return torch.cat(parts, dim=0)
+    return tuple(torch.cat(column, dim=0) for column in zip(*parts))
+
+
+def rng_state() -> dict[str, Any]:
+    """The global generators that sampling (and reward code) draws from, in a form that
+    `torch.load(weights_only=True)` reads back: tensors, ints and strings only."""
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])
+    name, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))

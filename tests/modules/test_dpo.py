@@ -1,0 +1,258 @@
+"""DPOModule: log-probs, the step-0 loss, reference strategies, checkpoints, normalisation, learning."""
+
+import json
+import math
+from typing import get_args
+
+import lightning as L
+import pytest
+import torch
+from conftest import TINY
+
+from plpost.assets import resolve_pretrained
+from plpost.data.preference import PreferenceDataModule
+from plpost.hf import load_causal_lm
+from plpost.losses import DPO_LOSS_TYPES
+from plpost.modules import LoraSettings
+from plpost.modules.dpo import DPOLossType, DPOModule, pair_logps
+
+QUIET = dict(logger=False, enable_progress_bar=False, enable_model_summary=False)
+
+
+def bundled_rows(count: int) -> list[dict]:
+    with open(resolve_pretrained("plpost:data/addition/preference.jsonl")) as lines:
+        return [json.loads(next(lines)) for _ in range(count)]
+
+
+def varied_rows() -> list[dict]:
+    """Prompts and completions of different lengths, so rows are padded differently."""
+    rows = bundled_rows(7)
+    rows[1]["prompt"][0]["content"] = "1+2 and then 30+40 please"
+    rows[3]["chosen"][0]["content"] = "70 exactly, carried once"
+    return rows
+
+
+def batch_of(rows: list[dict]):
+    data = PreferenceDataModule(TINY, train=rows, shuffle=False)
+    data.setup("fit")
+    return data.collate_fn()([(example, None) for example in data.train_examples])
+
+
+def sgd_lr0(params):
+    return torch.optim.SGD(params, lr=0.0)
+
+
+def fit(module, data, *, steps: int = 1, callbacks=(), **trainer) -> L.Trainer:
+    settings = {"enable_checkpointing": False, **QUIET, **trainer}
+    trainer = L.Trainer(max_steps=steps, callbacks=list(callbacks), **settings)
+    trainer.fit(module, data)
+    return trainer
+
+
+def test_loss_types_are_the_loss_functions():
+    assert get_args(DPOLossType) == DPO_LOSS_TYPES
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (dict(reference="adapter"), "needs `lora`"),
+        (dict(reference="none"), "only for loss_type='simpo'"),
+        (dict(loss_type="simpo"), "reference-free"),
+        (dict(loss_type="hinge", label_smoothing=0.1), "label_smoothing"),
+        (dict(reference="precomputed", random_init=True), "cannot be reloaded"),
+        (dict(reference="adapter", lora=LoraSettings(), reference_model="other"), "always compares against"),
+        (dict(rpo_alpha=-1.0), "rpo_alpha"),
+    ],
+)
+def test_contradictory_settings_fail_before_loading(settings, message):
+    with pytest.raises(ValueError, match=message):
+        DPOModule(TINY, **settings)
+
+
+def test_pair_logps_sum_each_completion_as_if_run_alone():
+    """log pi(y|x) = sum over the completion tokens y_t (end token included) of
+    log softmax(logits[t - 1])[y_t], from each unpadded prompt + completion run alone: the padded
+    2N-row forward must give the same, chosen rows first."""
+    rows = varied_rows()
+    data = PreferenceDataModule(TINY, train=rows, shuffle=False)
+    data.setup("fit")
+    model = load_causal_lm(TINY).eval()
+    with torch.no_grad():
+        got = pair_logps(model, data.collate_fn()([(e, None) for e in data.train_examples]))
+        for side, values in (("chosen", got.chosen), ("rejected", got.rejected)):
+            expected = []
+            for example in data.train_examples:
+                prompt, completion = example["prompt_ids"], example[f"{side}_ids"]
+                logps = model(input_ids=torch.tensor([prompt + completion])).logits[0].log_softmax(-1)
+                expected.append(sum(logps[len(prompt) + t - 1, token] for t, token in enumerate(completion)))
+            torch.testing.assert_close(values, torch.stack(expected), rtol=1e-5, atol=1e-4)
+
+
+def test_loss_is_log2_and_rewards_zero_when_the_policy_is_its_reference():
+    """At step 0 the copy reference is the policy, so both log-ratios are 0: z = 0 and every
+    pair's loss is -log sigmoid(0) = ln 2, whatever beta; rewards and margins are 0, and the
+    accuracy (chosen reward > rejected reward) is 0 since 0 > 0 is false."""
+    module = DPOModule(TINY, beta=0.3)
+    module.configure_model()
+    module.train()
+    batch = batch_of(varied_rows())
+    reference = module.reference_logps(batch, "train")
+    losses, metrics = module.pair_losses(pair_logps(module.policy, batch), reference, batch)
+    torch.testing.assert_close(losses, torch.full((7,), math.log(2)))
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+        torch.testing.assert_close(metrics[name], torch.zeros(7), msg=name)
+
+
+def test_adapter_reference_is_the_policy_at_init_and_the_base_model_after():
+    """LoRA starts with B = 0, so the policy is its base and the log-ratios are 0 (loss ln 2).
+    With B moved, the policy changes but the adapter-disabled reference is still the base model."""
+    module = DPOModule(TINY, reference="adapter", lora=LoraSettings(r=4, alpha=8))
+    module.configure_model()
+    module.train()
+    batch = batch_of(varied_rows())
+    policy = pair_logps(module.policy, batch)
+    reference = module.reference_logps(batch, "train")
+    torch.testing.assert_close(reference, tuple(t.detach() for t in policy))
+    for name, parameter in module.policy.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.2)
+    with torch.no_grad():
+        base = pair_logps(load_causal_lm(TINY).eval(), batch)
+        moved = pair_logps(module.policy, batch)
+    torch.testing.assert_close(module.reference_logps(batch, "train"), base)
+    assert not torch.allclose(moved.chosen, base.chosen)
+    assert module.reference is None  # no second copy
+
+
+class Gradients(L.Callback):
+    def __init__(self) -> None:
+        self.gradients = None
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self.gradients is None:
+            self.gradients = {n: p.grad.clone() for n, p in pl_module.named_parameters() if p.grad is not None}
+
+
+def first_step_gradients(batch_size: int, accumulate: int) -> dict[str, torch.Tensor]:
+    L.seed_everything(0)
+    capture = Gradients()
+    module = DPOModule(TINY, rpo_alpha=0.5, optimizer=sgd_lr0)
+    data = PreferenceDataModule(TINY, train=varied_rows(), batch_size=batch_size, shuffle=False)
+    fit(module, data, accumulate_grad_batches=accumulate, callbacks=[capture])
+    return capture.gradients
+
+
+def test_gradients_are_the_same_for_7x1_and_2x4():
+    """7 pairs as one micro-batch, or as micro-batches of 2, 2, 2, 1 accumulated: each pair's
+    loss (DPO + rpo_alpha * NLL) is divided by the 7 pairs of the step, so the gradients match.
+    A per-micro-batch mean would weigh the last, lone pair twice as much."""
+    whole = first_step_gradients(7, 1)
+    split = first_step_gradients(2, 4)
+    assert whole.keys() == split.keys() and whole
+    assert not any(name.startswith("reference.") for name in whole)
+    for name in whole:
+        torch.testing.assert_close(split[name], whole[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.fixture(scope="module")
+def other_reference(tmp_path_factory) -> str:
+    """A reference that is not the policy (the tiny model with random weights), so log-ratios are not 0."""
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("other-reference")
+    load_causal_lm(TINY, random_init=True).save_pretrained(path)
+    return str(path)
+
+
+def test_precomputed_reference_equals_the_live_one_and_is_cached_once(tmp_path, monkeypatch, other_reference):
+    """Precomputed log-probs (batched as the data module's eval batches) and a live frozen copy
+    of the same reference give the same losses on a batch of other pairs; the first run writes
+    one cache file per split, the second loads no reference model at all."""
+    loads = []
+    load_reference = DPOModule.load_reference
+    monkeypatch.setattr(DPOModule, "load_reference", lambda self: loads.append(1) or load_reference(self))
+    rows = varied_rows() + bundled_rows(12)[7:]
+    cache = tmp_path / "cache"
+
+    def run():
+        module = DPOModule(TINY, reference="precomputed", reference_model=other_reference,
+                           reference_cache_dir=str(cache), optimizer=sgd_lr0)
+        data = PreferenceDataModule(TINY, train=rows, val_size=4, batch_size=4, eval_batch_size=3)
+        fit(module, data, limit_val_batches=1)
+        return module, data
+
+    module, data = run()
+    assert len(loads) == 1 and len(list(cache.iterdir())) == 2
+    assert set(module.frozen_sources()) == {"reference", "reference_logps/train", "reference_logps/val"}
+    written = {path: path.stat().st_mtime_ns for path in cache.iterdir()}
+    rerun, _ = run()
+    assert len(loads) == 1 and {path: path.stat().st_mtime_ns for path in cache.iterdir()} == written
+
+    live = DPOModule(TINY, reference="copy", reference_model=other_reference)
+    live.configure_model()
+    batch = data.collate_fn()([(e, None) for e in data.train_examples[::2]])  # not a precompute batch
+    policy = pair_logps(live.policy, batch)
+    expected, _ = live.pair_losses(policy, live.reference_logps(batch, "train"), batch)
+    for precomputed in (module, rerun):
+        got, _ = precomputed.pair_losses(policy, precomputed.reference_logps(batch, "train"), batch)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(expected, torch.full_like(expected, math.log(2)))
+
+
+class PolicyAtStart(L.Callback):
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.state = {k: v.clone() for k, v in pl_module.policy.state_dict().items()}
+
+
+def test_checkpoints_hold_no_reference_and_resume(tmp_path):
+    """The frozen copy stays out of the checkpoint, its source is recorded, and resuming rebuilds
+    it from that source while the policy comes back from the checkpoint."""
+    rows = bundled_rows(8)
+    module = DPOModule(TINY, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
+    trainer = fit(module, PreferenceDataModule(TINY, train=rows, batch_size=4), steps=2, default_root_dir=tmp_path)
+    path = tmp_path / "dpo.ckpt"
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=False)
+    assert not [k for k in checkpoint["state_dict"] if k.startswith("reference.")]
+    assert checkpoint["plpost_frozen_sources"] == {"reference": TINY}
+    start = PolicyAtStart()
+    resumed = DPOModule(TINY, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
+    trainer = L.Trainer(max_steps=3, callbacks=[start], enable_checkpointing=False, default_root_dir=tmp_path, **QUIET)
+    trainer.fit(resumed, PreferenceDataModule(TINY, train=rows, batch_size=4), ckpt_path=path)
+    assert trainer.global_step == 3
+    for key, value in start.state.items():
+        torch.testing.assert_close(value, checkpoint["state_dict"][f"policy.{key}"], msg=key)
+    fresh = load_causal_lm(TINY).state_dict()
+    for key, value in resumed.reference.model.state_dict().items():
+        torch.testing.assert_close(value, fresh[key], msg=key)
+
+
+def test_simpo_runs_without_a_reference():
+    module = DPOModule(TINY, loss_type="simpo", reference="none", beta=2.0, simpo_gamma=1.0)
+    module.configure_model()
+    batch = batch_of(bundled_rows(4))
+    assert module.reference is None and module.reference_logps(batch, "train") is None
+    losses, _ = module.pair_losses(pair_logps(module.policy, batch), None, batch)
+    assert losses.shape == (4,) and torch.isfinite(losses).all()
+
+
+class Accuracies(L.Callback):
+    def __init__(self) -> None:
+        self.values = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.values.append(float(trainer.callback_metrics["train/rewards/accuracies"]))
+
+
+def test_training_drives_reward_accuracy_up_on_the_bundled_pairs(tmp_path):
+    """Full-batch DPO on 32 bundled pairs: the accuracy (chosen reward > rejected reward) starts
+    at 0 (policy == reference, every reward 0) and the mean of steps 16-20 exceeds 0.7 (measured:
+    0.94-1.0). The tiny *base* model does not learn carrying from preference pairs this fast
+    (held-out accuracy stays near 0.5 for 150 steps), so this checks that DPO fits its pairs."""
+    L.seed_everything(0)
+    accuracies = Accuracies()
+    module = DPOModule(TINY, beta=0.1, optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3, weight_decay=0.0))
+    data = PreferenceDataModule(TINY, train=bundled_rows(32), batch_size=32, max_length=32)
+    fit(module, data, steps=20, callbacks=[accuracies], default_root_dir=tmp_path)
+    assert accuracies.values[0] == 0.0
+    assert sum(accuracies.values[-5:]) / 5 > 0.7, accuracies.values

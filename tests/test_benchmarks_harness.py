@@ -1,0 +1,92 @@
+"""The benchmark harness (benchmarks/): identical data for every framework, honest timing, and a
+2-step run of the raw torch loop end to end."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks import run as bench_run  # noqa: E402
+from benchmarks.data import chat_rows, preference_rows, tokenize_chat, tokenize_pair  # noqa: E402
+from benchmarks.measure import StepClock  # noqa: E402
+from benchmarks.presets import get_preset  # noqa: E402
+
+PRESET = get_preset("cpu-tiny")
+
+
+@pytest.fixture(scope="module")
+def bench_tokenizer():
+    return AutoTokenizer.from_pretrained(bench_run.TOKENIZER_DIR)
+
+
+def test_rows_are_reproducible_long_tailed_and_never_need_truncation(bench_tokenizer):
+    rows = chat_rows(PRESET, 64, bench_tokenizer)
+    assert rows == chat_rows(PRESET, 64, bench_tokenizer)  # same seed, same rows, for every framework
+    lengths = sorted(len(tokenize_chat(bench_tokenizer, row["messages"])[0]) for row in rows)
+    assert lengths[-1] <= PRESET.max_length
+    assert lengths[-1] > 2 * lengths[len(lengths) // 2]  # a long tail: the longest is far above the median
+    for row in preference_rows(PRESET, 32, bench_tokenizer):
+        prompt, chosen, rejected = tokenize_pair(bench_tokenizer, row)
+        assert max(len(prompt) + len(chosen), len(prompt) + len(rejected)) <= PRESET.max_length
+        assert chosen != rejected
+
+
+def test_raw_loop_sees_the_tokens_plpost_chat_data_module_makes(bench_tokenizer):
+    from plpost.data.chat import ChatDataModule
+
+    rows = chat_rows(PRESET, 16, bench_tokenizer)
+    data = ChatDataModule(str(bench_run.TOKENIZER_DIR), train=rows, max_length=PRESET.max_length, shuffle=False)
+    data.setup("fit")
+    assert data.counts["train"] == {"records": 16, "kept": 16}  # nothing dropped or truncated
+    for row, example in zip(rows, data.train_examples):
+        ids, labels = tokenize_chat(bench_tokenizer, row["messages"])
+        assert (example["input_ids"], example["labels"]) == (ids, labels)
+
+
+def test_raw_loop_sees_the_tokens_plpost_preference_data_module_makes(bench_tokenizer):
+    from plpost.data.preference import PreferenceDataModule
+
+    rows = preference_rows(PRESET, 16, bench_tokenizer)
+    data = PreferenceDataModule(str(bench_run.TOKENIZER_DIR), train=rows, max_length=PRESET.max_length, shuffle=False)
+    data.setup("fit")
+    assert data.counts["train"] == {"records": 16, "kept": 16}
+    for row, example in zip(rows, data.train_examples):
+        assert (example["prompt_ids"], example["chosen_ids"], example["rejected_ids"]) == tokenize_pair(bench_tokenizer, row)
+
+
+def test_clock_times_only_the_steps_after_warmup(monkeypatch):
+    """Steps end at t = 1, 3, 6, 10 with 2 warmup steps: the timed window is 3 -> 10 = 7 s for the
+    last 2 steps, whose batches hold 5 + 7 real tokens: 12 / 7 tokens/s; the warmup's 200 never count."""
+    import torch
+
+    ends = iter([1.0, 3.0, 6.0, 10.0])
+    monkeypatch.setattr("benchmarks.measure.time.perf_counter", lambda: next(ends))
+    clock = StepClock(warmup_steps=2, device="cpu")
+    for real in (100, 100, 5, 7):
+        clock.batch(torch.zeros(1, 10, dtype=torch.long), torch.tensor([[1] * real + [0] * (10 - real)]))
+        clock.step_end()
+    summary = clock.summary()
+    assert summary["timed_steps"] == 2
+    assert summary["time_s"] == 7.0
+    assert summary["real_tokens"] == 12 and summary["fed_tokens"] == 20
+    assert summary["tokens_per_s"] == pytest.approx(12 / 7)
+
+
+def test_two_step_raw_loop_run_writes_json_and_markdown(tmp_path):
+    report = bench_run.main([
+        "--preset", "smoke", "--frameworks", "raw", "--stages", "sft", "--variants", "padding-free",
+        "--warmup", "1", "--steps", "2", "--no-extras",
+        "--out-dir", str(tmp_path), "--results-md", str(tmp_path / "RESULTS.md"), "--workdir", str(tmp_path / "work"),
+    ])
+    (run,) = report["runs"]
+    assert run["ok"], run.get("traceback")
+    assert run["timed_steps"] == 2 and run["tokens_match_data"]
+    assert json.loads(next(tmp_path.glob("smoke-*.json")).read_text())["runs"][0]["tokens_per_s"] > 0
+    assert "| sft | padding-free | raw |" in (tmp_path / "RESULTS.md").read_text()

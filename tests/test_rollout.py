@@ -1,0 +1,122 @@
+"""Rollouts: responses cut after their stop token, and log-probs that the PPO update reproduces
+exactly (ratio 1 on the first epoch) with left padding and a temperature other than 1."""
+
+import lightning as L
+import pytest
+import torch
+
+import plpost.modules.ppo as ppo_module
+from plpost.data.prompts import PromptDataModule
+from plpost.generation import encode_prompts, generation_config
+from plpost.hf import load_causal_lm
+from plpost.modules.base import LoraSettings
+from plpost.modules.ppo import PPOModule
+from plpost.rewards import RewardFunction
+from plpost.rollout import position_ids_from, response_forward, sample_responses
+from plpost.tasks.addition import exact_match_reward
+from tests.conftest import TINY
+
+
+class ScriptedModel(torch.nn.Module):
+    """Stands in for a causal LM whose `generate` returns fixed continuations."""
+
+    def __init__(self, continuations: list[list[int]]) -> None:
+        super().__init__()
+        self.continuations = torch.tensor(continuations)
+        self.modes = []
+
+    def generate(self, input_ids, attention_mask, generation_config):
+        self.modes.append(self.training)
+        return torch.cat([input_ids, self.continuations], dim=1)
+
+
+def test_response_is_cut_after_its_first_stop_token(tokenizer):
+    """Stop ids are <|end|> (2, also EOS) here. Row 0 stops at its 2nd token: what follows (even
+    a non-pad token, 9) becomes padding and is masked; row 1 never stops and keeps all 4."""
+    end, pad = tokenizer.convert_tokens_to_ids("<|end|>"), tokenizer.pad_token_id
+    input_ids, attention_mask = encode_prompts(tokenizer, ["12", "345"])
+    model = ScriptedModel([[60, end, 9, end], [61, 62, 63, 64]]).train()
+    config = generation_config(tokenizer, max_new_tokens=4)
+    samples = sample_responses(model, input_ids, attention_mask, config, pad_token_id=pad)
+    assert model.modes == [False] and model.training  # generated in eval mode, then given back
+    assert samples.response_ids.tolist() == [[60, end, pad, pad], [61, 62, 63, 64]]
+    assert samples.response_mask.tolist() == [[True, True, False, False], [True] * 4]
+    assert samples.stopped.tolist() == [True, False]
+    assert samples.attention_mask.tolist() == [[0, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1]]
+    assert samples.position_ids.tolist() == [[0, 0, 1, 2, 3, 3, 3], [0, 1, 2, 3, 4, 5, 6]]
+
+
+def test_left_padded_log_probs_equal_the_unpadded_ones(tokenizer):
+    """Position ids count from each row's first real token, so padding changes nothing: the padded
+    row's log-probs equal those of the same tokens alone (up to float rounding)."""
+    torch.manual_seed(0)
+    model = load_causal_lm(TINY).eval()
+    input_ids, attention_mask = encode_prompts(tokenizer, [[{"role": "user", "content": "12+34"}], "1"])
+    config = generation_config(tokenizer, do_sample=True, temperature=0.7, top_k=0, max_new_tokens=5)
+    samples = sample_responses(model, input_ids, attention_mask, config, pad_token_id=tokenizer.pad_token_id)
+    with torch.no_grad():
+        batched = response_forward(model, *samples[:4], temperature=0.7).logprobs
+        keep = samples.attention_mask[1].bool()
+        alone = samples.input_ids[1:2, keep]
+        single = response_forward(model, alone, torch.ones_like(alone), position_ids_from(torch.ones_like(alone)),
+                                  samples.response_mask[1:2, : int(samples.response_mask[1].sum())], temperature=0.7)
+    length = single.logprobs.shape[1]
+    torch.testing.assert_close(batched[1, :length], single.logprobs[0], rtol=1e-5, atol=1e-5)
+
+
+def record_first_rollout(monkeypatch, **module_args):
+    """Runs one rollout with 2 PPO epochs and records every policy-loss call and the logged metrics."""
+    calls = []
+    original = ppo_module.ppo_policy_loss
+
+    def recording(logprobs, old_logprobs, advantages, mask, **kw):
+        out = original(logprobs, old_logprobs, advantages, mask, **kw)
+        calls.append((logprobs.detach().clone(), old_logprobs.clone(), mask.clone(), out.ratio))
+        return out
+
+    monkeypatch.setattr(ppo_module, "ppo_policy_loss", recording)
+    # Prompts of different lengths, so rows are left-padded by different amounts.
+    rows = [{"prompt": [{"role": "user", "content": q}], "answer": "0"} for q in ["1+1", "12+34", "5", "99+99+1"] * 2]
+    data = PromptDataModule(TINY, rows, batch_size=8)
+    module = PPOModule(TINY, rewards=[RewardFunction(exact_match_reward)], max_new_tokens=4, temperature=0.7,
+                       ppo_epochs=2, num_mini_batches=2, gradient_accumulation_steps=2, **module_args)
+    trainer = L.Trainer(max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    L.seed_everything(0)
+    trainer.fit(module, data)
+    return calls, trainer.callback_metrics
+
+
+@pytest.fixture(scope="module")
+def first_rollout():
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        return record_first_rollout(monkeypatch)
+
+
+def test_ratio_is_exactly_one_until_the_first_optimizer_step(first_rollout):
+    """Epoch 0 runs its micro-batches over exactly the rows, shapes and order of the rollout's
+    forward, so until the policy is first updated (both micro-batches of the first mini-batch)
+    pi / pi_old is 1 bit for bit on every response token. Every later call follows an update."""
+    calls, _ = first_rollout
+    assert len(calls) == 2 * 2 * 2  # epochs x mini-batches x micro-batches
+    before_update, after_update = calls[:2], calls[2:]
+    for logprobs, old_logprobs, mask, ratio in before_update:
+        assert torch.equal(logprobs[mask], old_logprobs[mask])
+        assert torch.equal(ratio[mask], torch.ones_like(ratio[mask]))
+    assert all(not torch.equal(ratio[mask], torch.ones_like(ratio[mask])) for _, _, mask, ratio in after_update)
+
+
+def test_kl_is_zero_when_the_reference_is_the_policy_without_its_adapter(monkeypatch):
+    """Before any update a LoRA policy (B matrices start at 0) and the same modules with the
+    adapter switched off compute the same numbers: every k1 term is exactly 0."""
+    _, metrics = record_first_rollout(monkeypatch, lora=LoraSettings(r=4, alpha=8))
+    assert float(metrics["objective/kl"]) == 0.0
+    assert float(metrics["objective/non_score_reward"]) == 0.0
+
+
+def test_kl_is_zero_up_to_rounding_when_the_reference_is_a_frozen_copy(first_rollout):
+    """A frozen copy holds the same weights, so KL is 0 mathematically. It is not bit for bit on
+    CPU: the copy's weights do not require grad, and PyTorch's CPU linear layer then takes another
+    kernel for the LM head's (non-contiguous) input, which rounds differently (~1e-6 nats)."""
+    _, metrics = first_rollout
+    assert abs(float(metrics["objective/kl"])) < 1e-5
