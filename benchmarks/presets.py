@@ -5,8 +5,10 @@ A case is (stage, variant); each case runs once per framework. Variants:
   packed rows. Each micro-batch is one row of concatenated sequences, position ids restarting per
   sequence (no TRL-style fixed-length bin packing: the batches stay the same 8 sequences everywhere).
 - sft "padded": every row padded to the longest row of its micro-batch.
-- reward "padded", dpo "live-ref" / "precomputed-ref": preference pairs are always padded (TRL's DPO
-  has padding_free disabled in 1.16, and neither plpost nor TRL packs preference pairs).
+- reward "padded", dpo "live-ref" / "precomputed-ref": preference pairs padded to the longest of
+  the 2 x batch_size rows (TRL's DPO has padding_free disabled in 1.16, and neither plpost nor TRL
+  packs preference pairs). reward / dpo "padding-free" (raw loop only, see ONLY): the pairs' 2N
+  sequences packed into one row, what a packed PreferenceDataModule would gain; DPO with a live reference.
   "live-ref" keeps a frozen copy of the reference in memory and runs it every step;
   "precomputed-ref" computes the reference log-probs of every pair once before training
   (plpost `reference="precomputed"`, TRL `precompute_ref_log_probs=True`); that pass is not timed.
@@ -18,7 +20,11 @@ from dataclasses import dataclass, field, replace
 
 STAGES = ("sft", "reward", "dpo")
 FRAMEWORKS = ("plpost", "trl", "raw")
-VARIANTS = {"sft": ("padding-free", "padded"), "reward": ("padded",), "dpo": ("live-ref", "precomputed-ref")}
+VARIANTS = {"sft": ("padding-free", "padded"), "reward": ("padded", "padding-free"),
+            "dpo": ("live-ref", "precomputed-ref", "padding-free")}
+ONLY = {("reward", "padding-free"): ("raw",), ("dpo", "padding-free"): ("raw",)}
+"""Cases that not every framework can run: neither plpost nor TRL (1.16) packs preference pairs, so
+the raw loop alone measures what packing them would gain."""
 
 
 @dataclass(frozen=True)
@@ -96,7 +102,7 @@ PRESETS = {
         # either thread is descheduled (step times jumped between 3 s and 15 s with 2 threads).
         threads=1,
         cases=(("sft", "padding-free"), ("reward", "padded"), ("dpo", "live-ref"), ("sft", "padded"),
-               ("dpo", "precomputed-ref")),
+               ("dpo", "precomputed-ref"), ("reward", "padding-free"), ("dpo", "padding-free")),
         run_timeout_s=300,
         logprob_memory=(8192, 32000, "bfloat16"),
         notes="1 CPU thread per run, fp32, sdpa attention",
@@ -119,7 +125,7 @@ PRESETS = {
         timed_steps=12,
         fused_adamw=True,
         cases=(("sft", "padding-free"), ("reward", "padded"), ("dpo", "live-ref"), ("dpo", "precomputed-ref"),
-               ("sft", "padded")),
+               ("sft", "padded"), ("reward", "padding-free"), ("dpo", "padding-free")),
         run_timeout_s=150,
         logprob_memory=(8192, 32000, "bfloat16"),
         fsdp_smoke_steps=3,

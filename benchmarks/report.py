@@ -24,6 +24,10 @@ def ratio(a: dict | None, b: dict | None, key: str = "tokens_per_s") -> str:
     return f"{a[key] / b[key]:.2f}x"
 
 
+def cpu_ratio(a: dict, b: dict) -> str:
+    return f" ({ratio(a, b, 'tokens_per_cpu_s')} per CPU-s)" if "tokens_per_cpu_s" in a and "mfu" not in a else ""
+
+
 def header(report: dict) -> list[str]:
     preset, machine, v = report["preset"], report["machine"], report["versions"]
     model = preset["model"]
@@ -100,7 +104,9 @@ def optimisation_lines(report: dict) -> list[str]:
     lines = ["| optimisation | framework | before | after | speed-up | peak mem before -> after (MiB) |",
              "| --- | --- | ---: | ---: | ---: | --- |"]
     pairs = [("SFT packing (padding-free) vs padded", "sft", "padded", "padding-free"),
-             ("DPO precomputed reference vs live copy", "dpo", "live-ref", "precomputed-ref")]
+             ("DPO precomputed reference vs live copy", "dpo", "live-ref", "precomputed-ref"),
+             ("reward pairs packed vs padded", "reward", "padded", "padding-free"),
+             ("DPO pairs packed vs padded (live reference)", "dpo", "live-ref", "padding-free")]
     for title, stage, before_variant, after_variant in pairs:
         for framework in ("plpost", "trl", "raw"):
             before, after = best.get((stage, before_variant, framework)), best.get((stage, after_variant, framework))
@@ -108,7 +114,8 @@ def optimisation_lines(report: dict) -> list[str]:
                 continue
             lines.append(
                 f"| {title} | {framework} | {before['tokens_per_s']:.0f} tok/s | {after['tokens_per_s']:.0f} tok/s | "
-                f"{ratio(after, before)} | {before['peak_mem_mib']:.0f} -> {after['peak_mem_mib']:.0f} |"
+                f"{ratio(after, before)}{cpu_ratio(after, before)} | "
+                f"{before['peak_mem_mib']:.0f} -> {after['peak_mem_mib']:.0f} |"
             )
     for entry in report.get("logprob_memory", []):
         if "error" in entry:

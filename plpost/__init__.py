@@ -1,6 +1,14 @@
 """plpost: PyTorch Lightning components for post-training language models."""
 
-from plpost.data import ChatDataModule
-from plpost.modules import SFTModule
+from plpost.data import ChatDataModule, PreferenceDataModule, PromptDataModule
+from plpost.modules import DPOModule, PPOModule, RewardModule, SFTModule
 
-__all__ = ["ChatDataModule", "SFTModule"]
+__all__ = [
+    "ChatDataModule",
+    "DPOModule",
+    "PPOModule",
+    "PreferenceDataModule",
+    "PromptDataModule",
+    "RewardModule",
+    "SFTModule",
+]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -37,19 +38,20 @@ def load_causal_lm(
     dtype: str | None = None,
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
+    auto_class: type = AutoModelForCausalLM,
+    **config_overrides: Any,
 ) -> PreTrainedModel:
-    """AutoModelForCausalLM from a Hub name or folder; `random_init` builds its config with fresh weights."""
+    """`auto_class` (AutoModelForCausalLM, or e.g. AutoModelForSequenceClassification for a reward
+    model) from a Hub name or folder; `random_init` builds its config with fresh weights.
+
+    config_overrides: config fields to set before the weights load (e.g. num_labels=1).
+    """
     path = resolve_pretrained(name_or_path)
     torch_dtype = DTYPES[dtype] if dtype else None
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **config_overrides)
+    if attn_implementation:
+        config._attn_implementation = attn_implementation
     if random_init:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-        if attn_implementation:
-            config._attn_implementation = attn_implementation
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        model = auto_class.from_config(config, trust_remote_code=trust_remote_code)
         return model.to(torch_dtype) if torch_dtype else model
-    return AutoModelForCausalLM.from_pretrained(
-        path,
-        dtype=torch_dtype,
-        attn_implementation=attn_implementation,
-        trust_remote_code=trust_remote_code,
-    )
+    return auto_class.from_pretrained(path, config=config, dtype=torch_dtype, trust_remote_code=trust_remote_code)

@@ -4,7 +4,8 @@ two-digit addition datasets that the default demo and the tests run on, offline.
     python scripts/build_assets.py                      # writes into plpost/assets/
     python scripts/build_assets.py --out-dir /tmp/x     # somewhere else
 
-Runtime: about 2.5 minutes on 2 CPU cores (pretraining ~2 minutes, everything else seconds).
+Runtime: about 2 minutes on 2 idle CPU cores (pretraining 450 steps at ~0.2-0.25 s each; the
+tokenizer and data take seconds). Cores shared with other jobs make it several times longer.
 
 What it writes (under --out-dir):
   tiny/                 tokenizer (byte-level, no merges) + Llama config, fp32 safetensors,

@@ -31,7 +31,8 @@ def test_rows_are_reproducible_long_tailed_and_never_need_truncation(bench_token
     assert rows == chat_rows(PRESET, 64, bench_tokenizer)  # same seed, same rows, for every framework
     lengths = sorted(len(tokenize_chat(bench_tokenizer, row["messages"])[0]) for row in rows)
     assert lengths[-1] <= PRESET.max_length
-    assert lengths[-1] > 2 * lengths[len(lengths) // 2]  # a long tail: the longest is far above the median
+    median = lengths[len(lengths) // 2]
+    assert lengths[0] < median / 2 and lengths[-1] > 1.8 * median  # long-tailed, not one length
     for row in preference_rows(PRESET, 32, bench_tokenizer):
         prompt, chosen, rejected = tokenize_pair(bench_tokenizer, row)
         assert max(len(prompt) + len(chosen), len(prompt) + len(rejected)) <= PRESET.max_length
@@ -59,6 +60,31 @@ def test_raw_loop_sees_the_tokens_plpost_preference_data_module_makes(bench_toke
     assert data.counts["train"] == {"records": 16, "kept": 16}
     for row, example in zip(rows, data.train_examples):
         assert (example["prompt_ids"], example["chosen_ids"], example["rejected_ids"]) == tokenize_pair(bench_tokenizer, row)
+
+
+def test_raw_loop_packed_pairs_score_what_padded_pairs_score(bench_tokenizer):
+    """The raw loop's padding-free preference variant (what a packed PreferenceDataModule would gain)
+    must compute the same per-sequence log-probs and rewards as the padded batch: position ids
+    restarting per sequence make attention block-diagonal, so packing changes nothing but the cost."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    from benchmarks.frameworks.raw_stages import preference_batches, reward_loss, sequence_logps
+
+    preset = get_preset("smoke")
+    rows = preference_rows(preset, preset.steps * preset.batch_size, bench_tokenizer)
+    padded = preference_batches("padded", preset, rows, bench_tokenizer)[0]
+    packed = preference_batches("padding-free", preset, rows, bench_tokenizer)[0]
+    assert padded.attention_mask.sum() == packed.input_ids.numel()
+    config = LlamaConfig(**preset.model, pad_token_id=bench_tokenizer.pad_token_id, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(sequence_logps(model, packed), sequence_logps(model, padded), rtol=1e-5, atol=1e-4)
+    torch.manual_seed(0)
+    reward_model = LlamaForSequenceClassification(LlamaConfig(**config.to_dict(), num_labels=1)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reward_loss(reward_model, packed), reward_loss(reward_model, padded))
 
 
 def test_clock_times_only_the_steps_after_warmup(monkeypatch):

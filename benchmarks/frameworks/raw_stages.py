@@ -31,6 +31,8 @@ class Batch(NamedTuple):
     attention_mask: Tensor | None
     position_ids: Tensor | None
     labels: Tensor
+    lengths: Tensor | None = None
+    """Packed rows only: the length of each sequence in the row, in order."""
 
     def to(self, device: torch.device) -> "Batch":
         return Batch(*(None if t is None else t.to(device, non_blocking=True) for t in self))
@@ -53,6 +55,7 @@ def packed(sequences: list[list[int]], labels: list[list[int]]) -> Batch:
         None,
         torch.tensor([[p for s in sequences for p in range(len(s))]]),
         torch.tensor([[x for l in labels for x in [IGNORE_INDEX, *l[1:]]]]),
+        torch.tensor([len(s) for s in sequences]),
     )
 
 
@@ -65,8 +68,9 @@ def sft_batches(variant: str, preset: Preset, rows: list[dict], tokenizer) -> li
     return batches
 
 
-def preference_batches(preset: Preset, rows: list[dict], tokenizer) -> list[Batch]:
-    """Chosen rows then rejected rows; labels are the completion tokens."""
+def preference_batches(variant: str, preset: Preset, rows: list[dict], tokenizer) -> list[Batch]:
+    """Chosen rows then rejected rows (one packed row of sequences for "padding-free");
+    labels are the completion tokens."""
     batches = []
     for start in range(0, preset.steps * preset.batch_size, preset.batch_size):
         pairs = [tokenize_pair(tokenizer, row) for row in rows[start : start + preset.batch_size]]
@@ -75,12 +79,24 @@ def preference_batches(preset: Preset, rows: list[dict], tokenizer) -> list[Batc
             for pair in pairs:
                 sequences.append(pair[0] + pair[side])
                 labels.append([IGNORE_INDEX] * len(pair[0]) + pair[side])
-        batches.append(padded(sequences, labels, tokenizer.pad_token_id))
+        batches.append(packed(sequences, labels) if variant == "padding-free" else padded(sequences, labels, tokenizer.pad_token_id))
     return batches
 
 
+def per_sequence(values: Tensor, batch: Batch) -> Tensor:
+    """(sequences,) sums of `values` (rows, time - 1) over each sequence of the batch."""
+    if batch.lengths is None:
+        return values.sum(-1)
+    segment = torch.repeat_interleave(torch.arange(len(batch.lengths), device=values.device), batch.lengths)[1:]
+    return torch.zeros(len(batch.lengths), dtype=values.dtype, device=values.device).index_add(0, segment, values[0])
+
+
 def forward_logits(model, batch: Batch) -> Tensor:
-    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids).logits
+    # use_cache=False: with a cache, transformers ignores the restarting position ids of a packed row
+    # and lets attention cross from one sequence into the next.
+    return model(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False
+    ).logits
 
 
 def sft_loss(model, batch: Batch) -> Tensor:
@@ -90,7 +106,12 @@ def sft_loss(model, batch: Batch) -> Tensor:
 
 
 def reward_loss(model, batch: Batch) -> Tensor:
-    chosen, rejected = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.squeeze(-1).chunk(2)
+    if batch.lengths is None:
+        rewards = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits.squeeze(-1)
+    else:  # the score head at the last token of each packed sequence
+        hidden = model.model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).last_hidden_state
+        rewards = model.score(hidden[0, batch.lengths.cumsum(0) - 1]).squeeze(-1)
+    chosen, rejected = rewards.chunk(2)
     return -F.logsigmoid(chosen.float() - rejected.float()).mean()
 
 
@@ -99,7 +120,7 @@ def sequence_logps(model, batch: Batch) -> Tensor:
     targets = batch.labels[:, 1:]
     mask = targets != IGNORE_INDEX
     logps = logits.float().log_softmax(-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (logps * mask).sum(-1)
+    return per_sequence(logps * mask, batch)
 
 
 def dpo_loss(policy_logps: Tensor, reference_logps: Tensor) -> Tensor:
@@ -119,7 +140,9 @@ def run(stage: str, variant: str, preset: Preset, model_dir: str, rows: list[dic
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     model.to(device).train()
-    batches = sft_batches(variant, preset, rows, tokenizer) if stage == "sft" else preference_batches(preset, rows, tokenizer)
+    batches = (
+        sft_batches(variant, preset, rows, tokenizer) if stage == "sft" else preference_batches(variant, preset, rows, tokenizer)
+    )
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16) if preset.precision == "bf16-mixed" else contextlib.nullcontext()
     )
@@ -152,6 +175,10 @@ def run(stage: str, variant: str, preset: Preset, model_dir: str, rows: list[dic
         clock.step_end()
     if not torch.isfinite(loss):
         raise FloatingPointError(f"the last loss is {loss.item()}")
-    settings = {"sft": f"{variant} rows, cross_entropy on float32 logits", "reward": "padded pairs",
-                "dpo": f"{'frozen deepcopy' if variant == 'live-ref' else 'reference pass before training'}"}[stage]
+    settings = {
+        "sft": f"{variant} rows, cross_entropy on float32 logits",
+        "reward": f"{variant} pairs",
+        "dpo": {"live-ref": "frozen deepcopy", "precomputed-ref": "reference pass before training",
+                "padding-free": "packed pairs, frozen deepcopy"}[variant],
+    }[stage]
     return {"params": matmul_parameters(model), "settings": settings}

@@ -1,6 +1,17 @@
 from plpost.data.chat import ChatDataModule
 from plpost.data.collate import ChatBatch
 from plpost.data.formats import DataValidationError
+from plpost.data.preference import PreferenceBatch, PreferenceDataModule
+from plpost.data.prompts import PromptBatch, PromptDataModule
 from plpost.data.sources import DataSource
 
-__all__ = ["ChatBatch", "ChatDataModule", "DataSource", "DataValidationError"]
+__all__ = [
+    "ChatBatch",
+    "ChatDataModule",
+    "DataSource",
+    "DataValidationError",
+    "PreferenceBatch",
+    "PreferenceDataModule",
+    "PromptBatch",
+    "PromptDataModule",
+]

@@ -51,12 +51,13 @@ def validate_preference_row(source: str, index: int, row: Any, *, identical_pair
         prompt, chosen, rejected = split_shared_prompt(checker, chosen, rejected)
     elif not isinstance(prompt, (str, list)):
         checker.fail("prompt", f"expected a string or a list of messages, got {type(prompt).__name__}")
-    kinds = {name: isinstance(value, str) for name, value in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected))}
-    if len(set(kinds.values())) > 1:
-        odd = next(name for name, is_text in kinds.items() if is_text != kinds["prompt"])
-        checker.fail(odd, "prompt, chosen and rejected must all be strings or all be message lists")
-    if isinstance(prompt, str):
-        prompt, chosen, rejected = (checker.text(v, n) for n, v in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)))
+    as_text = isinstance(prompt, str)
+    for name, completion in (("chosen", chosen), ("rejected", rejected)):
+        if isinstance(completion, str) != as_text:
+            checker.fail(name, "prompt, chosen and rejected must all be strings or all be message lists")
+    if as_text:
+        prompt = checker.text(prompt, "prompt")
+        chosen, rejected = checker.text(chosen, "chosen"), checker.text(rejected, "rejected")
     else:
         prompt = checker.messages(prompt, "prompt")
         if prompt[-1]["role"] == "assistant":
@@ -72,7 +73,9 @@ def refuse_identical(checker: RecordChecker, chosen: Any, rejected: Any, identic
         return
     if identical_pairs == "skip":
         raise SkipRecord("skipped (chosen identical to rejected)")
-    checker.fail("rejected", "is identical to chosen, so the pair prefers nothing (identical_pairs: skip drops such pairs)")
+    checker.fail(
+        "rejected", "is identical to chosen, so the pair prefers nothing (identical_pairs: skip drops such pairs)"
+    )
 
 
 def split_shared_prompt(

@@ -9,11 +9,10 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
-from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
+from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
-from plpost.assets import resolve_pretrained
 from plpost.data.preference import PreferenceBatch
-from plpost.hf import DTYPES
+from plpost.hf import load_causal_lm
 from plpost.losses import RewardLoss, bradley_terry_loss, reward_centering_penalty
 from plpost.modules.base import LoraSettings, PostTrainingModule, default_optimizer
 
@@ -38,8 +37,8 @@ def sequence_rewards(
     head = getattr(classifier, SCORE_HEAD, None)
     if head is None or classifier.base_model is classifier:
         raise TypeError(
-            f"{type(classifier).__name__} has no `base_model` backbone with a `{SCORE_HEAD}` head; plpost reads rewards "
-            "from *ForSequenceClassification models built that way (Llama, Qwen2, Mistral, Gemma, GPT-NeoX, ...)"
+            f"{type(classifier).__name__} has no `base_model` backbone with a `{SCORE_HEAD}` head; plpost reads "
+            "rewards from *ForSequenceClassification models built that way (Llama, Qwen2, Mistral, Gemma, ...)"
         )
     if position_ids is None:
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -126,21 +125,18 @@ class RewardModule(PostTrainingModule):
         self.val_metrics = nn.ModuleDict({name: MeanMetric() for name in PAIR_METRICS})
 
     def load_pretrained(self, name_or_path: str | None = None, *, random_init: bool | None = None) -> PreTrainedModel:
-        # The base class loads causal LMs; a reward model is the same backbone with a scalar head.
-        path = resolve_pretrained(name_or_path or self.model_name)
-        random_init = self.random_init if random_init is None else random_init
-        dtype = DTYPES[self.dtype_name] if self.dtype_name else None
-        config = AutoConfig.from_pretrained(path, num_labels=1, trust_remote_code=self.trust_remote_code)
-        # Exported with the pad id, so Hugging Face's own pooling (used by other libraries) works
-        # wherever pad != eos; plpost itself never relies on it.
-        config.pad_token_id = self.tokenizer.pad_token_id
-        if self.attn_implementation:
-            config._attn_implementation = self.attn_implementation
-        if random_init:
-            model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=self.trust_remote_code)
-            return model.to(dtype) if dtype else model
-        return AutoModelForSequenceClassification.from_pretrained(
-            path, config=config, dtype=dtype, trust_remote_code=self.trust_remote_code
+        # The same backbone as the causal LM, with a scalar head. The pad id goes into the config
+        # so Hugging Face's own pooling (used by other libraries) works wherever pad != eos;
+        # plpost itself never relies on it.
+        return load_causal_lm(
+            name_or_path or self.model_name,
+            random_init=self.random_init if random_init is None else random_init,
+            dtype=self.dtype_name,
+            attn_implementation=self.attn_implementation,
+            trust_remote_code=self.trust_remote_code,
+            auto_class=AutoModelForSequenceClassification,
+            num_labels=1,
+            pad_token_id=self.tokenizer.pad_token_id,
         )
 
     def configure_model(self) -> None:

@@ -89,8 +89,10 @@ def test_pad_is_eos_keeps_the_final_eos_supervised_and_attended(pad_is_eos_token
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 def test_padding_side(padding_side, tokenizer):
-    rows = [EXPLICIT, {"prompt": user("99+99"), "chosen": assistant("198"), "rejected": assistant("1"), "margin": 2}]
-    rows[0] = {**EXPLICIT, "margin": 0.5}
+    rows = [
+        {**EXPLICIT, "margin": 0.5},
+        {"prompt": user("99+99"), "chosen": assistant("198"), "rejected": assistant("1"), "margin": 2},
+    ]
     batch, _ = batch_of(rows, padding_side=padding_side)
     assert batch.input_ids.shape[0] == 4
     unpadded = [
@@ -101,9 +103,9 @@ def test_padding_side(padding_side, tokenizer):
         real = mask.bool()
         assert decode(tokenizer, row[real]) == text
         assert positions[real].tolist() == list(range(int(real.sum())))  # as if the row were alone
-        padding = (~real).nonzero().flatten().tolist()
-        if padding:
-            assert padding == (list(range(len(padding))) if padding_side == "left" else list(range(len(row) - len(padding), len(row))))
+        length, width = int(real.sum()), len(row)
+        ones, zeros = [1] * length, [0] * (width - length)
+        assert mask.tolist() == (ones + zeros if padding_side == "right" else zeros + ones)
     assert batch.margin.tolist() == [0.5, 2.0]
     assert batch.pair_index.tolist() == [0, 1]
     assert float(batch.pair_normalizer) == 2.0

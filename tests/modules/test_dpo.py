@@ -199,6 +199,20 @@ def test_precomputed_reference_equals_the_live_one_and_is_cached_once(tmp_path, 
     assert not torch.allclose(expected, torch.full_like(expected, math.log(2)))
 
 
+def test_validation_metrics_are_means_over_every_pair(other_reference):
+    """4 validation pairs in batches of 3 and 1: each val/<name> is the mean over the 4 pairs,
+    not the mean of the two batch means (which would weigh the lone pair 3 times as much)."""
+    module = DPOModule(TINY, reference_model=other_reference)
+    data = PreferenceDataModule(TINY, val=varied_rows()[:4], eval_batch_size=3)
+    result = L.Trainer(**QUIET).validate(module, data, verbose=False)[0]
+    batch = data.collate_fn()([(e, None) for e in data.val_examples])
+    with torch.no_grad():
+        _, metrics = module.pair_losses(pair_logps(module.policy, batch), module.reference_logps(batch, "val"), batch)
+    assert set(result) == {f"val/{name}" for name in metrics}
+    for name, values in metrics.items():
+        torch.testing.assert_close(torch.tensor(result[f"val/{name}"]), values.mean(), msg=name)
+
+
 class PolicyAtStart(L.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         self.state = {k: v.clone() for k, v in pl_module.policy.state_dict().items()}

@@ -81,7 +81,8 @@ def test_loss_is_bradley_terry_with_margin_plus_the_centering_term():
     with torch.no_grad():
         module.policy.score.weight.normal_(0, 1.0)  # rewards of order 1, so every term matters
         out = module.pair_outputs(batch)
-    c, r, m = out.chosen_rewards.double(), out.rejected_rewards.double(), torch.tensor([0.0, 1.0, -2.0], dtype=torch.float64)
+    c, r = out.chosen_rewards.double(), out.rejected_rewards.double()
+    m = torch.tensor([0.0, 1.0, -2.0], dtype=torch.float64)
     expected = torch.log1p(torch.exp(-(c - r - m))) + 0.1 * (c + r) ** 2
     torch.testing.assert_close(out.losses.double(), expected, rtol=1e-5, atol=1e-6)
     assert out.fit.accurate.tolist() == (c > r).tolist()
@@ -121,7 +122,8 @@ def test_gradients_are_the_same_for_7x1_and_2x4():
 
 def test_training_on_the_bundled_pairs_ranks_held_out_pairs(tmp_path):
     """The pairs differ only in the tens digit (a forgotten or a spurious carry), so ranking them
-    takes the sum. Measured on 2 free cores: about 25 s, held-out accuracy about 0.95."""
+    takes the sum. Measured: held-out accuracy 0.97 after 120 steps, about 0.2 s of one core a step;
+    a learning rate of 1e-3 or batches of 32 pairs stayed near chance in as many steps."""
     started = time.perf_counter()
     L.seed_everything(0)
     module = RewardModule(
