@@ -90,7 +90,9 @@ def assistant(text: str) -> dict:
 def tokenize_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> tuple[list[int], list[int]]:
     """(input_ids, labels): labels are the ids on assistant tokens (the template's generation spans,
     end-of-turn included) and IGNORE_INDEX elsewhere. Needs a template with generation markers."""
-    encoded = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    encoded = tokenizer.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
     ids = list(encoded["input_ids"])
     labels = [token if supervised else IGNORE_INDEX for token, supervised in zip(ids, encoded["assistant_masks"])]
     return ids, labels
@@ -100,8 +102,11 @@ def tokenize_completion(
     tokenizer: PreTrainedTokenizerBase, prompt: list[dict], completion: list[dict]
 ) -> tuple[list[int], list[int]]:
     """(prompt_ids, completion_ids): the prompt with the generation prompt, and what the template adds after it."""
-    prompt_ids = list(tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"])
-    full = list(tokenizer.apply_chat_template(prompt + completion, tokenize=True, return_dict=True)["input_ids"])
+    def ids(messages: list[dict], **kwargs) -> list[int]:
+        return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)["input_ids"])
+
+    prompt_ids = ids(prompt, add_generation_prompt=True)
+    full = ids(prompt + completion)
     if full[: len(prompt_ids)] != prompt_ids:
         raise ValueError("the chat template does not render the prompt as a prefix of prompt + completion")
     return prompt_ids, full[len(prompt_ids) :]

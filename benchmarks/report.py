@@ -8,12 +8,16 @@ FRAMEWORK_ORDER = {"plpost": 0, "trl": 1, "raw": 2}
 
 
 def best_runs(runs: list[dict]) -> dict[tuple[str, str, str], dict]:
-    """(stage, variant, framework) -> its fastest successful repeat, or its last failure."""
+    """(stage, variant, framework) -> its fastest successful repeat (a failure where none succeeded)."""
     best: dict[tuple[str, str, str], dict] = {}
     for run in runs:
         key = (run["stage"], run["variant"], run["framework"])
         current = best.get(key)
-        if current is None or (run.get("ok") and (not current.get("ok") or run["tokens_per_s"] > current["tokens_per_s"])):
+        if current is None:
+            best[key] = run
+            continue
+        faster = run.get("ok") and (not current.get("ok") or run["tokens_per_s"] > current["tokens_per_s"])
+        if faster:
             best[key] = run
     return best
 
@@ -86,7 +90,8 @@ def throughput_table(report: dict) -> list[str]:
         "",
         "real tokens: non-pad tokens fed to the model (a pair counts prompt + chosen and prompt + rejected); "
         + ("MFU: 6 x matmul params x real tokens/s / peak (no attention term, no reference forward); " if cuda else
-           "tokens/CPU-s: real tokens per second of CPU time this process used in the timed window (load-independent); ")
+           "tokens/CPU-s: real tokens per second of CPU time this process used in the timed window "
+           "(independent of the load); ")
         + f"padding: share of pad tokens in the fed batches; peak mem: {mem}; set-up: process start to the first "
         "step (imports, model load, tokenization, a precomputed reference pass).",
         "",
@@ -176,5 +181,8 @@ def settings_table(report: dict) -> list[str]:
     for run in report["runs"]:
         if run.get("ok"):
             settings[(run["stage"], run["variant"])][run["framework"]] = run.get("settings", "")
-    return [f"- {stage} {variant}: " + "; ".join(f"{fw}: {s}" for fw, s in sorted(by.items(), key=lambda kv: FRAMEWORK_ORDER[kv[0]]))
-            for (stage, variant), by in settings.items()]
+    lines = []
+    for (stage, variant), by in settings.items():
+        ordered = sorted(by.items(), key=lambda kv: FRAMEWORK_ORDER[kv[0]])
+        lines.append(f"- {stage} {variant}: " + "; ".join(f"{framework}: {s}" for framework, s in ordered))
+    return lines

@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--deadline-s", type=float, default=None,
                         help="start no run after this many seconds (the rest are reported as skipped)")
     parser.add_argument("--fsdp-smoke-steps", type=int, default=None,
-                        help="steps of each stage under FSDP after the throughput runs (default: the preset's; 0 skips)")
+                        help="steps of each stage under FSDP (default: the preset's; 0 skips)")
     parser.add_argument("--no-extras", action="store_true", help="skip the log-prob memory and FSDP measurements")
     parser.add_argument("--out-dir", default=None, help="JSON results folder (default: $OUT, else benchmarks/results)")
     parser.add_argument("--results-md", default=None,
@@ -128,7 +128,8 @@ def expected_timed_tokens(preset: Preset, per_row: list[int]) -> int:
 
 
 def subprocess_env(preset: Preset) -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    paths = [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
     env.update(TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled",
                TQDM_DISABLE="1")
     if preset.threads:
@@ -163,7 +164,8 @@ def main(argv: list[str] | None = None) -> dict:
     out_env = os.environ.get("OUT")
     out_dir = Path(args.out_dir or (out_env if out_env else REPO / "benchmarks" / "results"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    results_md = Path(args.results_md or (Path(out_env) / "RESULTS.md" if out_env else REPO / "benchmarks" / "RESULTS.md"))
+    default_md = Path(out_env) / "RESULTS.md" if out_env else REPO / "benchmarks" / "RESULTS.md"
+    results_md = Path(args.results_md or default_md)
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="plpost-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "logs").mkdir(exist_ok=True)
@@ -253,9 +255,11 @@ def run_extras(preset, args, model_dir, rows_files, workdir, remaining) -> dict:
         measured = []
         for variant in ("naive", "chunked"):
             out = workdir / f"logprob-{variant}.json"
-            code = run_module("benchmarks.logprob_memory", [variant, str(tokens), str(vocab), dtype, preset.device, str(out)],
-                              preset, workdir / "logs" / f"logprob-{variant}.log", min(300, remaining()))
-            measured.append(json.loads(out.read_text()) if out.exists() else {"variant": variant, "error": f"exit {code}"})
+            arguments = [variant, str(tokens), str(vocab), dtype, preset.device, str(out)]
+            code = run_module("benchmarks.logprob_memory", arguments, preset,
+                              workdir / "logs" / f"logprob-{variant}.log", min(300, remaining()))
+            failed = {"variant": variant, "error": f"exit {code}"}
+            measured.append(json.loads(out.read_text()) if out.exists() else failed)
             print(f"[bench] log-prob memory {variant}: {measured[-1]}", flush=True)
         extras["logprob_memory"] = measured
     if preset.fsdp_smoke_steps and remaining() > MIN_RUN_S:

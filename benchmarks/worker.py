@@ -11,7 +11,6 @@ import json
 import os
 import sys
 import traceback
-from dataclasses import asdict
 from pathlib import Path
 
 from benchmarks.measure import StepClock, model_flops_utilization, peak_memory, process_start_time
@@ -49,7 +48,8 @@ def main(spec_file: str, result_file: str) -> int:
     except Exception as error:  # reported in the results table, not raised: the other runs go on
         trace = traceback.format_exc()
         print(trace, file=sys.stderr)
-        result = {**identity, "ok": False, "error": f"{type(error).__name__}: {error}"[:500], "traceback": trace[-4000:]}
+        message = f"{type(error).__name__}: {error}"[:500]
+        result = {**identity, "ok": False, "error": message, "traceback": trace[-4000:]}
     Path(result_file).write_text(json.dumps(result, indent=1))
     return 0 if result["ok"] else 1
 

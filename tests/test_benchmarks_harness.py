@@ -59,7 +59,8 @@ def test_raw_loop_sees_the_tokens_plpost_preference_data_module_makes(bench_toke
     data.setup("fit")
     assert data.counts["train"] == {"records": 16, "kept": 16}
     for row, example in zip(rows, data.train_examples):
-        assert (example["prompt_ids"], example["chosen_ids"], example["rejected_ids"]) == tokenize_pair(bench_tokenizer, row)
+        ids = (example["prompt_ids"], example["chosen_ids"], example["rejected_ids"])
+        assert ids == tokenize_pair(bench_tokenizer, row)
 
 
 def test_raw_loop_packed_pairs_score_what_padded_pairs_score(bench_tokenizer):

@@ -44,7 +44,7 @@ def padded(sequences: list[list[int]], labels: list[list[int]], pad_id: int) -> 
         pad_sequence(ids, batch_first=True, padding_value=pad_id),
         pad_sequence([torch.ones_like(t) for t in ids], batch_first=True, padding_value=0),
         None,  # right padding: the model's default positions are right
-        pad_sequence([torch.tensor(l) for l in labels], batch_first=True, padding_value=IGNORE_INDEX),
+        pad_sequence([torch.tensor(row) for row in labels], batch_first=True, padding_value=IGNORE_INDEX),
     )
 
 
@@ -54,9 +54,14 @@ def packed(sequences: list[list[int]], labels: list[list[int]]) -> Batch:
         torch.tensor([[t for s in sequences for t in s]]),
         None,
         torch.tensor([[p for s in sequences for p in range(len(s))]]),
-        torch.tensor([[x for l in labels for x in [IGNORE_INDEX, *l[1:]]]]),
+        # Each sequence's first label is cleared: nothing predicts it from the sequence before.
+        torch.tensor([[label for row in labels for label in [IGNORE_INDEX, *row[1:]]]]),
         torch.tensor([len(s) for s in sequences]),
     )
+
+
+def collate(variant: str, sequences: list[list[int]], labels: list[list[int]], pad_id: int) -> Batch:
+    return packed(sequences, labels) if variant == "padding-free" else padded(sequences, labels, pad_id)
 
 
 def sft_batches(variant: str, preset: Preset, rows: list[dict], tokenizer) -> list[Batch]:
@@ -64,12 +69,12 @@ def sft_batches(variant: str, preset: Preset, rows: list[dict], tokenizer) -> li
     batches = []
     for start in range(0, preset.steps * preset.batch_size, preset.batch_size):
         ids, labels = zip(*examples[start : start + preset.batch_size])
-        batches.append(packed(ids, labels) if variant == "padding-free" else padded(ids, labels, tokenizer.pad_token_id))
+        batches.append(collate(variant, ids, labels, tokenizer.pad_token_id))
     return batches
 
 
 def preference_batches(variant: str, preset: Preset, rows: list[dict], tokenizer) -> list[Batch]:
-    """Chosen rows then rejected rows (one packed row of sequences for "padding-free");
+    """The chosen sequences then the rejected ones (one packed row for "padding-free");
     labels are the completion tokens."""
     batches = []
     for start in range(0, preset.steps * preset.batch_size, preset.batch_size):
@@ -79,7 +84,7 @@ def preference_batches(variant: str, preset: Preset, rows: list[dict], tokenizer
             for pair in pairs:
                 sequences.append(pair[0] + pair[side])
                 labels.append([IGNORE_INDEX] * len(pair[0]) + pair[side])
-        batches.append(packed(sequences, labels) if variant == "padding-free" else padded(sequences, labels, tokenizer.pad_token_id))
+        batches.append(collate(variant, sequences, labels, tokenizer.pad_token_id))
     return batches
 
 
@@ -87,8 +92,9 @@ def per_sequence(values: Tensor, batch: Batch) -> Tensor:
     """(sequences,) sums of `values` (rows, time - 1) over each sequence of the batch."""
     if batch.lengths is None:
         return values.sum(-1)
-    segment = torch.repeat_interleave(torch.arange(len(batch.lengths), device=values.device), batch.lengths)[1:]
-    return torch.zeros(len(batch.lengths), dtype=values.dtype, device=values.device).index_add(0, segment, values[0])
+    count = len(batch.lengths)
+    segment = torch.repeat_interleave(torch.arange(count, device=values.device), batch.lengths)[1:]
+    return torch.zeros(count, dtype=values.dtype, device=values.device).index_add(0, segment, values[0])
 
 
 def forward_logits(model, batch: Batch) -> Tensor:
@@ -107,11 +113,11 @@ def sft_loss(model, batch: Batch) -> Tensor:
 
 def reward_loss(model, batch: Batch) -> Tensor:
     if batch.lengths is None:
-        rewards = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits.squeeze(-1)
+        rewards = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
     else:  # the score head at the last token of each packed sequence
-        hidden = model.model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).last_hidden_state
-        rewards = model.score(hidden[0, batch.lengths.cumsum(0) - 1]).squeeze(-1)
-    chosen, rejected = rewards.chunk(2)
+        hidden = model.model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
+        rewards = model.score(hidden.last_hidden_state[0, batch.lengths.cumsum(0) - 1])
+    chosen, rejected = rewards.squeeze(-1).chunk(2)
     return -F.logsigmoid(chosen.float() - rejected.float()).mean()
 
 
@@ -129,23 +135,25 @@ def dpo_loss(policy_logps: Tensor, reference_logps: Tensor) -> Tensor:
     return -F.logsigmoid(DPO_BETA * (chosen - rejected)).mean()
 
 
-def run(stage: str, variant: str, preset: Preset, model_dir: str, rows: list[dict], workdir: Path,
-        clock: StepClock) -> dict:
-    device = torch.device(preset.device)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+def load(stage: str, model_dir: str, tokenizer, device: torch.device) -> torch.nn.Module:
     kwargs = dict(dtype=torch.float32, attn_implementation=attention_implementation())
     if stage == "reward":
         model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, **kwargs)
         model.config.pad_token_id = tokenizer.pad_token_id
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
-    model.to(device).train()
-    batches = (
-        sft_batches(variant, preset, rows, tokenizer) if stage == "sft" else preference_batches(variant, preset, rows, tokenizer)
-    )
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16) if preset.precision == "bf16-mixed" else contextlib.nullcontext()
-    )
+    return model.to(device).train()
+
+
+def run(stage: str, variant: str, preset: Preset, model_dir: str, rows: list[dict], workdir: Path,
+        clock: StepClock) -> dict:
+    device = torch.device(preset.device)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = load(stage, model_dir, tokenizer, device)
+    make_batches = sft_batches if stage == "sft" else preference_batches
+    batches = make_batches(variant, preset, rows, tokenizer)
+    bf16 = preset.precision == "bf16-mixed"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     reference, reference_logps = None, None
     if stage == "dpo":
         reference = copy.deepcopy(model).eval().requires_grad_(False)

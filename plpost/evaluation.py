@@ -1,0 +1,102 @@
+"""Measuring a policy on held-out prompts: task score, chat format, KL to a reference, learned reward."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from plpost.generation import Prompt, encode_prompts, generate_texts, generation_config
+from plpost.rewards import RewardModel, Responses
+from plpost.rollout import position_ids_from, response_forward, sample_responses
+
+
+class GreedyReport(NamedTuple):
+    completions: list[str]
+    scores: Tensor
+    """(prompts,) float32, from the score function."""
+    well_formed: Tensor
+    """(prompts,) bool: stopped with the end-of-turn token and matched the expected answer format."""
+
+
+@torch.no_grad()
+def greedy_report(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[Prompt],
+    score_fn: Callable[..., Tensor],
+    columns: dict[str, list[Any]],
+    *,
+    answer_format: str = r".+",
+    max_new_tokens: int = 16,
+) -> GreedyReport:
+    """Greedy completions scored by `score_fn(prompts, completions, **columns)`.
+
+    A completion is well formed when generation stopped at a stop token (EOS / end of turn)
+    within max_new_tokens and its text, stripped, fully matches the `answer_format` regex.
+    """
+    generations = generate_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
+    scores = torch.as_tensor(score_fn(list(prompts), generations.texts, **columns), dtype=torch.float32)
+    shaped = torch.tensor([re.fullmatch(answer_format, text.strip()) is not None for text in generations.texts])
+    return GreedyReport(generations.texts, scores, generations.stopped & shaped)
+
+
+@torch.no_grad()
+def sampled_kl(
+    policy: PreTrainedModel,
+    reference: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[Prompt],
+    *,
+    max_new_tokens: int = 16,
+    samples_per_prompt: int = 4,
+    batch_size: int = 256,
+    seed: int = 0,
+) -> float:
+    """KL(policy || reference) per response, estimated on responses sampled from the policy.
+
+    For responses y ~ policy(.|x) at temperature 1, KL = E[sum_t log policy(y_t|.) - log
+    reference(y_t|.)]; the mean over prompts and `samples_per_prompt` samples each is an
+    unbiased estimate (in nats per response).
+    """
+    device = next(policy.parameters()).device
+    config = generation_config(tokenizer, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                               max_new_tokens=max_new_tokens)
+    repeated = [prompt for prompt in prompts for _ in range(samples_per_prompt)]
+    generator_state = torch.get_rng_state()
+    torch.manual_seed(seed)
+    totals = []
+    try:
+        for start in range(0, len(repeated), batch_size):
+            input_ids, attention_mask = (t.to(device) for t in encode_prompts(tokenizer, repeated[start : start + batch_size]))
+            samples = sample_responses(policy, input_ids, attention_mask, config, pad_token_id=tokenizer.pad_token_id)
+            inputs = (samples.input_ids, samples.attention_mask, samples.position_ids, samples.response_mask)
+            policy_logps = response_forward(policy.eval(), *inputs, temperature=1.0).logprobs
+            reference_logps = response_forward(reference.eval(), *inputs, temperature=1.0).logprobs
+            totals.append((policy_logps - reference_logps).sum(dim=1))
+    finally:
+        torch.set_rng_state(generator_state)
+    return float(torch.cat(totals).mean())
+
+
+@torch.no_grad()
+def learned_rewards(
+    reward_model_path: str, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt], completions: list[str]
+) -> Tensor:
+    """(prompts,) scores of a trained reward model folder for these completions."""
+    reward_model = RewardModel(reward_model_path)
+    reward_model.setup(tokenizer)
+    input_ids, attention_mask = encode_prompts(tokenizer, list(prompts))
+    responses = Responses(
+        prompts=list(prompts), completions=completions, columns={}, input_ids=input_ids,
+        attention_mask=attention_mask, position_ids=position_ids_from(attention_mask),
+        stopped=torch.ones(len(prompts), dtype=torch.bool),
+    )
+    # Only the prompts are tokenized here, so the reward model must re-render prompt + completion
+    # from the texts with its own template.
+    reward_model.shares_tokens = False
+    return reward_model(responses)
