@@ -41,6 +41,8 @@ class StepClock:
     """Collects per-step token counts and end-of-step times; `summary()` excludes the warmup steps."""
 
     def __init__(self, warmup_steps: int, device: torch.device | str) -> None:
+        if warmup_steps < 1:
+            raise ValueError("at least one warmup step is needed: the clock starts at the end of the last one")
         self.warmup_steps = warmup_steps
         self.cuda = torch.device(device).type == "cuda"
         self.real: list[Tensor | int] = []
@@ -70,10 +72,9 @@ class StepClock:
             raise RuntimeError(f"{len(self.real)} batches counted for {steps} optimizer steps")
         real = [int(value) for value in self.real]
         timed = slice(self.warmup_steps, steps)
-        seconds = self.ends[-1] - self.ends[self.warmup_steps - 1] if self.warmup_steps else None
-        if seconds is None:
-            raise ValueError("at least one warmup step is needed: the clock starts at the end of the last one")
-        step_times = [b - a for a, b in zip(self.ends[self.warmup_steps - 1 : -1], self.ends[self.warmup_steps :])]
+        window = slice(self.warmup_steps - 1, None)  # from the end of the last warmup step
+        seconds = self.ends[-1] - self.ends[self.warmup_steps - 1]
+        step_times = [b - a for a, b in zip(self.ends[window], self.ends[timed])]
         real_tokens, fed_tokens = sum(real[timed]), sum(self.fed[timed])
         cpu_seconds = self.cpu_ends[-1] - self.cpu_ends[self.warmup_steps - 1]
         return {

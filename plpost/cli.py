@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import yaml
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
@@ -38,6 +40,12 @@ class PostTrainingCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if args is None else args
+    if argv[:1] == ["demo"]:
+        from plpost.demo import main as demo
+
+        demo(argv[1:])
+        return
     PostTrainingCLI(args=args)
 
 

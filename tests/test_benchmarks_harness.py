@@ -90,11 +90,13 @@ def test_raw_loop_packed_pairs_score_what_padded_pairs_score(bench_tokenizer):
 
 def test_clock_times_only_the_steps_after_warmup(monkeypatch):
     """Steps end at t = 1, 3, 6, 10 with 2 warmup steps: the timed window is 3 -> 10 = 7 s for the
-    last 2 steps, whose batches hold 5 + 7 real tokens: 12 / 7 tokens/s; the warmup's 200 never count."""
+    last 2 steps, whose batches hold 5 + 7 real tokens: 12 / 7 tokens/s; the warmup's 200 never count.
+    The process used 2.5 - 1.0 = 1.5 CPU-seconds in the same window."""
     import torch
 
-    ends = iter([1.0, 3.0, 6.0, 10.0])
+    ends, cpu_ends = iter([1.0, 3.0, 6.0, 10.0]), iter([0.5, 1.0, 1.5, 2.5])
     monkeypatch.setattr("benchmarks.measure.time.perf_counter", lambda: next(ends))
+    monkeypatch.setattr("benchmarks.measure.time.process_time", lambda: next(cpu_ends))
     clock = StepClock(warmup_steps=2, device="cpu")
     for real in (100, 100, 5, 7):
         clock.batch(torch.zeros(1, 10, dtype=torch.long), torch.tensor([[1] * real + [0] * (10 - real)]))
@@ -104,6 +106,7 @@ def test_clock_times_only_the_steps_after_warmup(monkeypatch):
     assert summary["time_s"] == 7.0
     assert summary["real_tokens"] == 12 and summary["fed_tokens"] == 20
     assert summary["tokens_per_s"] == pytest.approx(12 / 7)
+    assert summary["cpu_s"] == 1.5 and summary["tokens_per_cpu_s"] == pytest.approx(12 / 1.5)
 
 
 def test_two_step_raw_loop_run_writes_json_and_markdown(tmp_path):
