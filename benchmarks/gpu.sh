@@ -26,10 +26,14 @@ if compgen -G "$WHEELS/*.whl" > /dev/null; then
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 python3 - <<'EOF'
-import importlib.metadata as m, torch
+import importlib, importlib.metadata as m, importlib.util
 names = ["torch", "transformers", "lightning", "trl", "accelerate", "datasets", "psutil"]
-print({n: m.version(n) for n in names}, torch.cuda.get_device_name(0))
-import plpost.modules.dpo, plpost.modules.reward, plpost.data.preference, trl  # fail here, not in every run
+print({n: m.version(n) if importlib.util.find_spec(n) else "MISSING" for n in names})
+for module in ("plpost.modules.dpo", "plpost.modules.reward", "plpost.data.preference", "trl"):
+    try:  # a missing package fails its runs (each reported in the table); say so up front
+        importlib.import_module(module)
+    except Exception as error:
+        print(f"cannot import {module}: {error!r}")
 EOF
 nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv || true
 

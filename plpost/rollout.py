@@ -24,7 +24,7 @@ from torch import Tensor
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from plpost.generation import completion_stats
-from plpost.losses import token_entropy, token_logprobs
+from plpost.losses import explained_variance, masked_mean, masked_sum, token_entropy, token_logprobs
 
 
 class Samples(NamedTuple):
@@ -183,6 +183,28 @@ def in_chunks(fn: Callable[..., Tensor | tuple[Tensor, ...]], tensors: Sequence[
     if isinstance(parts[0], Tensor):
         return torch.cat(parts, dim=0)
     return tuple(torch.cat(column, dim=0) for column in zip(*parts))
+
+
+def rollout_statistics(rollout: Rollout, sequence_kl: Tensor, rewards: Tensor, returns: Tensor) -> dict[str, Tensor]:
+    """Per-rollout means (TRL's names where it has them).
+
+    sequence_kl: (B,) summed KL estimate per response; rewards, returns: (B, R) per-token rewards
+    (KL penalty and score) and value targets. The entropy is the sampled estimate -sum log pi of
+    each response, which costs nothing; the exact one needs the logits (see `entropy_coef`).
+    """
+    mask = rollout.response_mask
+    non_score = masked_sum(rewards, mask, dim=1) - rollout.scores
+    return {
+        "objective/kl": sequence_kl.mean(),
+        "objective/entropy": -masked_sum(rollout.logprobs, mask, dim=1).mean(),
+        "objective/scores": rollout.scores.mean(),
+        "objective/non_score_reward": non_score.mean(),
+        "objective/rlhf_reward": (rollout.scores + non_score).mean(),
+        "val/explained_variance": explained_variance(rollout.values, returns, mask),
+        "val/value_mean": masked_mean(rollout.values, mask),
+        "rollout/response_length": mask.sum(1).float().mean(),
+        "rollout/stopped": rollout.stopped.float().mean(),
+    }
 
 
 def rng_state() -> dict[str, Any]:

@@ -135,6 +135,17 @@ def dpo_loss(policy_logps: Tensor, reference_logps: Tensor) -> Tensor:
     return -F.logsigmoid(DPO_BETA * (chosen - rejected)).mean()
 
 
+SETTINGS = {
+    ("sft", "padding-free"): "packed rows, cross_entropy on float32 logits",
+    ("sft", "padded"): "padded rows, cross_entropy on float32 logits",
+    ("reward", "padded"): "padded pairs, HF pooling",
+    ("reward", "padding-free"): "packed pairs, score head at each sequence end",
+    ("dpo", "live-ref"): "frozen deepcopy, log_softmax on float32 logits",
+    ("dpo", "precomputed-ref"): "reference pass before training",
+    ("dpo", "padding-free"): "packed pairs, frozen deepcopy",
+}
+
+
 def load(stage: str, model_dir: str, tokenizer, device: torch.device) -> torch.nn.Module:
     kwargs = dict(dtype=torch.float32, attn_implementation=attention_implementation())
     if stage == "reward":
@@ -183,10 +194,5 @@ def run(stage: str, variant: str, preset: Preset, model_dir: str, rows: list[dic
         clock.step_end()
     if not torch.isfinite(loss):
         raise FloatingPointError(f"the last loss is {loss.item()}")
-    settings = {
-        "sft": f"{variant} rows, cross_entropy on float32 logits",
-        "reward": f"{variant} pairs",
-        "dpo": {"live-ref": "frozen deepcopy", "precomputed-ref": "reference pass before training",
-                "padding-free": "packed pairs, frozen deepcopy"}[variant],
-    }[stage]
-    return {"params": matmul_parameters(model), "settings": settings}
+    return {"params": matmul_parameters(model), "settings": SETTINGS[stage, variant]}
+

@@ -1,4 +1,13 @@
-"""What every plpost DataModule shares: sources, validation, tokenization counts and loaders."""
+"""What every plpost DataModule shares: sources, validation, tokenization counts and loaders.
+
+Resuming mid-epoch: the data module counts the training batches handed to training steps
+(`on_before_batch_transfer`), saves that position in checkpoints (`state_dict`), and builds the
+next training loader to start right after it. The data module, not the DataLoader, holds the
+position because Lightning restores data-module state before it asks for any loader, so the
+sampler is built already in the right epoch and place; a stateful DataLoader is restored only
+after it is built, and in Lightning 2.6 not at all when `configure_optimizers` has asked for
+`trainer.estimated_stepping_batches` (which WarmupCosineLR does): Lightning issue #20550.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +17,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from plpost.data.formats import DataValidationError
-from plpost.data.sampler import AccumulationWindowSampler, WeightedExamples
+from plpost.data.sampler import AccumulationWindowSampler, DataPosition, WeightedExamples
 from plpost.data.sources import SourceLike, describe, load_source
 from plpost.hf import load_tokenizer
 
@@ -70,6 +80,8 @@ class PostTrainingDataModule(L.LightningDataModule):
         self.train_examples: list[dict] | None = None
         self.val_examples: list[dict] | None = None
         self.counts: dict[str, dict[str, int]] = {}
+        self.train_position = DataPosition()
+        self._train_sampler: AccumulationWindowSampler | None = None
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -95,6 +107,10 @@ class PostTrainingDataModule(L.LightningDataModule):
                 load_source(source)
 
     def setup(self, stage: str | None = None) -> None:
+        if stage == "fit":
+            # Every fit starts at the beginning; resuming from a checkpoint restores the position
+            # afterwards (Lightning calls `load_state_dict` after `setup`).
+            self.train_position = DataPosition()
         if self.train_examples is not None or self.val_examples is not None:
             return
         train = self.examples_from(self.train_source, "train") if self.train_source is not None else None
@@ -142,10 +158,11 @@ class PostTrainingDataModule(L.LightningDataModule):
             )
 
     def train_dataloader(self) -> DataLoader:
+        """Starts where `train_position` says training got to (the start, unless resumed)."""
         if self.train_examples is None:
             raise RuntimeError("no training data: give `train` and call setup('fit')")
         trainer = self.trainer
-        sampler = AccumulationWindowSampler(
+        sampler = self._train_sampler = AccumulationWindowSampler(
             [self.example_weight(e) for e in self.train_examples],
             batch_size=self.batch_size,
             accumulate=trainer.accumulate_grad_batches if trainer is not None else 1,
@@ -154,6 +171,7 @@ class PostTrainingDataModule(L.LightningDataModule):
             shuffle=self.shuffle,
             seed=self.seed,
         )
+        sampler.resume_at(self.train_position)
         return DataLoader(
             WeightedExamples(self.train_examples),
             batch_size=self.batch_size,
@@ -161,6 +179,7 @@ class PostTrainingDataModule(L.LightningDataModule):
             collate_fn=self.collate_fn(),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            generator=self.loader_generator(),
         )
 
     def val_dataloader(self) -> DataLoader:
@@ -171,4 +190,24 @@ class PostTrainingDataModule(L.LightningDataModule):
             batch_size=self.eval_batch_size,
             collate_fn=self.collate_fn(),
             num_workers=self.num_workers,
+            generator=self.loader_generator(),
         )
+
+    def loader_generator(self) -> torch.Generator:
+        # A DataLoader without its own generator draws its workers' base seed from the global
+        # generator at every iter(); a resumed run creates its iterators at other moments than
+        # the uninterrupted one, so that draw would shift every later dropout mask.
+        return torch.Generator().manual_seed(self.seed)
+
+    # -- resuming -------------------------------------------------------------------------
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Called once per batch that a training step is about to use (not for prefetched ones).
+        if self.trainer is not None and self.trainer.training and self._train_sampler is not None:
+            self.train_position.advance(self._train_sampler.epoch)
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_position": {"epoch": self.train_position.epoch, "batches": self.train_position.batches}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.train_position = DataPosition(**state_dict.get("train_position", {}))

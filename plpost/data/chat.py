@@ -92,7 +92,10 @@ class ChatDataModule(PostTrainingDataModule):
             raise SkipRecord("dropped (longer than max_length)") from None
         if count_loss_tokens(example.labels) == 0:
             raise SkipRecord("skipped (no supervised token left after truncation)")
-        return {"input_ids": example.input_ids, "labels": example.labels, "truncated": example.truncated}
+        return {
+            "input_ids": example.input_ids, "labels": example.labels, "record_index": index,
+            "truncated": example.truncated,
+        }
 
     def example_weight(self, example: dict) -> float:
         return count_loss_tokens(example["labels"])

@@ -12,9 +12,23 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch.utils.data import Dataset, DistributedSampler
+
+
+@dataclass
+class DataPosition:
+    """How far training got: `batches` micro-batches of epoch `epoch` were handed to training steps."""
+
+    epoch: int = 0
+    batches: int = 0
+
+    def advance(self, epoch: int) -> None:
+        """One more batch of `epoch` was trained on (the first of a new epoch restarts the count)."""
+        self.batches = self.batches + 1 if epoch == self.epoch else 1
+        self.epoch = epoch
 
 
 class AccumulationWindowSampler(DistributedSampler):
@@ -29,6 +43,10 @@ class AccumulationWindowSampler(DistributedSampler):
 
     Subclasses DistributedSampler so Lightning keeps it instead of injecting its own and calls
     `set_epoch` on it, which reshuffles per epoch.
+
+    `resume_at(position)` makes the iteration of that position's epoch start after the batches
+    it says were already trained on; the skipped indices are never yielded, so their examples
+    are never loaded or collated. Other epochs are unaffected.
     """
 
     def __init__(
@@ -44,7 +62,20 @@ class AccumulationWindowSampler(DistributedSampler):
     ) -> None:
         super().__init__(weights, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
         self.weights = torch.as_tensor(weights, dtype=torch.float64)
+        self.batch_size = batch_size
         self.window = batch_size * accumulate
+        self.resume_position = DataPosition()
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return math.ceil(self.num_samples / self.batch_size)
+
+    def resume_at(self, position: DataPosition) -> None:
+        """Starts at `position`: its epoch, after its batches (a finished epoch resumes at the next)."""
+        if position.batches >= self.batches_per_epoch:
+            position = DataPosition(position.epoch + 1, 0)
+        self.resume_position = position
+        self.set_epoch(position.epoch)
 
     def global_order(self) -> torch.Tensor:
         count = len(self.weights)
@@ -62,7 +93,8 @@ class AccumulationWindowSampler(DistributedSampler):
         order = self.global_order()
         span = self.window * self.num_replicas
         window_weights = [float(self.weights[order[start : start + span]].sum()) for start in range(0, len(order), span)]
-        for position in range(self.num_samples):
+        skipped = self.resume_position.batches * self.batch_size if self.epoch == self.resume_position.epoch else 0
+        for position in range(skipped, self.num_samples):
             yield int(order[position * self.num_replicas + self.rank]), window_weights[position // self.window]
 
 

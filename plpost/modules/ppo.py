@@ -14,15 +14,15 @@ from torch import Tensor
 
 from plpost.data.prompts import PromptBatch
 from plpost.generation import generation_config
-from plpost.losses import adaptive_kl_coefficient, clipped_value_loss, explained_variance, gae, kl_penalty
-from plpost.losses import masked_mean, masked_sum, masked_whiten, ppo_policy_loss
+from plpost.losses import adaptive_kl_coefficient, clipped_value_loss, gae, kl_penalty, masked_sum, masked_whiten
+from plpost.losses import ppo_policy_loss
 from plpost.modules.base import LoraSettings, PostTrainingModule, default_optimizer
 from plpost.modules.ppo_value import ValueHead, critic_values, disable_dropout, load_critic, zero_where_not
 from plpost.modules.reference import FrozenCopy, adapter_disabled, model_fingerprint
 from plpost.optim import WarmupCosineLR
 from plpost.rewards import Responses, RewardModel, RewardScorer, RewardSource, per_token_rewards
-from plpost.rollout import Rollout, decode_completions, in_chunks, response_forward, rng_state, sample_responses
-from plpost.rollout import set_rng_state
+from plpost.rollout import Rollout, decode_completions, in_chunks, response_forward, rng_state, rollout_statistics
+from plpost.rollout import sample_responses, set_rng_state
 
 
 class PPOModule(PostTrainingModule):
@@ -318,24 +318,16 @@ class PPOModule(PostTrainingModule):
             self.kl_coef.fill_(coef)
 
     def log_rollout(self, rollout, sequence_kl, rewards, returns, per_source, update, kl_coef, *, generation_s, update_s):
-        mask = rollout.response_mask
-        non_score = masked_sum(rewards, mask, dim=1) - rollout.scores
         metrics = {
-            "objective/kl": sequence_kl.mean(), "objective/kl_coef": kl_coef,
-            "objective/entropy": -masked_sum(rollout.logprobs, mask, dim=1).mean(),  # sampled estimate
-            "objective/non_score_reward": non_score.mean(),
-            "objective/rlhf_reward": (rollout.scores + non_score).mean(),
-            "val/explained_variance": explained_variance(rollout.values, returns, mask),
-            "val/value_mean": masked_mean(rollout.values, mask),
-            "rollout/response_length": mask.sum(1).float().mean(), "rollout/stopped": rollout.stopped.float().mean(),
-            **{f"rewards/{name}": value.mean() for name, value in per_source.items()},
-            **update,
+            **rollout_statistics(rollout, sequence_kl, rewards, returns), "objective/kl_coef": kl_coef,
+            **{f"rewards/{name}": value.mean() for name, value in per_source.items()}, **update,
             "time/generation_s": generation_s, "time/update_s": update_s,
-            "perf/episodes_per_s": len(mask) * self.trainer.world_size / (generation_s + update_s),
+            "perf/episodes_per_s": len(rollout.scores) * self.trainer.world_size / (generation_s + update_s),
             "train/episodes": self.episodes.float(),
         }
+        scores = metrics.pop("objective/scores")
         self.log_dict({k: torch.as_tensor(v, dtype=torch.float32) for k, v in metrics.items()}, sync_dist=True)
-        self.log("objective/scores", rollout.scores.mean(), prog_bar=True, sync_dist=True)
+        self.log("objective/scores", scores, prog_bar=True, sync_dist=True)
         self.log_learning_rate()
 
     def configure_optimizers(self):
