@@ -9,6 +9,8 @@ A case is (stage, variant); each case runs once per framework. Variants:
   the 2 x batch_size rows (TRL's DPO has padding_free disabled in 1.16, and neither plpost nor TRL
   packs preference pairs). reward / dpo "padding-free" (raw loop only, see ONLY): the pairs' 2N
   sequences packed into one row, what a packed PreferenceDataModule would gain; DPO with a live reference.
+  reward "length-grouped" (raw loop only): the same pairs sorted by length within groups of 4
+  batches before batching (a different mix of pairs per step, so compare tokens/s, not steps/s).
   "live-ref" keeps a frozen copy of the reference in memory and runs it every step;
   "precomputed-ref" computes the reference log-probs of every pair once before training
   (plpost `reference="precomputed"`, TRL `precompute_ref_log_probs=True`); that pass is not timed.
@@ -20,11 +22,13 @@ from dataclasses import dataclass, field, replace
 
 STAGES = ("sft", "reward", "dpo")
 FRAMEWORKS = ("plpost", "trl", "raw")
-VARIANTS = {"sft": ("padding-free", "padded"), "reward": ("padded", "padding-free"),
+VARIANTS = {"sft": ("padding-free", "padded"), "reward": ("padded", "padding-free", "length-grouped"),
             "dpo": ("live-ref", "precomputed-ref", "padding-free")}
-ONLY = {("reward", "padding-free"): ("raw",), ("dpo", "padding-free"): ("raw",)}
-"""Cases that not every framework can run: neither plpost nor TRL (1.16) packs preference pairs, so
-the raw loop alone measures what packing them would gain."""
+ONLY = {("reward", "padding-free"): ("raw",), ("dpo", "padding-free"): ("raw",), ("reward", "length-grouped"): ("raw",)}
+"""Cases that not every framework can run: neither plpost nor TRL (1.16) packs preference pairs, and
+plpost has no length-grouped sampler, so the raw loop alone measures what those would gain."""
+REORDERED = {("reward", "length-grouped")}
+"""Cases whose steps hold a different mix of the rows, so their token count is not checked against the data."""
 
 
 @dataclass(frozen=True)
@@ -102,7 +106,8 @@ PRESETS = {
         # either thread is descheduled (step times jumped between 3 s and 15 s with 2 threads).
         threads=1,
         cases=(("sft", "padding-free"), ("reward", "padded"), ("dpo", "live-ref"), ("sft", "padded"),
-               ("dpo", "precomputed-ref"), ("reward", "padding-free"), ("dpo", "padding-free")),
+               ("dpo", "precomputed-ref"), ("reward", "padding-free"), ("dpo", "padding-free"),
+               ("reward", "length-grouped")),
         run_timeout_s=300,
         logprob_memory=(8192, 32000, "bfloat16"),
         notes="1 CPU thread per run, fp32, sdpa attention",
@@ -125,7 +130,7 @@ PRESETS = {
         timed_steps=20,
         fused_adamw=True,
         cases=(("sft", "padding-free"), ("reward", "padded"), ("dpo", "live-ref"), ("dpo", "precomputed-ref"),
-               ("sft", "padded"), ("reward", "padding-free"), ("dpo", "padding-free")),
+               ("sft", "padded"), ("reward", "padding-free"), ("dpo", "padding-free"), ("reward", "length-grouped")),
         run_timeout_s=150,
         logprob_memory=(8192, 32000, "bfloat16"),
         fsdp_smoke_steps=3,

@@ -75,7 +75,7 @@ def throughput_table(report: dict) -> list[str]:
                          + " |" * (len(columns) - 4))
             continue
         trl, raw = best.get((stage, variant, "trl")), best.get((stage, variant, "raw"))
-        check = "" if run.get("tokens_match_data", True) else " (tokens differ from the data!)"
+        check = " (tokens differ from the data!)" if run.get("tokens_match_data") is False else ""
         cells = [stage, variant, framework, f"{run['tokens_per_s']:.0f}{check}", f"{run['steps_per_s']:.2f}",
                  ratio(run, trl), ratio(run, raw)]
         if cuda:
@@ -111,6 +111,7 @@ def optimisation_lines(report: dict) -> list[str]:
     pairs = [("SFT packing (padding-free) vs padded", "sft", "padded", "padding-free"),
              ("DPO precomputed reference vs live copy", "dpo", "live-ref", "precomputed-ref"),
              ("reward pairs packed vs padded", "reward", "padded", "padding-free"),
+             ("reward pairs length-grouped vs padded", "reward", "padded", "length-grouped"),
              ("DPO pairs packed vs padded (live reference)", "dpo", "live-ref", "padding-free")]
     for title, stage, before_variant, after_variant in pairs:
         for framework in ("plpost", "trl", "raw"):
@@ -158,7 +159,7 @@ def fsdp_lines(report: dict) -> list[str]:
 
 
 def mismatches(report: dict) -> list[str]:
-    wrong = [r for r in report["runs"] if r.get("ok") and not r.get("tokens_match_data", True)]
+    wrong = [r for r in report["runs"] if r.get("ok") and r.get("tokens_match_data") is False]
     return [f"WARNING: {r['framework']} {r['stage']} {r['variant']} trained on {r['real_tokens']} real tokens, "
             f"the data holds {r['expected_real_tokens']}" for r in wrong]
 

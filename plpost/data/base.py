@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from plpost.data.formats import DataValidationError
-from plpost.data.sampler import AccumulationWindowSampler, DataPosition, WeightedExamples
+from plpost.data.sampler import AccumulationWindowSampler, DataPosition, ResumableDataLoader, WeightedExamples
 from plpost.data.sources import SourceLike, describe, load_source
 from plpost.hf import load_tokenizer
 
@@ -172,7 +172,7 @@ class PostTrainingDataModule(L.LightningDataModule):
             seed=self.seed,
         )
         sampler.resume_at(self.train_position)
-        return DataLoader(
+        return ResumableDataLoader(
             WeightedExamples(self.train_examples),
             batch_size=self.batch_size,
             sampler=sampler,

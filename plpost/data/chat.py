@@ -10,7 +10,7 @@ from plpost.data.base import PostTrainingDataModule, SkipRecord
 from plpost.data.collate import ChatBatch, collate_chat, count_loss_tokens
 from plpost.data.formats import validate_chat_row
 from plpost.data.sources import SourceLike
-from plpost.data.tokenize import Overflow, Overflowed, tokenize_supervised
+from plpost.data.tokenize import Overflow, Overflowed, template_refusals_named, tokenize_supervised
 
 
 class ChatDataModule(PostTrainingDataModule):
@@ -84,10 +84,11 @@ class ChatDataModule(PostTrainingDataModule):
     def preprocess(self, source: str, index: int, row: dict[str, Any]) -> dict:
         context, supervised = validate_chat_row(source, index, row)
         try:
-            example = tokenize_supervised(
-                self.tokenizer, context, supervised, max_length=self.max_length, overflow=self.overflow,
-                source=source, index=index,
-            )
+            with template_refusals_named(source, index, "messages" if "messages" in row else "prompt"):
+                example = tokenize_supervised(
+                    self.tokenizer, context, supervised, max_length=self.max_length, overflow=self.overflow,
+                    source=source, index=index,
+                )
         except Overflowed:
             raise SkipRecord("dropped (longer than max_length)") from None
         if count_loss_tokens(example.labels) == 0:

@@ -2,6 +2,16 @@
 
 A malformed record raises `DataValidationError` naming the source, the record index and the
 field, e.g. ``train.jsonl, record 1841, field "messages[2].role": 'asistant' is not a role``.
+
+Policies for inputs that are unusual but not wrong:
+- Turns need not alternate. Messages in any order of system, user, assistant and tool (two
+  user turns in a row, an assistant turn first, a system turn mid-conversation) are rendered by
+  the chat template as given, and every assistant turn is supervised. A template that refuses
+  an order (some raise "roles must alternate") gives a DataValidationError naming the record.
+- Any Unicode text is accepted (emoji, right-to-left scripts, combining marks) except NUL and
+  unpaired surrogates (which JSON can encode but are not text a tokenizer can take).
+- Only `role` and `content` of a message are rendered; other message fields are ignored, and
+  so are fields of a row that its format does not use.
 """
 
 from __future__ import annotations
@@ -47,6 +57,10 @@ class RecordChecker:
             self.fail(field, "is empty")
         if "\x00" in value:
             self.fail(field, "contains a NUL character")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as error:
+            self.fail(field, f"contains an unpaired surrogate ({value[error.start]!r} at character {error.start}), which is not text")
         return value
 
     def messages(self, value: Any, field: str, *, allowed_roles: tuple[str, ...] = ROLES) -> list[Message]:
@@ -77,6 +91,9 @@ class RecordChecker:
 def as_prompt_and_completion(checker: RecordChecker) -> tuple[list[Message] | str, list[Message] | str]:
     """Reads a prompt/completion row: both strings, or both message lists (completion: assistant turns)."""
     prompt, completion = checker.field("prompt"), checker.field("completion")
+    for name, value in (("prompt", prompt), ("completion", completion)):
+        if not isinstance(value, (str, list)):
+            checker.fail(name, f"expected a string or a list of messages, got {type(value).__name__}")
     if isinstance(prompt, str) and isinstance(completion, str):
         return checker.text(prompt, "prompt"), checker.text(completion, "completion")
     if isinstance(prompt, list) and isinstance(completion, list):
@@ -101,7 +118,7 @@ def validate_chat_row(source: str, index: int, row: Any) -> tuple[list[Message] 
         return [], messages
     if "prompt" in row or "completion" in row:
         return as_prompt_and_completion(checker)
-    checker.fail(None, f"expected a 'messages' field or 'prompt' and 'completion' fields, found {sorted(row)}")
+    checker.fail("messages", f"expected a 'messages' field or 'prompt' and 'completion' fields, found {sorted(row)}")
 
 
 def validate_prompt_row(source: str, index: int, row: Any) -> list[Message] | str:

@@ -15,7 +15,9 @@ from plpost.data.base import PostTrainingDataModule, SkipRecord
 from plpost.data.collate import pad_rows
 from plpost.data.formats import DataValidationError, Message, RecordChecker
 from plpost.data.sources import SourceLike, describe
-from plpost.data.tokenize import IGNORE_INDEX, Overflow, chat_ids, end_of_turn_ids, text_mask
+from plpost.data.tokenize import (
+    IGNORE_INDEX, Overflow, chat_ids, end_of_turn_ids, template_refusals_named, text_mask,
+)
 from plpost.generation import prompt_ids as encode_prompt
 
 IdenticalPairs = Literal["error", "skip"]
@@ -251,9 +253,12 @@ class PreferenceDataModule(PostTrainingDataModule):
 
     def preprocess(self, source: str, index: int, row: dict[str, Any]) -> dict:
         pair = validate_preference_row(source, index, row, identical_pairs=self.identical_pairs)
-        prompt_ids = encode_prompt(self.tokenizer, pair.prompt)  # as generation sees it
-        chosen_ids = self.completion_ids(prompt_ids, pair.prompt, pair.chosen, source, index, "chosen")
-        rejected_ids = self.completion_ids(prompt_ids, pair.prompt, pair.rejected, source, index, "rejected")
+        with template_refusals_named(source, index, "prompt"):
+            prompt_ids = encode_prompt(self.tokenizer, pair.prompt)  # as generation sees it
+        with template_refusals_named(source, index, "chosen"):
+            chosen_ids = self.completion_ids(prompt_ids, pair.prompt, pair.chosen, source, index, "chosen")
+        with template_refusals_named(source, index, "rejected"):
+            rejected_ids = self.completion_ids(prompt_ids, pair.prompt, pair.rejected, source, index, "rejected")
         truncated = self.max_prompt_length is not None and len(prompt_ids) > self.max_prompt_length
         if truncated:
             prompt_ids = prompt_ids[-self.max_prompt_length :]

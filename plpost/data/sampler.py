@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 
 @dataclass
@@ -112,3 +112,15 @@ class WeightedExamples(Dataset):
             index, window_weight = key
             return self.examples[index], window_weight
         return self.examples[key], None
+
+
+class ResumableDataLoader(DataLoader):
+    """The training DataLoader. Its position is saved and restored by the data module, which
+    builds the sampler already at that position (see `plpost.data.base`); these two methods
+    only tell Lightning that the loader resumes mid-epoch, so it does not warn that it cannot."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        pass

@@ -12,8 +12,11 @@ gets an error naming the fix.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Literal, NamedTuple
 
+from jinja2.exceptions import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 from plpost.data.formats import DataValidationError, Message
@@ -32,6 +35,16 @@ class TokenizedExample(NamedTuple):
 
 class Overflowed(Exception):
     """Raised for a record longer than max_length when the policy is to drop it."""
+
+
+@contextmanager
+def template_refusals_named(source: str, index: int, field: str) -> Iterator[None]:
+    """Turns an error the chat template raises on purpose (``raise_exception('...')``, e.g.
+    "roles must alternate") into a DataValidationError naming the record and field."""
+    try:
+        yield
+    except TemplateError as error:
+        raise DataValidationError(source, index, field, f"the chat template refuses it: {error}") from None
 
 
 def chat_ids(tokenizer: PreTrainedTokenizerBase, messages: list[Message], *, add_generation_prompt: bool) -> list[int]:
@@ -85,7 +98,13 @@ def conversation_mask(
         for position in range(len(context), len(messages)):
             if messages[position]["role"] != "assistant":
                 continue
-            start = chat_ids(tokenizer, messages[:position], add_generation_prompt=True) if position else []
+            if position == 0:  # transformers renders no empty conversation, so the header has no prefix to diff
+                raise TemplateError(
+                    "an assistant turn opens the conversation, and without {% generation %} markers in the template "
+                    "its role header cannot be told from its content; start with another turn, or pass a "
+                    "`chat_template` whose assistant turns are wrapped in {% generation %}...{% endgeneration %}"
+                )
+            start = chat_ids(tokenizer, messages[:position], add_generation_prompt=True)
             end = chat_ids(tokenizer, messages[: position + 1], add_generation_prompt=False)
             _require_prefix(start, end, f"the conversation before message {position}")
             _require_prefix(end, ids, f"the conversation up to message {position}")

@@ -1,5 +1,6 @@
 """What every stage shares: building the policy in `configure_model`, LoRA, optimizer injection,
-and keeping frozen models (reference, reward) out of checkpoints."""
+keeping frozen models (reference, reward) out of checkpoints, and safe training by default:
+atomic checkpoint writes, exact resumption (random generators), and a stop on non-finite steps."""
 
 from __future__ import annotations
 
@@ -9,9 +10,12 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from plpost.callbacks.guards import NonFiniteGuard
+from plpost.checkpointing import RNG_STATES_KEY, rng_states_of_all_ranks, set_rng_state, use_atomic_checkpoints
 from plpost.hf import load_causal_lm, load_tokenizer
 from plpost.optim import WarmupCosineLR
 
@@ -51,6 +55,11 @@ class LoraSettings:
         settings["lora_alpha"] = settings.pop("alpha")
         settings["lora_dropout"] = settings.pop("dropout")
         return LoraConfig(task_type=task_type, **settings, **extra)
+
+
+# Checkpoints hold the hyperparameters, LoRA settings included, and Lightning reads them back
+# with torch.load(weights_only=True) (torch's default), which refuses classes not allowlisted.
+torch.serialization.add_safe_globals([LoraSettings])
 
 
 def default_optimizer(params) -> torch.optim.Optimizer:
@@ -93,6 +102,7 @@ class PostTrainingModule(L.LightningModule):
         self.scheduler_factory = scheduler
         self.policy: PreTrainedModel | None = None
         self._tokenizer: PreTrainedTokenizerBase | None = None
+        self._rng_states_to_restore: list[dict[str, Any]] | None = None
 
     # -- models ---------------------------------------------------------------------------
     @property
@@ -173,6 +183,17 @@ class PostTrainingModule(L.LightningModule):
         optimizer = optimizer[0] if isinstance(optimizer, list) else optimizer
         self.log("train/lr", optimizer.param_groups[0]["lr"], rank_zero_only=True)
 
+    # -- safe defaults --------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        use_atomic_checkpoints(self.trainer)  # a kill while saving leaves the previous checkpoint whole
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        # A NaN stops the run by default; a NonFiniteGuard given to the Trainer (e.g. one that
+        # skips such steps) is kept, since Lightning would replace it with one returned here.
+        if any(isinstance(callback, NonFiniteGuard) for callback in self.trainer.callbacks):
+            return []
+        return [NonFiniteGuard()]
+
     # -- checkpoints ----------------------------------------------------------------------
     def is_frozen_key(self, key: str) -> bool:
         return any(key.startswith(f"{name}.") for name in self.frozen_modules)
@@ -182,6 +203,21 @@ class PostTrainingModule(L.LightningModule):
         for key in [k for k in state if self.is_frozen_key(k)]:
             del state[key]
         checkpoint["plpost_frozen_sources"] = self.frozen_sources()
+        checkpoint[RNG_STATES_KEY] = rng_states_of_all_ranks()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._rng_states_to_restore = checkpoint.get(RNG_STATES_KEY)
+
+    def on_train_start(self) -> None:
+        # Restored here, right before the first batch after a resume, not when the checkpoint is
+        # read: what runs in between (sanity-check validation, model and loader setup) draws
+        # random numbers that the uninterrupted run did not draw at this point.
+        states, self._rng_states_to_restore = self._rng_states_to_restore, None
+        if states is not None and len(states) == self.trainer.world_size:
+            set_rng_state(states[self.trainer.global_rank])
+        elif states is not None:
+            rank_zero_warn(f"the checkpoint holds the random generators of {len(states)} processes, not "
+                           f"{self.trainer.world_size}; they are not restored, so dropout draws other masks")
 
     def frozen_sources(self) -> dict[str, str]:
         """Where each frozen model comes from, recorded in checkpoints in place of its weights."""

@@ -1,0 +1,94 @@
+"""The loss and gradients of the first optimizer step of a stage, on 8 variable-length records.
+
+Imported by test_invariance.py for single-process layouts, and run as a script for DDP
+(`python tests/reliability/first_step.py OUT DEVICES`), because Lightning's DDP launcher starts
+the other processes by re-running the command line. The script runs every stage in one launch.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import lightning as L
+import torch
+
+from plpost import ChatDataModule, DPOModule, PreferenceDataModule, RewardModule, SFTModule
+
+TINY = "plpost:tiny"
+RECORDS = 8
+
+
+def chats() -> list[dict]:
+    """Answers of 1 to 22 characters, a second turn on every third: token counts differ a lot."""
+    rows = []
+    for i in range(RECORDS):
+        turns = [f"{i}+{i}", "4" * (3 * i + 1)] + (["and again?", "12"] if i % 3 == 0 else [])
+        rows.append({"messages": [{"role": ("user", "assistant")[j % 2], "content": t} for j, t in enumerate(turns)]})
+    return rows
+
+
+def pairs() -> list[dict]:
+    """Prompts and completions of different lengths, so both halves of a batch are padded."""
+    return [
+        {
+            "prompt": [{"role": "user", "content": f"{i}+{i * 7}" + "?" * (i % 3)}],
+            "chosen": [{"role": "assistant", "content": "7" * (i + 1)}],
+            "rejected": [{"role": "assistant", "content": "3" * (RECORDS - i) + "9" * (i % 2)}],
+        }
+        for i in range(RECORDS)
+    ]
+
+
+def sgd(params):
+    return torch.optim.SGD(params, lr=0.0)
+
+
+STAGES = {
+    "sft": (lambda: SFTModule(TINY, optimizer=sgd), lambda size: ChatDataModule(TINY, train=chats(), batch_size=size, shuffle=False)),
+    "reward": (lambda: RewardModule(TINY, optimizer=sgd), lambda size: PreferenceDataModule(TINY, train=pairs(), batch_size=size, shuffle=False)),
+    "dpo": (lambda: DPOModule(TINY, optimizer=sgd), lambda size: PreferenceDataModule(TINY, train=pairs(), batch_size=size, shuffle=False)),
+}
+
+
+class StepCapture(L.Callback):
+    """The step's loss (summed over micro-batches and ranks) and its gradients, after DDP's all-reduce."""
+
+    def __init__(self) -> None:
+        self.loss = torch.zeros((), dtype=torch.float64)
+        self.result: dict | None = None
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        # Lightning hands over the training_step loss divided by accumulate_grad_batches; the
+        # stages multiply it by accumulate * world size (loss_scale), so this sums to the step's loss.
+        self.loss += loss.detach().double() / trainer.world_size
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self.result is None:
+            loss = trainer.strategy.reduce(self.loss, reduce_op="sum")
+            gradients = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None}
+            self.result = {"loss": loss, "gradients": gradients}
+
+
+def first_step(stage: str, batch_size: int, accumulate: int = 1, devices: int = 1) -> dict:
+    L.seed_everything(0, verbose=False)  # the reward head starts from the same random weights
+    module, data = STAGES[stage]
+    capture = StepCapture()
+    trainer = L.Trainer(
+        accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=1,
+        accumulate_grad_batches=accumulate, callbacks=[capture], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(module(), data(batch_size))
+    return capture.result
+
+
+def main(out: str, devices: int) -> None:
+    # Each process holds 8 / devices records, as micro-batches of 3 and 1: the step's records are
+    # spread unevenly over micro-batches as well as over processes.
+    results = {stage: first_step(stage, 3, accumulate=2, devices=devices) for stage in STAGES}
+    if int(torch.distributed.get_rank() if torch.distributed.is_initialized() else 0) == 0:
+        torch.save(results, out)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]))

@@ -1,0 +1,177 @@
+"""A short training run of one stage with a checkpoint after every optimizer step; it can kill itself.
+
+`train(run)` is called in-process for uninterrupted and resumed runs, and in a forked child for
+the run that is killed (a fork shares the parent's imports, so it starts in a fraction of a
+second, and SIGKILL ends it as abruptly as an out-of-memory kill would). Every micro-batch's
+records are appended to `seen.jsonl` before it is trained on, so what a killed run saw survives it.
+
+Adding a stage to the resume tests takes one entry in STAGES: a function that builds its
+module and data module from `Run`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from plpost import ChatDataModule, DPOModule, PreferenceDataModule, RewardModule, SFTModule
+from plpost.callbacks.guards import batch_records
+from plpost.optim import WarmupCosineLR
+
+TINY = "plpost:tiny"
+RECORDS = 12  # batch_size 2 x accumulate 2: 3 optimizer steps per epoch
+
+
+@dataclass
+class Run:
+    stage: str
+    folder: Path
+    model: str = TINY
+    max_steps: int = 7
+    batch_size: int = 2
+    accumulate: int = 2
+    kill_after_step: int | None = None
+    """SIGKILL at the start of the step after this many optimizer steps (all checkpointed)."""
+    kill_while_saving_step: int | None = None
+    """SIGKILL halfway through writing the checkpoint of this optimizer step."""
+    resume: bool = False
+    """Resume from the last checkpoint in `folder` (ckpt_path="last")."""
+    trainer_options: dict[str, Any] = field(default_factory=dict)
+
+
+def chat_rows() -> list[dict]:
+    return [
+        {"messages": [{"role": "user", "content": f"{i}+{i}"}, {"role": "assistant", "content": "7" * (i % 5 + 1)}]}
+        for i in range(RECORDS)
+    ]
+
+
+def pair_rows() -> list[dict]:
+    return [
+        {
+            "prompt": [{"role": "user", "content": f"{i}+{i * 3}"}],
+            "chosen": [{"role": "assistant", "content": "7" * (i % 4 + 1)}],
+            "rejected": [{"role": "assistant", "content": "3" * (RECORDS - i) + "1"}],
+        }
+        for i in range(RECORDS)
+    ]
+
+
+def adamw(params):
+    return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+
+
+def warmup_cosine(optimizer):
+    # total_steps=None asks for trainer.estimated_stepping_batches in configure_optimizers, the
+    # case in which Lightning 2.6 drops a stateful DataLoader's saved position (issue #20550).
+    return WarmupCosineLR(optimizer, warmup_steps=2, min_lr_ratio=0.1)
+
+
+def sft(run: Run) -> tuple[L.LightningModule, L.LightningDataModule]:
+    module = SFTModule(run.model, optimizer=adamw, scheduler=warmup_cosine)
+    return module, ChatDataModule(TINY, train=chat_rows(), batch_size=run.batch_size, max_length=64)
+
+
+def reward(run: Run) -> tuple[L.LightningModule, L.LightningDataModule]:
+    module = RewardModule(run.model, optimizer=adamw, scheduler=warmup_cosine)
+    return module, PreferenceDataModule(TINY, train=pair_rows(), batch_size=run.batch_size, max_length=64)
+
+
+def dpo(run: Run) -> tuple[L.LightningModule, L.LightningDataModule]:
+    module = DPOModule(run.model, optimizer=adamw, scheduler=warmup_cosine)
+    return module, PreferenceDataModule(TINY, train=pair_rows(), batch_size=run.batch_size, max_length=64)
+
+
+STAGES: dict[str, Callable[[Run], tuple[L.LightningModule, L.LightningDataModule]]] = {
+    "sft": sft, "reward": reward, "dpo": dpo,
+}
+
+
+class RecordAndKill(L.Callback):
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self.seen = (run.folder / "seen.jsonl").open("a")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        first_micro_batch = batch_idx % trainer.accumulate_grad_batches == 0
+        if first_micro_batch and trainer.global_step == self.run.kill_after_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        self.seen.write(json.dumps({"step": trainer.global_step, "records": batch_records(batch).tolist()}) + "\n")
+        self.seen.flush()  # into the kernel: it outlives a SIGKILL of this process
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.seen.close()
+
+
+def kill_while_writing(step: int, name: str = "last.ckpt") -> None:
+    """Makes the write of checkpoint `name` at optimizer step `step` die halfway through.
+
+    AtomicCheckpointIO writes `name` through a temporary file named `.{name}.*.tmp`."""
+    save = torch.save
+
+    def half_then_kill(obj, handle, *args, **kwargs):
+        target = Path(getattr(handle, "name", "") or "").name
+        if isinstance(obj, dict) and obj.get("global_step") == step and target.startswith(f".{name}."):
+            buffer = io.BytesIO()
+            save(obj, buffer, *args, **kwargs)
+            handle.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+            handle.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return save(obj, handle, *args, **kwargs)
+
+    torch.save = half_then_kill
+
+
+def train(run: Run) -> dict[str, Any]:
+    """Trains `run` and returns the state an exact resume must reproduce, all as tensors and numbers."""
+    run.folder.mkdir(parents=True, exist_ok=True)
+    if run.kill_while_saving_step is not None:
+        kill_while_writing(run.kill_while_saving_step)
+    L.seed_everything(0, workers=True, verbose=False)
+    module, data = STAGES[run.stage](run)
+    checkpoints = ModelCheckpoint(dirpath=run.folder / "checkpoints", save_last=True, every_n_train_steps=1)
+    trainer = L.Trainer(
+        max_steps=run.max_steps, accumulate_grad_batches=run.accumulate, callbacks=[RecordAndKill(run), checkpoints],
+        logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=run.folder,
+        num_sanity_val_steps=0, **run.trainer_options,
+    )
+    trainer.fit(module, data, ckpt_path="last" if run.resume else None)
+    scheduler = trainer.lr_scheduler_configs[0].scheduler
+    return {
+        "weights": {k: v.detach().clone() for k, v in module.state_dict().items()},
+        "optimizer": trainer.optimizers[0].state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "global_step": trainer.global_step,
+    }
+
+
+def seen(folder: Path) -> list[dict]:
+    """(step, records) of every micro-batch trained on, in order, as written by RecordAndKill."""
+    return [json.loads(line) for line in (folder / "seen.jsonl").read_text().splitlines()]
+
+
+def differences(expected: Any, actual: Any, where: str = "") -> list[str]:
+    """Where two nested states differ: tensors must be torch.equal (same dtype, shape and bits)."""
+    if isinstance(expected, torch.Tensor) or isinstance(actual, torch.Tensor):
+        same = isinstance(expected, torch.Tensor) and isinstance(actual, torch.Tensor)
+        same = same and expected.dtype == actual.dtype and torch.equal(expected, actual)
+        return [] if same else [where]
+    if isinstance(expected, dict) and isinstance(actual, dict):
+        if expected.keys() != actual.keys():
+            return [f"{where} keys {sorted(map(str, expected.keys() ^ actual.keys()))}"]
+        return [d for key in expected for d in differences(expected[key], actual[key], f"{where}/{key}")]
+    if isinstance(expected, (list, tuple)) and isinstance(actual, (list, tuple)):
+        if len(expected) != len(actual):
+            return [f"{where} length"]
+        return [d for i, (e, a) in enumerate(zip(expected, actual)) for d in differences(e, a, f"{where}[{i}]")]
+    return [] if expected == actual else [where]
