@@ -15,7 +15,8 @@
 #     transformers==5.24.0 trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 lightning==2.6.6
 # and carry the folder (WHEELS, default .whl): this script installs it into /tmp/site, offline.
 #
-# Usage: bash benchmarks/gpu.sh [extra run.py flags, e.g. --peak-flops 989e12 --steps 8]
+# Usage: PLPOST_GIT_SHA=$(git rev-parse --short=12 HEAD) bash benchmarks/gpu.sh [run.py flags, e.g. --steps 8]
+# (the sha is recorded in the results; a copy of the tree without .git cannot look it up itself)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled

@@ -137,7 +137,8 @@ def versions(repo: Path) -> dict:
         except metadata.PackageNotFoundError:
             found[name] = None
     found["python"] = platform.python_version()
-    found["plpost"] = git_sha(repo)
+    # A copy of the tree without .git (a remote GPU machine) cannot ask git: the caller passes the sha.
+    found["plpost"] = os.environ.get("PLPOST_GIT_SHA") or git_sha(repo)
     return found
 
 

@@ -45,7 +45,7 @@ class DemoScale:
     reward_epochs: int = 3
     preference_limit: int | None = None
     dpo_epochs: int = 1
-    ppo_steps: int = 40
+    ppo_steps: int = 120
     eval_limit: int | None = None
 
 
@@ -85,11 +85,11 @@ def run_stages(out: Path, scale: DemoScale) -> dict[str, float]:
     reward = RewardModule(sft, optimizer=adamw(5e-4), scheduler=cosine(10))
     seconds["reward"] = fit(reward, reward_data, out, "reward", max_epochs=scale.reward_epochs)
     dpo_data = PreferenceDataModule(sft, train=preferences, batch_size=32, max_length=32)
-    seconds["dpo"] = fit(DPOModule(sft, beta=0.1, rpo_alpha=1.0, optimizer=adamw(1e-3), scheduler=cosine(10)),
+    seconds["dpo"] = fit(DPOModule(sft, beta=0.1, rpo_alpha=1.0, optimizer=adamw(3e-4), scheduler=cosine(10)),
                          dpo_data, out, "dpo", max_epochs=scale.dpo_epochs)
     ppo_data = PromptDataModule(sft, train=DATA + "prompts.jsonl", batch_size=64)
-    ppo = PPOModule(sft, rewards=[RewardFunction(exact_match_reward)], max_new_tokens=6, kl_coef=0.05,
-                    optimizer=adamw(1e-3))
+    ppo = PPOModule(sft, rewards=[RewardFunction(exact_match_reward)], missing_eos_penalty=1.0, max_new_tokens=6, kl_coef=0.05,
+                    ppo_epochs=4, optimizer=adamw(3e-4))
     seconds["ppo"] = fit(ppo, ppo_data, out, "ppo", max_steps=scale.ppo_steps)
     return seconds
 

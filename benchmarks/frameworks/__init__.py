@@ -9,6 +9,9 @@ import torch
 
 from benchmarks.presets import Preset
 
+DPO_BETA = 0.1
+"""The DPO inverse temperature in every framework (sigmoid loss)."""
+
 
 def adamw(preset: Preset):
     """The optimizer every framework uses: AdamW, constant learning rate, no weight decay, no clipping."""

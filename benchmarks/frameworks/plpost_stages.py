@@ -6,9 +6,14 @@ from pathlib import Path
 
 import lightning as L
 
-from benchmarks.frameworks import adamw, attention_implementation
+from benchmarks.frameworks import DPO_BETA, adamw, attention_implementation
 from benchmarks.measure import StepClock, matmul_parameters
 from benchmarks.presets import Preset
+from plpost.data.chat import ChatDataModule
+from plpost.data.preference import PreferenceDataModule
+from plpost.modules.dpo import DPOModule
+from plpost.modules.reward import RewardModule
+from plpost.modules.sft import SFTModule
 
 PRECISION = {"fp32": "32-true", "bf16-mixed": "bf16-mixed"}
 
@@ -27,12 +32,6 @@ class ClockCallback(L.Callback):
 
 
 def build(stage: str, variant: str, preset: Preset, model_dir: str, rows: list[dict], workdir: Path):
-    from plpost.data.chat import ChatDataModule
-    from plpost.data.preference import PreferenceDataModule
-    from plpost.modules.dpo import DPOModule
-    from plpost.modules.reward import RewardModule
-    from plpost.modules.sft import SFTModule
-
     common = dict(dtype="float32", attn_implementation=attention_implementation(), optimizer=adamw(preset))
     data = dict(tokenizer=model_dir, train=rows, batch_size=preset.batch_size, max_length=preset.max_length,
                 shuffle=False, seed=preset.seed)
@@ -41,8 +40,8 @@ def build(stage: str, variant: str, preset: Preset, model_dir: str, rows: list[d
     if stage == "reward":
         return RewardModule(model_dir, **common), PreferenceDataModule(**data)
     reference = {"live-ref": "copy", "precomputed-ref": "precomputed"}[variant]
-    module = DPOModule(model_dir, beta=0.1, reference=reference, reference_cache_dir=str(workdir / "plpost-ref-cache"),
-                       **common)
+    module = DPOModule(model_dir, beta=DPO_BETA, reference=reference,
+                       reference_cache_dir=str(workdir / "plpost-ref-cache"), **common)
     return module, PreferenceDataModule(**data)
 
 

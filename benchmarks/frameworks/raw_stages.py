@@ -19,11 +19,10 @@ from torch.nn.utils.rnn import pad_sequence
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from benchmarks.data import IGNORE_INDEX, tokenize_chat, tokenize_pair
-from benchmarks.frameworks import adamw, attention_implementation
+from benchmarks.frameworks import DPO_BETA, adamw, attention_implementation
 from benchmarks.measure import StepClock, matmul_parameters
 from benchmarks.presets import Preset
 
-DPO_BETA = 0.1
 GROUP_BATCHES = 4
 
 

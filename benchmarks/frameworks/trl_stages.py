@@ -14,7 +14,7 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
 
-from benchmarks.frameworks import attention_implementation
+from benchmarks.frameworks import DPO_BETA, attention_implementation
 from benchmarks.measure import StepClock, matmul_parameters
 from benchmarks.presets import Preset
 
@@ -95,7 +95,7 @@ def run(stage: str, variant: str, preset: Preset, model_dir: str, rows: list[dic
         settings = "RewardConfig()"
     else:
         precompute = variant == "precomputed-ref"
-        args = DPOConfig(**common, max_length=preset.max_length, beta=0.1, loss_type=["sigmoid"],
+        args = DPOConfig(**common, max_length=preset.max_length, beta=DPO_BETA, loss_type=["sigmoid"],
                          precompute_ref_log_probs=precompute)
         trainer_class = DPOTrainer
         settings = f"DPOConfig(precompute_ref_log_probs={precompute}, loss_type=sigmoid)"

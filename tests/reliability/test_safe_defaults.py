@@ -13,6 +13,7 @@ import pytest
 import torch
 import transformers
 from conftest import TINY
+from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
 
 import plpost
 from plpost import ChatDataModule, DPOModule, PreferenceDataModule, RewardModule, SFTModule
@@ -160,6 +161,21 @@ def test_the_same_failure_corrupts_a_checkpoint_written_in_place(previous, monke
         torch.load(previous, weights_only=True)
 
 
+def test_atomic_writes_are_the_default_and_a_users_checkpoint_io_is_kept(tmp_path):
+    """The stages replace only Lightning's plain TorchCheckpointIO (what a Trainer uses unless told
+    otherwise); a CheckpointIO the user chose, e.g. asynchronous saving, stays."""
+
+    class Mine(TorchCheckpointIO):
+        pass
+
+    rows = [{"prompt": "1+1=", "completion": "2"}] * 2
+    for plugins, expected in (([], AtomicCheckpointIO), ([Mine()], Mine), ([AsyncCheckpointIO()], AsyncCheckpointIO)):
+        trainer = L.Trainer(max_steps=1, plugins=plugins, logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, default_root_dir=tmp_path)
+        trainer.fit(SFTModule(TINY), ChatDataModule(TINY, train=rows, batch_size=2))
+        assert type(trainer.strategy.checkpoint_io) is expected
+
+
 def test_stale_temporary_files_of_a_killed_write_are_removed_by_the_next(tmp_path):
     stale = tmp_path / ".last.ckpt.abc123.tmp"
     stale.write_bytes(b"half")
@@ -206,6 +222,7 @@ data:
 """)
     cli = PostTrainingCLI(args=["fit", f"--config={config}"])
     assert cli.trainer.global_step == 1
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)  # the CLI's runs write atomically too
     if logger == "wandb":
         import wandb
 
