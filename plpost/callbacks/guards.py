@@ -49,7 +49,9 @@ class NonFiniteGuard(L.Callback):
         self._loss_not_finite: Tensor | None = None  # kept on the device: no sync per micro-batch
         self._stepped = True
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self._stepped:  # the first micro-batch of a new optimizer step
             self._records, self._loss_not_finite, self._stepped = [], None, False
         self._records.append(batch_records(batch))

@@ -2,11 +2,11 @@
 
 Resuming mid-epoch: the data module counts the training batches handed to training steps
 (`on_before_batch_transfer`), saves that position in checkpoints (`state_dict`), and builds the
-next training loader to start right after it. The data module, not the DataLoader, holds the
-position because Lightning restores data-module state before it asks for any loader, so the
-sampler is built already in the right epoch and place; a stateful DataLoader is restored only
-after it is built, and in Lightning 2.6 not at all when `configure_optimizers` has asked for
-`trainer.estimated_stepping_batches` (which WarmupCosineLR does): Lightning issue #20550.
+next training loader to start right after it, without loading what it skips. The data module
+holds the position, not the DataLoader, because Lightning restores data-module state before it
+asks for any loader: the sampler is built already in the right epoch and place, whenever
+Lightning then creates the iterator (a stateful DataLoader relies on Lightning restoring it
+before that, which has not always held: Lightning issue #20550).
 """
 
 from __future__ import annotations

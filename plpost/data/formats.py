@@ -7,7 +7,9 @@ Policies for inputs that are unusual but not wrong:
 - Turns need not alternate. Messages in any order of system, user, assistant and tool (two
   user turns in a row, an assistant turn first, a system turn mid-conversation) are rendered by
   the chat template as given, and every assistant turn is supervised. A template that refuses
-  an order (some raise "roles must alternate") gives a DataValidationError naming the record.
+  an order (some raise "roles must alternate") gives a DataValidationError naming the record,
+  and so does an opening assistant turn under a template without {% generation %} markers
+  (where such a turn starts cannot be located then; see plpost.data.tokenize).
 - Any Unicode text is accepted (emoji, right-to-left scripts, combining marks) except NUL and
   unpaired surrogates (which JSON can encode but are not text a tokenizer can take).
 - Only `role` and `content` of a message are rendered; other message fields are ignored, and
@@ -60,7 +62,8 @@ class RecordChecker:
         try:
             value.encode("utf-8")
         except UnicodeEncodeError as error:
-            self.fail(field, f"contains an unpaired surrogate ({value[error.start]!r} at character {error.start}), which is not text")
+            where = f"{value[error.start]!r} at character {error.start}"
+            self.fail(field, f"contains an unpaired surrogate ({where}), which is not text")
         return value
 
     def messages(self, value: Any, field: str, *, allowed_roles: tuple[str, ...] = ROLES) -> list[Message]:

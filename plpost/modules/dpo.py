@@ -52,7 +52,8 @@ def pair_logps(model: nn.Module, batch: PreferenceBatch) -> ChosenRejected:
     ONE forward over the 2N rows of the batch (the N chosen, then the N rejected).
     """
     logits = model(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+        use_cache=False,
     ).logits
     targets = next_token_targets(batch.labels)
     logps = sequence_logprobs(token_logprobs(logits, targets), targets != IGNORE_INDEX)

@@ -67,8 +67,11 @@ class SFTModule(PostTrainingModule):
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.float64))
 
     def token_losses(self, batch: ChatBatch) -> SFTTokenLosses:
+        # use_cache=False: with a cache, transformers ignores packed position ids and lets
+        # attention cross from one packed sequence into the next.
         logits = self.policy(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+            use_cache=False,
         ).logits
         return sft_token_losses(logits, next_token_targets(batch.labels))
 

@@ -104,3 +104,20 @@ def test_lora_trains_only_the_adapters(tmp_path):
     trainable = [n for n, p in module.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     assert all(torch.isfinite(torch.tensor(history)))
+
+
+def test_packed_and_padded_batches_give_the_same_token_losses():
+    """Packing only removes padding: with position ids restarting and attention kept inside each
+    sequence, every supervised token has the same loss as in the padded batch."""
+    module = SFTModule(TINY)
+    module.configure_model()
+    rows = variable_length_rows()
+    padded = ChatDataModule(TINY, train=rows, shuffle=False)
+    packed = ChatDataModule(TINY, train=rows, shuffle=False, packing=True)
+    padded.setup("fit")
+    packed.setup("fit")
+    items = [(e, None) for e in padded.train_examples]
+    padded_out = module.token_losses(padded.collate_fn()(items))
+    packed_out = module.token_losses(packed.collate_fn()(items))
+    torch.testing.assert_close(packed_out.losses[packed_out.mask], padded_out.losses[padded_out.mask])
+    assert packed_out.mask.sum() == padded_out.mask.sum()

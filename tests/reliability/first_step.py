@@ -43,10 +43,18 @@ def sgd(params):
     return torch.optim.SGD(params, lr=0.0)
 
 
-STAGES = {
-    "sft": (lambda: SFTModule(TINY, optimizer=sgd), lambda size: ChatDataModule(TINY, train=chats(), batch_size=size, shuffle=False)),
-    "reward": (lambda: RewardModule(TINY, optimizer=sgd), lambda size: PreferenceDataModule(TINY, train=pairs(), batch_size=size, shuffle=False)),
-    "dpo": (lambda: DPOModule(TINY, optimizer=sgd), lambda size: PreferenceDataModule(TINY, train=pairs(), batch_size=size, shuffle=False)),
+def chat_data(batch_size: int) -> ChatDataModule:
+    return ChatDataModule(TINY, train=chats(), batch_size=batch_size, shuffle=False)
+
+
+def pair_data(batch_size: int) -> PreferenceDataModule:
+    return PreferenceDataModule(TINY, train=pairs(), batch_size=batch_size, shuffle=False)
+
+
+STAGES = {  # a stage: (its module, its data module for a micro-batch size)
+    "sft": (lambda: SFTModule(TINY, optimizer=sgd), chat_data),
+    "reward": (lambda: RewardModule(TINY, optimizer=sgd), pair_data),
+    "dpo": (lambda: DPOModule(TINY, optimizer=sgd), pair_data),
 }
 
 

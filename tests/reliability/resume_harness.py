@@ -73,7 +73,7 @@ def adamw(params):
 
 def warmup_cosine(optimizer):
     # total_steps=None asks for trainer.estimated_stepping_batches in configure_optimizers, the
-    # case in which Lightning 2.6 drops a stateful DataLoader's saved position (issue #20550).
+    # case in which Lightning 2.5 did not restore a stateful DataLoader (issue #20550): covered.
     return WarmupCosineLR(optimizer, warmup_steps=2, min_lr_ratio=0.1)
 
 
@@ -106,7 +106,9 @@ class RecordAndKill(L.Callback):
         first_micro_batch = batch_idx % trainer.accumulate_grad_batches == 0
         if first_micro_batch and trainer.global_step == self.run.kill_after_step:
             os.kill(os.getpid(), signal.SIGKILL)
-        self.seen.write(json.dumps({"step": trainer.global_step, "records": batch_records(batch).tolist()}) + "\n")
+        records = batch_records(batch)  # None for batches without record indices (PromptBatch, for now)
+        records = records.tolist() if records is not None else None
+        self.seen.write(json.dumps({"step": trainer.global_step, "records": records}) + "\n")
         self.seen.flush()  # into the kernel: it outlives a SIGKILL of this process
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -146,11 +148,10 @@ def train(run: Run) -> dict[str, Any]:
         num_sanity_val_steps=0, **run.trainer_options,
     )
     trainer.fit(module, data, ckpt_path="last" if run.resume else None)
-    scheduler = trainer.lr_scheduler_configs[0].scheduler
     return {
         "weights": {k: v.detach().clone() for k, v in module.state_dict().items()},
-        "optimizer": trainer.optimizers[0].state_dict(),
-        "scheduler": scheduler.state_dict(),
+        "optimizers": [optimizer.state_dict() for optimizer in trainer.optimizers],
+        "schedulers": [config.scheduler.state_dict() for config in trainer.lr_scheduler_configs],
         "global_step": trainer.global_step,
     }
 

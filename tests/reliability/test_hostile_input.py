@@ -54,7 +54,8 @@ def field_cases(good: dict, fields: dict[tuple, object]) -> list:
     """For each field: missing, each wrong type, and its empty value; the error must name it."""
     cases = []
     for path, empty in fields.items():
-        for label, value in [("missing", MISSING), *((f"type-{type(v).__name__}", v) for v in WRONG_TYPES), ("empty", empty)]:
+        variants = [("missing", MISSING), *((f"type-{type(v).__name__}", v) for v in WRONG_TYPES), ("empty", empty)]
+        for label, value in variants:
             cases.append(pytest.param(replaced(good, path, value), field_name(path), id=f"{field_name(path)}-{label}"))
     return cases
 
@@ -113,8 +114,10 @@ LONG = "x" * 100_000  # a 100 KB line
 
 HOSTILE_CHATS = [
     # (id, row, field named, words of the problem)
-    ("unknown-role", {"messages": [{"role": "bot", "content": "hi"}, ASSISTANT]}, "messages[0].role", "'bot' is not a role"),
-    ("role-not-a-string", {"messages": [{"role": ["user"], "content": "hi"}, ASSISTANT]}, "messages[0].role", "is not a role"),
+    ("unknown-role", {"messages": [{"role": "bot", "content": "hi"}, ASSISTANT]}, "messages[0].role",
+     "'bot' is not a role"),
+    ("role-not-a-string", {"messages": [{"role": ["user"], "content": "hi"}, ASSISTANT]}, "messages[0].role",
+     "is not a role"),
     ("no-assistant-turn", {"messages": [SYSTEM, USER]}, "messages", "no assistant turn"),
     ("nul", {"messages": [USER, {"role": "assistant", "content": "2\x00"}]}, "messages[1].content", "NUL"),
     ("unpaired-surrogate", {"messages": [{"role": "user", "content": "1+1\ud800"}, ASSISTANT]}, "messages[0].content",
@@ -130,7 +133,8 @@ HOSTILE_CHATS = [
 
 HOSTILE_PAIRS = [
     ("chosen-equals-rejected", {**PAIR, "rejected": PAIR["chosen"]}, "rejected", "identical to chosen"),
-    ("unknown-role", {**PAIR, "prompt": [{"role": "human", "content": "1+1"}]}, "prompt[0].role", "'human' is not a role"),
+    ("unknown-role", {**PAIR, "prompt": [{"role": "human", "content": "1+1"}]}, "prompt[0].role",
+     "'human' is not a role"),
     ("prompt-ends-with-assistant", {**PAIR, "prompt": [USER, ASSISTANT]}, "prompt", "ends with an assistant turn"),
     ("nul", {**TEXT_PAIR, "chosen": "2\x00"}, "chosen", "NUL"),
     ("unpaired-surrogate", {**TEXT_PAIR, "prompt": "\udfff1+1"}, "prompt", "unpaired surrogate"),
@@ -179,7 +183,8 @@ def test_bytes_that_are_not_utf8_are_named(tmp_path, suffix):
 
 
 @pytest.mark.parametrize(("name", "body"), [
-    ("empty.jsonl", ""), ("blank-lines.jsonl", "\n\n  \n"), ("empty-array.json", "[]"), ("header-only.csv", "prompt,completion\n"),
+    ("empty.jsonl", ""), ("blank-lines.jsonl", "\n\n  \n"), ("empty-array.json", "[]"),
+    ("header-only.csv", "prompt,completion\n"),
 ])
 def test_empty_files_are_refused(tmp_path, name, body):
     path = tmp_path / name
@@ -232,7 +237,8 @@ def test_a_preference_prompt_longer_than_max_length_is_skipped_counted_or_named(
     path = write_jsonl(tmp_path / "pairs.jsonl", [PAIR, long_pair])
     data = PreferenceDataModule(TINY, train=str(path), max_length=64)
     data.setup("fit")
-    assert data.counts["train"] == {"records": 2, "kept": 1, "skipped (a completion has no token left after truncation)": 1}
+    skipped = "skipped (a completion has no token left after truncation)"
+    assert data.counts["train"] == {"records": 2, "kept": 1, skipped: 1}
     with pytest.raises(DataValidationError, match=r'record 1, field "chosen": prompt \+ chosen is \d+ tokens'):
         PreferenceDataModule(TINY, train=str(path), max_length=64, overflow="error").setup("fit")
 
@@ -277,7 +283,8 @@ ALTERNATING_ONLY = (
 
 
 def test_a_template_that_refuses_the_turn_order_names_the_record(tmp_path):
-    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [USER, ASSISTANT]}] * 2 + [{"messages": [USER, USER, ASSISTANT]}])
+    rows = [{"messages": [USER, ASSISTANT]}] * 2 + [{"messages": [USER, USER, ASSISTANT]}]
+    path = write_jsonl(tmp_path / "chat.jsonl", rows)
     with pytest.raises(DataValidationError, match="roles must alternate") as error:
         ChatDataModule(TINY, train=str(path), chat_template=ALTERNATING_ONLY).setup("fit")
     assert_names_record_2(error.value, path, "messages")
@@ -299,7 +306,8 @@ def test_an_opening_assistant_turn_needs_generation_markers_and_is_named_without
     data = ChatDataModule(TINY, train=str(path))
     data.setup("fit")
     opening = data.train_examples[2]
-    assert tokenizer.decode([t for t, label in zip(opening["input_ids"], opening["labels"]) if label != -100]) == "2<|end|>2<|end|>"
+    supervised = [t for t, label in zip(opening["input_ids"], opening["labels"]) if label != -100]
+    assert tokenizer.decode(supervised) == "2<|end|>2<|end|>"
 
 
 # -- unusual text is accepted and round-trips ---------------------------------------------------

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from first_step import RECORDS, STAGES, TINY, chats, first_step, pairs
+from first_step import RECORDS, STAGES, TINY, chat_data, first_step, pair_data
 
-from plpost import ChatDataModule, PreferenceDataModule, RewardModule, SFTModule
+from plpost import RewardModule, SFTModule
 
 SCRIPT = Path(__file__).with_name("first_step.py")
 
@@ -49,9 +49,10 @@ def test_two_ddp_processes_give_the_loss_and_gradients_of_one(tmp_path):
         assert_same_step(ddp[stage], first_step(stage, RECORDS))
 
 
-def micro_batches(data, size: int) -> list:
+def micro_batches(data) -> list:
+    """The records as the data module's micro-batches, each normalised by itself alone."""
     data.setup("fit")
-    collate = data.collate_fn()
+    collate, size = data.collate_fn(), data.batch_size
     return [collate([(e, None) for e in data.train_examples[i : i + size]]) for i in range(0, RECORDS, size)]
 
 
@@ -65,8 +66,8 @@ def test_a_per_micro_batch_mean_would_differ_on_these_layouts():
     reward.configure_model()
     with torch.no_grad():
         reward.policy.score.weight.normal_(0, 1.0)  # rewards of order 1, so pair losses differ
-        tokens = [sft.token_losses(b) for b in micro_batches(ChatDataModule(TINY, train=chats(), shuffle=False), 2)]
-        pair_losses = [reward.pair_outputs(b).losses for b in micro_batches(PreferenceDataModule(TINY, train=pairs(), shuffle=False), 3)]
+        tokens = [sft.token_losses(b) for b in micro_batches(chat_data(2))]
+        pair_losses = [reward.pair_outputs(b).losses for b in micro_batches(pair_data(3))]
     per_token = sum(o.losses.sum() for o in tokens) / sum(o.mask.sum() for o in tokens)
     assert not torch.isclose(per_token, sum(o.losses.sum() / o.mask.sum() for o in tokens) / len(tokens), rtol=1e-3)
     per_pair = torch.cat(pair_losses).mean()

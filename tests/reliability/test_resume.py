@@ -74,10 +74,23 @@ def resume(killed_folder: Path, into: Path, stage: str, model: str) -> dict:
 def test_killed_and_resumed_run_ends_exactly_as_the_uninterrupted_run(stage, runs, dropout_model, tmp_path):
     expected, expected_seen, killed_folder = runs(stage)
     assert expected["global_step"] == 7 and len(expected_seen) == 14  # 7 steps x 2 micro-batches
+    assert expected["optimizers"][0]["state"] and expected["schedulers"]  # moments and a schedule to compare
     assert len(seen(killed_folder)) == 2 * KILL_AFTER  # it did die where it should
     resumed = resume(killed_folder, tmp_path / "resumed", stage, dropout_model)
     assert differences(expected, resumed) == []
     assert seen(tmp_path / "resumed") == expected_seen
+
+
+@pytest.mark.slow
+def test_a_run_killed_at_the_end_of_an_epoch_resumes_with_the_next_one(runs, dropout_model, tmp_path):
+    """Killed after step 3, the last of epoch 0: its checkpoint says all of epoch 0 was trained,
+    so the resumed run starts epoch 1 from its first record, in epoch 1's order."""
+    expected, expected_seen, _ = runs("sft")
+    folder = tmp_path / "run"
+    assert killed(Run("sft", folder, model=dropout_model, kill_after_step=3)) == -signal.SIGKILL
+    resumed = train(Run("sft", folder, model=dropout_model, resume=True))
+    assert differences(expected, resumed) == []
+    assert seen(folder) == expected_seen
 
 
 def strip(checkpoint: Path, key: str) -> None:

@@ -188,22 +188,33 @@ SECRETS = {"WANDB_API_KEY": "wandb-secret-5f0c2a9e71d4", "HF_TOKEN": "hf_secretT
 
 
 LOGGERS = {
-    "csv": ("lightning.pytorch.loggers.CSVLogger", "{{save_dir: {run}, name: logs}}", "hparams.yaml"),
-    "wandb": ("lightning.pytorch.loggers.WandbLogger", "{{save_dir: {run}, project: plpost-test, offline: true}}", ".wandb"),
+    "csv": ("lightning.pytorch.loggers.CSVLogger", "{{save_dir: {run}, name: logs}}"),
+    "wandb": ("lightning.pytorch.loggers.WandbLogger", "{{save_dir: {run}, project: plpost-test, offline: true}}"),
 }
 
 
 @pytest.mark.parametrize("logger", [pytest.param("csv"), pytest.param("wandb", marks=pytest.mark.slow)])
-def test_no_secret_from_the_environment_reaches_configs_hyperparameters_logs_or_checkpoints(tmp_path, monkeypatch, logger):
-    """A CLI run with the secrets set: config.yaml, the config logged by LogConfigToLogger (CSVLogger's
-    hparams.yaml, W&B's offline run file), metrics and the checkpoint must not contain their values."""
+def test_no_secret_from_the_environment_reaches_the_logged_config_or_any_file_of_the_run(tmp_path, monkeypatch, logger):
+    """A CLI run with the secrets set: the config LogConfigToLogger hands the logger, and every file
+    the run writes (config.yaml, CSVLogger's hparams.yaml and metrics, W&B's offline run, the
+    checkpoint) must not contain their values."""
     for name, value in SECRETS.items():
         monkeypatch.setenv(name, value)
     monkeypatch.chdir(tmp_path)
+    logged = []
+    logger_class, logger_args = LOGGERS[logger]
+    module_name, class_name = logger_class.rsplit(".", 1)
+    cls = getattr(importlib.import_module(module_name), class_name)
+    original = cls.log_hyperparams
+
+    def recording(self, params, *args, **kwargs):
+        logged.append(params)
+        return original(self, params, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "log_hyperparams", recording)
     run = tmp_path / "run"
     data = tmp_path / "chat.jsonl"
     data.write_text('{"messages": [{"role": "user", "content": "1+1"}, {"role": "assistant", "content": "2"}]}\n' * 4)
-    logger_class, logger_args, config_record = LOGGERS[logger]
     config = tmp_path / "run.yaml"
     config.write_text(f"""
 trainer:
@@ -226,13 +237,15 @@ data:
     if logger == "wandb":
         import wandb
 
-        wandb.finish()  # flush the offline run to disk
+        wandb.finish()
+    handed = repr(logged)
+    assert "plpost.SFTModule" in handed  # the whole config was logged, so its check below means something
     written = [p for p in run.rglob("*") if p.is_file()]
     names = {p.name for p in written}
     assert "config.yaml" in names and any(n.endswith(".ckpt") for n in names), names
-    (record,) = [p for p in written if p.name.endswith(config_record)]  # where the logger keeps the logged config
-    assert b"plpost.SFTModule" in record.read_bytes()  # it does hold the config, so its checks below mean something
-    for path in written:
-        content = path.read_bytes()
-        for name, value in SECRETS.items():
-            assert value.encode() not in content, f"{name} leaked into {path}"
+    if logger == "csv":
+        assert "plpost.SFTModule" in next(p for p in written if p.name == "hparams.yaml").read_text()
+    for name, value in SECRETS.items():
+        assert value not in handed, f"{name} was handed to the logger"
+        for path in written:
+            assert value.encode() not in path.read_bytes(), f"{name} leaked into {path}"
