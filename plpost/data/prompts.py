@@ -54,7 +54,8 @@ class PromptDataModule(PostTrainingDataModule):
         tokenizer: Hub name, local folder or bundled name (``plpost:tiny``) of the policy's tokenizer.
         train: training rows: a file, a bundled file, a Hub dataset name, a `DataSource`, or a
             list of row dicts.
-        val: validation rows, same forms as `train`.
+        val: held-out prompt rows, same forms as `train` (PPOModule has no validation step: score
+            held-out prompts with the `plpost.callbacks.GenerationEval` callback instead).
         val_size: hold out this many training records for validation instead of `val`.
         batch_size: prompts per rollout on each device (one training step generates for them all).
         eval_batch_size: prompts per validation batch (default: batch_size).

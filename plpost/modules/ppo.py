@@ -22,7 +22,7 @@ from plpost.modules.reference import FrozenCopy, adapter_disabled, model_fingerp
 from plpost.optim import WarmupCosineLR
 from plpost.rewards import Responses, RewardModel, RewardScorer, RewardSource, per_token_rewards
 from plpost.rollout import Rollout, decode_completions, in_chunks, response_forward, rng_state, rollout_statistics
-from plpost.rollout import sample_responses, set_rng_state
+from plpost.rollout import ResponseForward, sample_responses, set_rng_state
 
 
 class PPOModule(PostTrainingModule):
@@ -35,7 +35,9 @@ class PPOModule(PostTrainingModule):
     Losses are per token over the whole mini-batch (all micro-batches, all devices). Optimization
     is manual, so `trainer.global_step` counts optimizer steps (ppo_epochs * num_mini_batches
     per rollout, and `max_steps` too); bound a run in rollouts with `max_epochs` or
-    `limit_train_batches`. Logged metrics are per rollout.
+    `limit_train_batches`. Logged metrics are per rollout; evaluate held-out prompts with the
+    `plpost.callbacks.GenerationEval` callback. Generation runs on the unsharded policy, so the
+    strategy must keep whole models on each device (single device, DDP).
 
     Args:
         model: the initial policy (usually the SFT export): Hub name, folder or ``plpost:tiny``.
@@ -74,8 +76,15 @@ class PPOModule(PostTrainingModule):
         kl_horizon: the controller's horizon, in episodes (responses).
         gradient_clip_val: clip the gradient norm of each optimizer step (None: off). Given here,
             not to the Trainer, which does not clip under manual optimization.
-        random_init, dtype, attn_implementation, trust_remote_code, lora, gradient_checkpointing,
-        optimizer, scheduler: as in `SFTModule`; the scheduler is stepped every optimizer step.
+        random_init: build the policy from its config with random weights instead of loading them.
+        dtype: load the weights in this dtype (default: as stored). For mixed precision use the
+            Trainer's `precision` instead.
+        attn_implementation: "sdpa", "eager", "flash_attention_2", ... (default: transformers' choice).
+        trust_remote_code: allow model code from the model's repository (off: it runs arbitrary code).
+        lora: train LoRA adapters instead of all weights (the critic gets its own adapters).
+        gradient_checkpointing: recompute activations in the backward pass to save memory.
+        optimizer: the optimizer, given the trainable parameters (policy, value head or critic).
+        scheduler: the learning-rate schedule, stepped every optimizer step.
     """
 
     frozen_modules = ("reference", "reward_scorer.sources")
@@ -181,7 +190,10 @@ class PPOModule(PostTrainingModule):
         sources.update({f"reward/{s.name}": s.source() for s in self.reward_scorer.sources})
         return sources
 
-    def policy_and_values(self, input_ids, attention_mask, position_ids, response_mask, *, with_entropy=False):
+    def policy_and_values(
+        self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, response_mask: Tensor,
+        *, with_entropy: bool = False,
+    ) -> tuple[ResponseForward, Tensor]:
         """(ResponseForward, (B, R) values): the one forward that the rollout and the update share."""
         forward = response_forward(
             self.policy, input_ids, attention_mask, position_ids, response_mask,
@@ -326,7 +338,9 @@ class PPOModule(PostTrainingModule):
             "train/episodes": self.episodes.float(),
         }
         scores = metrics.pop("objective/scores")
-        self.log_dict({k: torch.as_tensor(v, dtype=torch.float32) for k, v in metrics.items()}, sync_dist=True)
+        # Python numbers go in as they are: Lightning makes them tensors on this module's device, as
+        # the collective of sync_dist needs (a CPU tensor would not reduce over NCCL).
+        self.log_dict({k: v.float() if isinstance(v, Tensor) else float(v) for k, v in metrics.items()}, sync_dist=True)
         self.log("objective/scores", scores, prog_bar=True, sync_dist=True)
         self.log_learning_rate()
 

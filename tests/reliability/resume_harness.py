@@ -16,7 +16,7 @@ import json
 import os
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,6 @@ class Run:
     """SIGKILL halfway through writing the checkpoint of this optimizer step."""
     resume: bool = False
     """Resume from the last checkpoint in `folder` (ckpt_path="last")."""
-    trainer_options: dict[str, Any] = field(default_factory=dict)
 
 
 def chat_rows() -> list[dict]:
@@ -118,7 +117,8 @@ class RecordAndKill(L.Callback):
 def kill_while_writing(step: int, name: str = "last.ckpt") -> None:
     """Makes the write of checkpoint `name` at optimizer step `step` die halfway through.
 
-    AtomicCheckpointIO writes `name` through a temporary file named `.{name}.*.tmp`."""
+    AtomicCheckpointIO writes `name` through a temporary file named `.{name}.*.tmp`. It patches
+    torch.save for the rest of the process, so use it only in the forked child that it kills."""
     save = torch.save
 
     def half_then_kill(obj, handle, *args, **kwargs):
@@ -145,7 +145,7 @@ def train(run: Run) -> dict[str, Any]:
     trainer = L.Trainer(
         max_steps=run.max_steps, accumulate_grad_batches=run.accumulate, callbacks=[RecordAndKill(run), checkpoints],
         logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=run.folder,
-        num_sanity_val_steps=0, **run.trainer_options,
+        num_sanity_val_steps=0,
     )
     trainer.fit(module, data, ckpt_path="last" if run.resume else None)
     return {

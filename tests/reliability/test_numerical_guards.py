@@ -123,6 +123,29 @@ def test_finite_training_is_not_disturbed():
     assert guard.skipped_steps == 0
 
 
+def test_the_guard_is_configured_from_yaml_and_replaces_the_default(tmp_path):
+    from plpost.cli import PostTrainingCLI
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text('{"prompt": "1+1=", "completion": "2"}\n' * 2)
+    config = tmp_path / "run.yaml"
+    config.write_text(f"""
+trainer:
+  max_steps: 1
+  logger: false
+  enable_checkpointing: false
+  enable_progress_bar: false
+  callbacks:
+    - class_path: plpost.callbacks.NonFiniteGuard
+      init_args: {{on_non_finite: skip}}
+model: {{class_path: plpost.SFTModule, init_args: {{model: "plpost:tiny"}}}}
+data: {{class_path: plpost.ChatDataModule, init_args: {{tokenizer: "plpost:tiny", train: {data}, batch_size: 2}}}}
+""")
+    cli = PostTrainingCLI(args=["fit", f"--config={config}"])
+    guards = [c for c in cli.trainer.callbacks if isinstance(c, NonFiniteGuard)]
+    assert [g.on_non_finite for g in guards] == ["skip"]
+
+
 def test_guard_rejects_an_unknown_policy():
     with pytest.raises(ValueError, match="on_non_finite must be 'error' or 'skip'"):
         NonFiniteGuard(on_non_finite="ignore")
