@@ -15,6 +15,11 @@ from plpost.rewards import RewardFunction, RewardModel
 from plpost.tasks.addition import exact_match_reward
 from tests.conftest import TINY
 
+# The slow run: three SFT epochs over the 20k bundled demonstrations take the tiny base model to
+# about 55% greedy accuracy on the held-out problems (one epoch leaves it near 5%, too rarely
+# right for an exact-match reward to teach anything); 40 rollouts of 64 prompts then add ~30 points.
+SFT_EXAMPLES, SFT_EPOCHS, PPO_ROLLOUTS = 20_000, 3, 40
+
 QUESTIONS = ["1+1", "12+34", "5+5", "99+9", "20+22", "7+70", "33+3", "41+14"]
 ROWS = [{"prompt": [{"role": "user", "content": q}], "answer": str(eval(q))} for q in QUESTIONS]
 
@@ -161,7 +166,7 @@ def test_exact_match_reward_rises_while_kl_stays_bounded(tmp_path):
         return float(exact_match_reward(None, completions.texts, [r["answer"] for r in held_out]).mean())
 
     policy = PPOModule(str(tmp_path / "sft"), rewards=[RewardFunction(exact_match_reward)], missing_eos_penalty=1.0,
-                       max_new_tokens=6, ppo_epochs=4, optimizer=partial(torch.optim.AdamW, lr=1e-4, weight_decay=0.0))
+                       max_new_tokens=6, ppo_epochs=2, optimizer=partial(torch.optim.AdamW, lr=1e-4, weight_decay=0.0))
     policy.configure_model()
     before = accuracy(policy)
     history = []

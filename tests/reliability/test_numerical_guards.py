@@ -123,8 +123,10 @@ def test_finite_training_is_not_disturbed():
     assert guard.skipped_steps == 0
 
 
-def test_the_guard_is_configured_from_yaml_and_replaces_the_default(tmp_path):
+def test_the_guard_is_configured_from_yaml_and_replaces_the_default(tmp_path, monkeypatch):
     from plpost.cli import PostTrainingCLI
+
+    monkeypatch.chdir(tmp_path)  # the CLI writes config.yaml into the run folder, here the working one
 
     data = tmp_path / "chat.jsonl"
     data.write_text('{"prompt": "1+1=", "completion": "2"}\n' * 2)
