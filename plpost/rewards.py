@@ -22,11 +22,12 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerBase
 
-from plpost.assets import resolve_pretrained
+from plpost.data.collate import pad_rows
 from plpost.data.formats import Message
 from plpost.data.tokenize import chat_ids, text_mask
-from plpost.hf import DTYPES, load_tokenizer
+from plpost.hf import load_causal_lm, load_tokenizer
 from plpost.modules.reward import sequence_rewards
+from plpost.rollout import position_ids_from
 
 
 class Responses(NamedTuple):
@@ -148,10 +149,9 @@ class RewardModel(RewardSource):
         if self.model is not None:
             return
         self.tokenizer = load_tokenizer(self.path, trust_remote_code=self.trust_remote_code)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            resolve_pretrained(self.path),
-            dtype=DTYPES[self.dtype_name] if self.dtype_name else None,
-            trust_remote_code=self.trust_remote_code,
+        model = load_causal_lm(
+            self.path, dtype=self.dtype_name, trust_remote_code=self.trust_remote_code,
+            auto_class=AutoModelForSequenceClassification,
         )
         if model.config.num_labels != 1:
             raise ValueError(f"reward model {self.path} has {model.config.num_labels} outputs, expected 1")
@@ -186,14 +186,10 @@ class RewardModel(RewardSource):
                 turn = {"role": "assistant", "content": completion}
                 ids = chat_ids(self.tokenizer, [*prompt, turn], add_generation_prompt=False)
             rows.append(ids[-self.max_length :])
-        longest = max(len(row) for row in rows)
         device = responses.input_ids.device
-        input_ids = torch.full((len(rows), longest), self.tokenizer.pad_token_id, dtype=torch.long, device=device)
-        attention_mask = torch.zeros((len(rows), longest), dtype=torch.long, device=device)
-        for i, row in enumerate(rows):  # right padding: sequence_rewards reads the last real token
-            input_ids[i, : len(row)] = torch.as_tensor(row, device=device)
-            attention_mask[i, : len(row)] = 1
-        return [input_ids, attention_mask, (attention_mask.cumsum(-1) - 1).clamp(min=0)]
+        input_ids = pad_rows(rows, self.tokenizer.pad_token_id).to(device)
+        attention_mask = pad_rows([[1] * len(row) for row in rows], 0).to(device)
+        return [input_ids, attention_mask, position_ids_from(attention_mask)]
 
 
 class RunningMoments(nn.Module):

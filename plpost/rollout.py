@@ -1,9 +1,10 @@
 """Sampling for PPO: batched generation with a KV cache, responses cut after their stop token, and
 the one forward pass over (prompt + response) that both the rollout and the PPO update use.
 
-Sharing `response_forward` is what makes PPO's first ratio exactly 1: the old log-probs and the
-log-probs being trained come from the same function, on the same tokens, position ids, mask and
-temperature, in the same dtype path (see `PPOModule` for the matching micro-batch layout).
+Sharing `response_forward` is what makes PPO's ratio exactly 1 until the first optimizer step:
+the old log-probs and the log-probs being trained come from the same function, on the same
+tokens, position ids, mask and temperature, in the same dtype path (under the Trainer's autocast
+in both), and in the same micro-batches (see `PPOModule.ppo_update`).
 
 What is not recomputed: the sampled tokens, which responses stopped and where (all from
 `generate`'s output). What is: the log-probs of the sampled tokens. `generate` can return its

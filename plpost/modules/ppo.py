@@ -11,13 +11,15 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
+from transformers import AutoModelForSequenceClassification
 
 from plpost.data.prompts import PromptBatch
 from plpost.generation import generation_config
+from plpost.hf import load_causal_lm
 from plpost.losses import adaptive_kl_coefficient, clipped_value_loss, gae, kl_penalty, masked_sum, masked_whiten
 from plpost.losses import ppo_policy_loss
 from plpost.modules.base import LoraSettings, PostTrainingModule, default_optimizer
-from plpost.modules.ppo_value import ValueHead, critic_values, disable_dropout, load_critic, zero_where_not
+from plpost.modules.ppo_value import ValueHead, critic_values, disable_dropout, zero_where_not
 from plpost.modules.reference import FrozenCopy, adapter_disabled, model_fingerprint
 from plpost.optim import WarmupCosineLR
 from plpost.rewards import Responses, RewardModel, RewardScorer, RewardSource, per_token_rewards
@@ -176,9 +178,12 @@ class PPOModule(PostTrainingModule):
         if self.hparams.value_model == "head":
             self.value_head = ValueHead(text_config.hidden_size)
         else:
-            critic = load_critic(
-                self.critic_name, pad_token_id=self.tokenizer.pad_token_id, dtype=self.dtype_name,
-                attn_implementation=self.attn_implementation, trust_remote_code=self.trust_remote_code,
+            # A reward model folder keeps its trained head (a good start: it already tells good
+            # responses from bad); a causal LM folder gets a new head on its backbone.
+            critic = load_causal_lm(
+                self.critic_name, dtype=self.dtype_name, attn_implementation=self.attn_implementation,
+                trust_remote_code=self.trust_remote_code, auto_class=AutoModelForSequenceClassification,
+                num_labels=1, pad_token_id=self.tokenizer.pad_token_id,
             )
             self.critic = self.prepare_trainable(critic, task_type="SEQ_CLS")
             disable_dropout(self.critic)

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
 
-from plpost.assets import resolve_pretrained
-from plpost.hf import DTYPES
 from plpost.modules.reward import SCORE_HEAD
 
 
@@ -27,27 +24,6 @@ class ValueHead(nn.Module):
     def forward(self, hidden: Tensor) -> Tensor:
         """hidden: (B, R, H) -> (B, R) float32 values."""
         return self.linear(hidden.to(self.linear.weight.dtype)).squeeze(-1).float()
-
-
-def load_critic(
-    name_or_path: str,
-    *,
-    pad_token_id: int | None,
-    dtype: str | None = None,
-    attn_implementation: str | None = None,
-    trust_remote_code: bool = False,
-) -> PreTrainedModel:
-    """An AutoModelForSequenceClassification with one output: a reward model folder keeps its
-    trained head (a good start: it already tells good responses from bad), a causal LM folder
-    gets a new head on its backbone."""
-    path = resolve_pretrained(name_or_path)
-    config = AutoConfig.from_pretrained(path, num_labels=1, trust_remote_code=trust_remote_code)
-    config.pad_token_id = pad_token_id
-    if attn_implementation:
-        config._attn_implementation = attn_implementation
-    return AutoModelForSequenceClassification.from_pretrained(
-        path, config=config, dtype=DTYPES[dtype] if dtype else None, trust_remote_code=trust_remote_code
-    )
 
 
 def critic_values(

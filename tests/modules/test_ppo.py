@@ -7,13 +7,14 @@ from functools import partial
 import lightning as L
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForSequenceClassification
+from transformers import LlamaForSequenceClassification
 
 from plpost.data.prompts import PromptDataModule
 from plpost.modules.ppo import PPOModule
 from plpost.rewards import RewardFunction, RewardModel
 from plpost.tasks.addition import exact_match_reward
 from tests.conftest import TINY
+from tests.test_rewards import reward_model_dir  # noqa: F401  (a fixture)
 
 # The slow run: three SFT epochs over the 20k bundled demonstrations take the tiny base model to
 # about 55% greedy accuracy on the held-out problems (one epoch leaves it near 5%, too rarely
@@ -21,7 +22,7 @@ from tests.conftest import TINY
 SFT_EXAMPLES, SFT_EPOCHS, PPO_ROLLOUTS = 20_000, 3, 40
 
 QUESTIONS = ["1+1", "12+34", "5+5", "99+9", "20+22", "7+70", "33+3", "41+14"]
-ROWS = [{"prompt": [{"role": "user", "content": q}], "answer": str(eval(q))} for q in QUESTIONS]
+ROWS = [{"prompt": [{"role": "user", "content": q}], "answer": str(sum(map(int, q.split("+"))))} for q in QUESTIONS]
 
 
 def digits_reward(prompts, completions, **columns) -> torch.Tensor:
@@ -86,7 +87,7 @@ def weights(module: PPOModule) -> dict[str, torch.Tensor]:
 def test_resume_restores_kl_coefficient_and_continues_like_an_uninterrupted_run(tmp_path):
     """Two rollouts per epoch. Run A trains 2 epochs straight; run B trains 1, is saved with
     trainer.save_checkpoint and resumed to 2 epochs. B restores its KL coefficient (adapted, so
-    not the initial one), counters, optimizer and RNG, and ends with A's weights."""
+    not the initial one), counters, optimizer and RNG, and ends with A's weights bit for bit."""
     settings = dict(kl_coef=0.1, target_kl=1.0, kl_horizon=40, temperature=0.9, ppo_epochs=2)
     straight = ppo(**settings)
     fit(straight, max_epochs=2)
@@ -95,7 +96,7 @@ def test_resume_restores_kl_coefficient_and_continues_like_an_uninterrupted_run(
     run = fit(first, max_epochs=1)
     path = tmp_path / "ppo.ckpt"
     run.save_checkpoint(path)
-    checkpoint = torch.load(path, weights_only=False)
+    checkpoint = torch.load(path, weights_only=True)  # RNG states included: nothing but tensors and numbers
     assert not any(key.startswith("reference.") for key in checkpoint["state_dict"])
     assert "kl_coef" in checkpoint["state_dict"] and "plpost_rng" in checkpoint
     assert "reference" in checkpoint["plpost_frozen_sources"]
@@ -114,18 +115,7 @@ def test_resume_restores_kl_coefficient_and_continues_like_an_uninterrupted_run(
     assert all(torch.equal(restored["weights"][k], saved[k]) for k in saved)
     assert float(resumed.kl_coef) == float(straight.kl_coef)
     final, expected = weights(resumed), weights(straight)
-    assert all(torch.allclose(final[k], expected[k], rtol=0, atol=1e-6) for k in expected)
-
-
-@pytest.fixture(scope="module")
-def reward_model_dir(tmp_path_factory, tokenizer):
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, num_labels=1, pad_token_id=tokenizer.pad_token_id)
-    path = tmp_path_factory.mktemp("reward-model")
-    LlamaForSequenceClassification(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    assert all(torch.equal(final[k], expected[k]) for k in expected)
 
 
 def test_critic_from_the_reward_model_trains_and_only_it_is_checkpointed(tmp_path, reward_model_dir):
@@ -136,7 +126,7 @@ def test_critic_from_the_reward_model_trains_and_only_it_is_checkpointed(tmp_pat
     head_before = LlamaForSequenceClassification.from_pretrained(reward_model_dir).score.weight
     assert not torch.equal(module.critic.score.weight, head_before)  # initialised from it, then trained
     run.save_checkpoint(tmp_path / "ppo.ckpt")
-    keys = torch.load(tmp_path / "ppo.ckpt", weights_only=False)["state_dict"].keys()
+    keys = torch.load(tmp_path / "ppo.ckpt", weights_only=True)["state_dict"].keys()
     assert any(k.startswith("critic.") for k in keys)
     assert not any(k.startswith(("reference.", "reward_scorer.sources.")) for k in keys)
     assert module.value_head is None
@@ -151,9 +141,11 @@ def test_exact_match_reward_rises_while_kl_stays_bounded(tmp_path):
     from plpost.callbacks import write_hf_folder
     from plpost.data.sources import DataSource, load_source
     from plpost.generation import generate_texts
+    from plpost.optim import WarmupCosineLR
 
     L.seed_everything(0)
-    sft = SFTModule(TINY, optimizer=partial(torch.optim.AdamW, lr=3e-3, weight_decay=0.0))
+    sft = SFTModule(TINY, optimizer=partial(torch.optim.AdamW, lr=3e-3, weight_decay=0.0),
+                    scheduler=partial(WarmupCosineLR, warmup_steps=10, min_lr_ratio=0.1))
     chats = ChatDataModule(TINY, DataSource("plpost:data/addition/sft.jsonl", limit=SFT_EXAMPLES), batch_size=64,
                            max_length=32)
     trainer(max_epochs=SFT_EPOCHS).fit(sft, chats)
