@@ -12,6 +12,7 @@ collects every rank's generators for the checkpoint; the stage modules put them 
 
 from __future__ import annotations
 
+import random
 import os
 import tempfile
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import lightning as L
+import numpy as np
 import torch
 import torch.distributed as dist
 from fsspec.implementations.local import LocalFileSystem
@@ -26,9 +28,29 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from plpost.rollout import rng_state, set_rng_state  # one definition, shared with PPO's sampling
 
 RNG_STATES_KEY = "plpost_rng_states"
+
+
+def rng_state() -> dict[str, Any]:
+    """The global generators that sampling (and reward code) draws from, in a form that
+    `torch.load(weights_only=True)` reads back: tensors, ints and strings only."""
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])
+    name, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -15,11 +15,9 @@ differ from a full forward's in the last bits, which would make the first ratio 
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
-import numpy as np
 import torch
 from torch import Tensor
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -206,24 +204,3 @@ def rollout_statistics(rollout: Rollout, sequence_kl: Tensor, rewards: Tensor, r
         "rollout/response_length": mask.sum(1).float().mean(),
         "rollout/stopped": rollout.stopped.float().mean(),
     }
-
-
-def rng_state() -> dict[str, Any]:
-    """The global generators that sampling (and reward code) draws from, in a form that
-    `torch.load(weights_only=True)` reads back: tensors, ints and strings only."""
-    name, keys, position, has_gauss, cached = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "python": random.getstate(),
-        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached],
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    random.setstate(state["python"])
-    name, keys, position, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))

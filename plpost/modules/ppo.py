@@ -23,8 +23,8 @@ from plpost.modules.ppo_value import ValueHead, critic_values, disable_dropout, 
 from plpost.modules.reference import FrozenCopy, adapter_disabled, model_fingerprint
 from plpost.optim import WarmupCosineLR
 from plpost.rewards import Responses, RewardModel, RewardScorer, RewardSource, per_token_rewards
-from plpost.rollout import Rollout, decode_completions, in_chunks, response_forward, rng_state, rollout_statistics
-from plpost.rollout import ResponseForward, sample_responses, set_rng_state
+from plpost.rollout import Rollout, decode_completions, in_chunks, response_forward, rollout_statistics
+from plpost.rollout import ResponseForward, sample_responses
 
 
 class PPOModule(PostTrainingModule):
@@ -54,7 +54,7 @@ class PPOModule(PostTrainingModule):
             backbone, one forward for both); "critic": a separate model (`critic_model`).
         critic_model: the critic's initial weights (default: the first `RewardModel` source's
             folder); it must share the policy's tokenizer.
-        reference: the KL anchor: "copy": a frozen copy of `reference_model`; "adapter_disabled":
+        reference: the KL anchor: "copy": a frozen copy of `reference_model`; "adapter":
             the LoRA policy with its adapter switched off (no memory); "auto": the latter with LoRA.
         reference_model: the reference's weights for "copy" (default: `model`).
         max_new_tokens: the longest response.
@@ -102,7 +102,7 @@ class PPOModule(PostTrainingModule):
         reward_clip: float | None = None,
         value_model: Literal["head", "critic"] = "head",
         critic_model: str | None = None,
-        reference: Literal["auto", "copy", "adapter_disabled"] = "auto",
+        reference: Literal["auto", "copy", "adapter"] = "auto",
         reference_model: str | None = None,
         max_new_tokens: int = 64,
         temperature: float = 1.0,
@@ -138,8 +138,8 @@ class PPOModule(PostTrainingModule):
             optimizer=optimizer, scheduler=scheduler,
         )
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "rewards"])
-        if reference == "adapter_disabled" and lora is None:
-            raise ValueError("reference='adapter_disabled' needs a LoRA policy (`lora:`); use 'copy'")
+        if reference == "adapter" and lora is None:
+            raise ValueError("reference='adapter' needs a LoRA policy (`lora:`); use 'copy'")
         if value_model == "critic" and critic_model is None:
             critic_model = next((s.path for s in rewards if isinstance(s, RewardModel)), None)
             if critic_model is None:
@@ -150,7 +150,7 @@ class PPOModule(PostTrainingModule):
             rewards, missing_eos_penalty=missing_eos_penalty, normalize=normalize_rewards, clip=reward_clip
         )
         self.critic_name = critic_model
-        self.use_adapter_reference = reference == "adapter_disabled" or (reference == "auto" and lora is not None)
+        self.use_adapter_reference = reference == "adapter" or (reference == "auto" and lora is not None)
         self.reference_name = reference_model or model
         self.reference: FrozenCopy | None = None
         self.value_head: ValueHead | None = None
@@ -366,17 +366,3 @@ class PPOModule(PostTrainingModule):
             return trainer.max_steps
         total = int(rollouts) * per_rollout
         return min(total, trainer.max_steps) if trainer.max_steps != -1 else total
-
-    # -- checkpoints ----------------------------------------------------------------------
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        # Sampling draws from the global generators: restoring them makes a resumed run sample
-        # what the uninterrupted one would have.
-        checkpoint["plpost_rng"] = rng_state()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "plpost_rng" in checkpoint:
-            set_rng_state(checkpoint["plpost_rng"])
-            if self.trainer is not None and self.trainer.global_rank > 0:
-                # The file holds rank 0's generators; other ranks must not sample in lockstep with it.
-                torch.manual_seed(int(torch.randint(2**62, ())) + self.trainer.global_rank)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import LlamaForSequenceClassification
 
+from plpost.checkpointing import RNG_STATES_KEY
 from plpost.data.prompts import PromptDataModule
 from plpost.modules.ppo import PPOModule
 from plpost.rewards import RewardFunction, RewardModel
@@ -98,7 +99,7 @@ def test_resume_restores_kl_coefficient_and_continues_like_an_uninterrupted_run(
     run.save_checkpoint(path)
     checkpoint = torch.load(path, weights_only=True)  # RNG states included: nothing but tensors and numbers
     assert not any(key.startswith("reference.") for key in checkpoint["state_dict"])
-    assert "kl_coef" in checkpoint["state_dict"] and "plpost_rng" in checkpoint
+    assert "kl_coef" in checkpoint["state_dict"] and RNG_STATES_KEY in checkpoint
     assert "reference" in checkpoint["plpost_frozen_sources"]
     assert float(first.kl_coef) != 0.1
 
