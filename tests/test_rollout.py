@@ -64,6 +64,11 @@ def test_left_padded_log_probs_equal_the_unpadded_ones(tokenizer):
     torch.testing.assert_close(batched[1, :length], single.logprobs[0], rtol=1e-5, atol=1e-5)
 
 
+def completion_length(prompts, completions, **columns):
+    """A reward that differs between responses, so advantages are non-zero and the update moves the policy."""
+    return torch.tensor([float(len(completion)) for completion in completions])
+
+
 def record_first_rollout(monkeypatch, **module_args):
     """Runs one rollout with 2 PPO epochs and records every policy-loss call and the logged metrics."""
     calls = []
@@ -78,7 +83,7 @@ def record_first_rollout(monkeypatch, **module_args):
     # Prompts of different lengths, so rows are left-padded by different amounts.
     rows = [{"prompt": [{"role": "user", "content": q}], "answer": "0"} for q in ["1+1", "12+34", "5", "99+99+1"] * 2]
     data = PromptDataModule(TINY, rows, batch_size=8)
-    module = PPOModule(TINY, rewards=[RewardFunction(exact_match_reward)], max_new_tokens=4, temperature=0.7,
+    module = PPOModule(TINY, rewards=[RewardFunction(completion_length)], max_new_tokens=4, temperature=0.7,
                        ppo_epochs=2, num_mini_batches=2, gradient_accumulation_steps=2, **module_args)
     trainer = L.Trainer(max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False)
