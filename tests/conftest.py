@@ -8,6 +8,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
+import torch  # noqa: E402
+from transformers import LlamaConfig, LlamaForSequenceClassification  # noqa: E402
+
 from plpost.hf import load_tokenizer  # noqa: E402
 
 TINY = "plpost:tiny"
@@ -24,6 +27,20 @@ def pad_is_eos_tokenizer_dir(tmp_path_factory):
     tokenizer = load_tokenizer(TINY)
     tokenizer.pad_token = tokenizer.eos_token
     path = tmp_path_factory.mktemp("pad-is-eos")
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def reward_model_dir(tmp_path_factory, tokenizer):
+    """A randomly initialised AutoModelForSequenceClassification saved as RewardModule exports one."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForSequenceClassification(config)
+    torch.nn.init.normal_(model.score.weight, std=1.0)
+    path = tmp_path_factory.mktemp("reward-model")
+    model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
 

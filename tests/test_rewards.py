@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+from transformers import AutoModelForSequenceClassification
 
 from plpost.generation import encode_prompts
 from plpost.rewards import Responses, RewardFunction, RewardModel, RewardScorer, RunningMoments, per_token_rewards
@@ -73,20 +73,6 @@ def test_normalisation_then_clipping(tokenizer):
     scorer = RewardScorer([RewardFunction(length_reward)], normalize=True, clip=0.5)
     torch.testing.assert_close(scorer(responses).scores, torch.tensor([-0.5, 0.5]))
     assert "moments.mean" in scorer.state_dict()
-
-
-@pytest.fixture(scope="module")
-def reward_model_dir(tmp_path_factory, tokenizer):
-    """A randomly initialised AutoModelForSequenceClassification saved as RewardModule exports one."""
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, num_labels=1, pad_token_id=tokenizer.pad_token_id)
-    model = LlamaForSequenceClassification(config)
-    torch.nn.init.normal_(model.score.weight, std=1.0)
-    path = tmp_path_factory.mktemp("reward-model")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
 
 
 def test_reward_model_folder_scores_the_last_real_token(tokenizer, reward_model_dir):

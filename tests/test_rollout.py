@@ -13,8 +13,7 @@ from plpost.modules.base import LoraSettings
 from plpost.modules.ppo import PPOModule
 from plpost.rewards import RewardFunction
 from plpost.rollout import position_ids_from, response_forward, sample_responses
-from plpost.tasks.addition import exact_match_reward
-from tests.conftest import TINY
+from conftest import TINY
 
 
 class ScriptedModel(torch.nn.Module):

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 from conftest import TINY, chat, supervised_spans
 
 from plpost.data.formats import DataValidationError

@@ -9,7 +9,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 
 from plpost.data.formats import DataValidationError
 from plpost.data.prompts import PromptBatch, PromptDataModule
-from tests.conftest import TINY
+from conftest import TINY
 
 MESSAGES = [{"role": "user", "content": "37+48"}]
 

@@ -14,8 +14,7 @@ from plpost.data.prompts import PromptDataModule
 from plpost.modules.ppo import PPOModule
 from plpost.rewards import RewardFunction, RewardModel
 from plpost.tasks.addition import exact_match_reward
-from tests.conftest import TINY
-from tests.test_rewards import reward_model_dir  # noqa: F401  (a fixture)
+from conftest import TINY
 
 # The slow run: three SFT epochs over the 20k bundled demonstrations take the tiny base model to
 # about 55% greedy accuracy on the held-out problems (one epoch leaves it near 5%, too rarely
