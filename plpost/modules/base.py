@@ -33,6 +33,9 @@ class LoraSettings:
         use_rslora: rank-stabilised scaling.
         use_dora: weight-decomposed adapters (DoRA).
         merge_on_export: write merged full weights on export instead of an adapter folder.
+        bias: which biases to train ("none", "all", "lora_only").
+        extra: any other `peft.LoraConfig` field by name (e.g. ``{layers_to_transform: [0, 1]}``),
+            so new peft options need no plpost release.
     """
 
     r: int = 16
