@@ -1,8 +1,7 @@
 """A short training run of one stage with a checkpoint after every optimizer step; it can kill itself.
 
-`train(run)` is called in-process for uninterrupted and resumed runs, and in a forked child for
-the run that is killed (a fork shares the parent's imports, so it starts in a fraction of a
-second, and SIGKILL ends it as abruptly as an out-of-memory kill would). Every micro-batch's
+`train(run)` is called in-process for uninterrupted and resumed runs, and in a spawned child for
+the run that is killed (SIGKILL ends it as abruptly as an out-of-memory kill would). Every micro-batch's
 records are appended to `seen.jsonl` before it is trained on, so what a killed run saw survives it.
 
 Adding a stage to the resume tests takes one entry in STAGES: a function that builds its
@@ -118,7 +117,7 @@ def kill_while_writing(step: int, name: str = "last.ckpt") -> None:
     """Makes the write of checkpoint `name` at optimizer step `step` die halfway through.
 
     AtomicCheckpointIO writes `name` through a temporary file named `.{name}.*.tmp`. It patches
-    torch.save for the rest of the process, so use it only in the forked child that it kills."""
+    torch.save for the rest of the process, so use it only in the child process that it kills."""
     save = torch.save
 
     def half_then_kill(obj, handle, *args, **kwargs):

@@ -28,8 +28,11 @@ KILL_AFTER = 4  # one step into the second epoch (3 steps per epoch)
 
 
 def killed(run: Run) -> int:
-    """Runs `run` in a forked child (it shares this process's imports) and returns its exit code."""
-    child = multiprocessing.get_context("fork").Process(target=train, args=(run,))
+    """Runs `run` in a spawned child process and returns its exit code.
+
+    Spawned, not forked: a fork of a process whose OpenMP thread pool is running crashes
+    (SIGSEGV) as soon as the child computes with more than one thread."""
+    child = multiprocessing.get_context("spawn").Process(target=train, args=(run,))
     child.start()
     child.join(timeout=300)
     return child.exitcode
