@@ -8,6 +8,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
+import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForSequenceClassification  # noqa: E402
 
@@ -43,6 +44,29 @@ def reward_model_dir(tmp_path_factory, tokenizer):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+class GradientCapture(L.Callback):
+    """Keeps the gradients of the first optimizer step, after all accumulated micro-batches."""
+
+    def __init__(self) -> None:
+        self.gradients: dict[str, torch.Tensor] | None = None
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self.gradients is None:
+            self.gradients = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None}
+
+
+def first_step_gradients(module: L.LightningModule, data: L.LightningDataModule, accumulate: int) -> dict:
+    """The gradients of one optimizer step of `module` on the first batches of `data`."""
+    L.seed_everything(0)
+    capture = GradientCapture()
+    trainer = L.Trainer(
+        max_steps=1, accumulate_grad_batches=accumulate, callbacks=[capture], logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(module, data)
+    return capture.gradients
 
 
 def chat(*turns: str) -> list[dict]:

@@ -7,7 +7,7 @@ from typing import get_args
 import lightning as L
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, first_step_gradients
 
 from plpost.assets import resolve_pretrained
 from plpost.data.preference import PreferenceDataModule
@@ -125,30 +125,18 @@ def test_adapter_reference_is_the_policy_at_init_and_the_base_model_after():
     assert module.reference is None  # no second copy
 
 
-class Gradients(L.Callback):
-    def __init__(self) -> None:
-        self.gradients = None
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        if self.gradients is None:
-            self.gradients = {n: p.grad.clone() for n, p in pl_module.named_parameters() if p.grad is not None}
-
-
-def first_step_gradients(batch_size: int, accumulate: int) -> dict[str, torch.Tensor]:
-    L.seed_everything(0)
-    capture = Gradients()
+def dpo_step_gradients(batch_size: int, accumulate: int) -> dict[str, torch.Tensor]:
     module = DPOModule(TINY, rpo_alpha=0.5, optimizer=sgd_lr0)
     data = PreferenceDataModule(TINY, train=varied_rows(), batch_size=batch_size, shuffle=False)
-    fit(module, data, accumulate_grad_batches=accumulate, callbacks=[capture])
-    return capture.gradients
+    return first_step_gradients(module, data, accumulate)
 
 
 def test_gradients_are_the_same_for_7x1_and_2x4():
     """7 pairs as one micro-batch, or as micro-batches of 2, 2, 2, 1 accumulated: each pair's
     loss (DPO + rpo_alpha * NLL) is divided by the 7 pairs of the step, so the gradients match.
     A per-micro-batch mean would weigh the last, lone pair twice as much."""
-    whole = first_step_gradients(7, 1)
-    split = first_step_gradients(2, 4)
+    whole = dpo_step_gradients(7, 1)
+    split = dpo_step_gradients(2, 4)
     assert whole.keys() == split.keys() and whole
     assert not any(name.startswith("reference.") for name in whole)
     for name in whole:

@@ -5,7 +5,7 @@ import time
 import lightning as L
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, first_step_gradients
 from transformers import AutoModelForSequenceClassification
 
 from plpost.callbacks.export import write_hf_folder
@@ -88,33 +88,16 @@ def test_loss_is_bradley_terry_with_margin_plus_the_centering_term():
     assert out.fit.accurate.tolist() == (c > r).tolist()
 
 
-class GradientCapture(L.Callback):
-    def __init__(self) -> None:
-        self.gradients = None
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        if self.gradients is None:
-            self.gradients = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None}
-
-
-def first_step_gradients(batch_size: int, accumulate: int, rows: list[dict]) -> dict[str, torch.Tensor]:
-    L.seed_everything(0)
-    capture = GradientCapture()
-    trainer = L.Trainer(
-        max_steps=1, accumulate_grad_batches=accumulate, callbacks=[capture], logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-    )
-    module = RewardModule(TINY, optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
-    trainer.fit(module, PreferenceDataModule(TINY, train=rows, batch_size=batch_size, shuffle=False))
-    return capture.gradients
+def reward_module() -> RewardModule:
+    return RewardModule(TINY, optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
 
 
 def test_gradients_are_the_same_for_7x1_and_2x4():
     """7 pairs as micro-batches of 2, 2, 2 and 1: a per-micro-batch mean would weigh the last
     pair double; the loss divided by the pairs of the whole step does not."""
     rows = pairs(7)
-    whole = first_step_gradients(7, 1, rows)
-    split = first_step_gradients(2, 4, rows)
+    whole = first_step_gradients(reward_module(), PreferenceDataModule(TINY, train=rows, batch_size=7, shuffle=False), 1)
+    split = first_step_gradients(reward_module(), PreferenceDataModule(TINY, train=rows, batch_size=2, shuffle=False), 4)
     assert whole.keys() == split.keys() and any(name.startswith("policy.score") for name in whole)
     for name in whole:
         torch.testing.assert_close(split[name], whole[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -3,7 +3,7 @@
 import lightning as L
 import pytest
 import torch
-from conftest import TINY, chat
+from conftest import TINY, chat, first_step_gradients
 
 from plpost import ChatDataModule, SFTModule
 from plpost.modules import LoraSettings
@@ -20,33 +20,19 @@ def variable_length_rows(count: int = 8) -> list[dict]:
     return rows
 
 
-class GradientCapture(L.Callback):
-    def __init__(self) -> None:
-        self.gradients = None
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        if self.gradients is None:
-            self.gradients = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None}
+def sgd_lr0(params):
+    return torch.optim.SGD(params, lr=0.0)
 
 
-def first_step_gradients(batch_size: int, accumulate: int, rows: list[dict]) -> dict[str, torch.Tensor]:
-    L.seed_everything(0)
-    capture = GradientCapture()
-    trainer = L.Trainer(
-        max_steps=1, accumulate_grad_batches=accumulate, callbacks=[capture], logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-    )
-    module = SFTModule(TINY, optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
-    data = ChatDataModule(TINY, train=rows, batch_size=batch_size, shuffle=False)
-    trainer.fit(module, data)
-    return capture.gradients
+def sft_data(rows: list[dict], batch_size: int) -> ChatDataModule:
+    return ChatDataModule(TINY, train=rows, batch_size=batch_size, shuffle=False)
 
 
 def test_gradients_are_the_same_for_8x1_and_2x4_on_variable_length_data():
     """The step's loss is sum(token losses) / tokens of the whole step, whatever the layout."""
     rows = variable_length_rows()
-    whole = first_step_gradients(8, 1, rows)
-    split = first_step_gradients(2, 4, rows)
+    whole = first_step_gradients(SFTModule(TINY, optimizer=sgd_lr0), sft_data(rows, 8), accumulate=1)
+    split = first_step_gradients(SFTModule(TINY, optimizer=sgd_lr0), sft_data(rows, 2), accumulate=4)
     assert whole.keys() == split.keys() and whole
     for name in whole:
         torch.testing.assert_close(split[name], whole[name], rtol=1e-4, atol=1e-6, msg=name)
