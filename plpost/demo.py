@@ -29,7 +29,7 @@ from plpost.evaluation import greedy_report, learned_rewards, sampled_kl
 from plpost.hf import load_causal_lm, load_tokenizer
 from plpost.optim import WarmupCosineLR
 from plpost.rewards import RewardFunction
-from plpost.tasks.addition import exact_match_reward
+from plpost.tasks.addition import AdditionProblem, exact_match_reward
 
 BASE = "plpost:tiny"
 DATA = "plpost:data/addition/"
@@ -104,7 +104,8 @@ def held_out_pairwise_accuracy(reward_path: Path, limit: int | None) -> float:
     rows = list(load_source(DATA + "eval.jsonl"))[:limit]
     prompts = [row["prompt"] for row in rows]
     correct = [row["answer"] for row in rows]
-    mistaken = [str(int(answer) - 10) if row["has_carry"] else str(int(answer) + 10) for row, answer in zip(rows, correct)]
+    problems = [AdditionProblem(*map(int, row["prompt"][-1]["content"].split("+"))) for row in rows]
+    mistaken = [problem.plausible_mistake for problem in problems]
     chosen = learned_rewards(str(reward_path), tokenizer, prompts, correct)
     rejected = learned_rewards(str(reward_path), tokenizer, prompts, mistaken)
     return float((chosen > rejected).float().mean())
