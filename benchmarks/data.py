@@ -119,6 +119,23 @@ def tokenize_pair(tokenizer: PreTrainedTokenizerBase, row: dict) -> tuple[list[i
     return prompt_ids, chosen_ids, rejected_ids
 
 
+def length_grouped_row_order(preset: Preset, rows: list[dict], tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The positions of `rows` in the order plpost's PreferenceDataModule(group_by_length=
+    preset.length_group_batches, shuffle=False, seed=preset.seed) reads them in its first epoch;
+    the tests check that it does."""
+    import torch
+
+    from plpost.data.sampler import length_grouped_order
+
+    lengths = [len(prompt) + max(len(chosen), len(rejected))
+               for prompt, chosen, rejected in (tokenize_pair(tokenizer, row) for row in rows)]
+    order = length_grouped_order(
+        torch.arange(len(rows)), torch.tensor(lengths), block=preset.batch_size,
+        blocks_per_group=preset.length_group_batches, generator=torch.Generator().manual_seed(preset.seed),
+    )
+    return order.tolist()
+
+
 def rows_for(stage: str, preset: Preset, count: int, tokenizer: PreTrainedTokenizerBase) -> list[dict]:
     return chat_rows(preset, count, tokenizer) if stage == "sft" else preference_rows(preset, count, tokenizer)
 

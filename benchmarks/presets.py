@@ -9,8 +9,12 @@ A case is (stage, variant); each case runs once per framework. Variants:
   the 2 x batch_size rows (TRL's DPO has padding_free disabled in 1.16, and neither plpost nor TRL
   packs preference pairs). reward / dpo "padding-free" (raw loop only, see ONLY): the pairs' 2N
   sequences packed into one row, what a packed PreferenceDataModule would gain; DPO with a live reference.
-  reward "length-grouped" (raw loop only): the same pairs sorted by length within groups of 4
-  batches before batching (a different mix of pairs per step, so compare tokens/s, not steps/s).
+  reward "length-grouped": the pairs in the order of plpost's `PreferenceDataModule(group_by_length=
+  length_group_batches)` (sorted by length within groups of that many batches, batches shuffled
+  within each group; see `plpost.data.sampler.length_grouped_order`). plpost draws that order with its
+  sampler from the rows as they are; TRL (sequential sampling) and the raw loop are handed the rows
+  already in it, so all three train on the same batches. The mix of pairs per step differs from
+  "padded", so compare it with "padded" in tokens/s, not steps/s.
   "live-ref" keeps a frozen copy of the reference in memory and runs it every step;
   "precomputed-ref" computes the reference log-probs of every pair once before training
   (plpost `reference="precomputed"`, TRL `precompute_ref_log_probs=True`); that pass is not timed.
@@ -24,11 +28,9 @@ STAGES = ("sft", "reward", "dpo")
 FRAMEWORKS = ("plpost", "trl", "raw")
 VARIANTS = {"sft": ("padding-free", "padded"), "reward": ("padded", "padding-free", "length-grouped"),
             "dpo": ("live-ref", "precomputed-ref", "padding-free")}
-ONLY = {("reward", "padding-free"): ("raw",), ("dpo", "padding-free"): ("raw",), ("reward", "length-grouped"): ("raw",)}
-"""Cases that not every framework can run: neither plpost nor TRL (1.16) packs preference pairs, and
-plpost has no length-grouped sampler, so the raw loop alone measures what those would gain."""
-REORDERED = {("reward", "length-grouped")}
-"""Cases whose steps hold a different mix of the rows, so their token count is not checked against the data."""
+ONLY = {("reward", "padding-free"): ("raw",), ("dpo", "padding-free"): ("raw",)}
+"""Cases that not every framework can run: neither plpost nor TRL (1.16) packs preference pairs, so
+the raw loop alone measures what packing would gain."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,7 @@ class Preset:
     precision: "fp32" (32-true) or "bf16-mixed" (fp32 weights and optimizer, bf16 autocast).
     fused_adamw: torch.optim.AdamW(fused=True) in every framework (TRL: optim="adamw_torch_fused").
     cases: (stage, variant) in the order they run; the first ones matter most under a deadline.
+    length_group_batches: the "length-grouped" variant's group size, in batches.
     extras_after: run the log-prob memory check and the FSDP smoke after this many cases (None: last).
     logprob_memory: (tokens, vocab, dtype) of the chunked-vs-naive log-softmax measurement, or None.
     fsdp_smoke_steps: steps of each stage under Lightning's FSDP strategy on one GPU (0: skip).
@@ -62,6 +65,7 @@ class Preset:
     timed_steps: int
     learning_rate: float = 1e-5
     fused_adamw: bool = False
+    length_group_batches: int = 4
     threads: int | None = None
     seed: int = 0
     cases: tuple[tuple[str, str], ...] = ()

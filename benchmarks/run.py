@@ -35,7 +35,7 @@ if str(REPO) not in sys.path:  # run as a script: make `benchmarks` and `plpost`
     sys.path.insert(0, str(REPO))
 
 from benchmarks.measure import machine, versions  # noqa: E402
-from benchmarks.presets import FRAMEWORKS, ONLY, REORDERED, STAGES, Preset, get_preset  # noqa: E402
+from benchmarks.presets import FRAMEWORKS, ONLY, STAGES, Preset, get_preset  # noqa: E402
 from benchmarks.report import render  # noqa: E402
 
 TOKENIZER_DIR = REPO / "plpost" / "assets" / "tiny"
@@ -104,21 +104,27 @@ def build_model_folder(preset: Preset, folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def prepare(preset: Preset, stages: list[str], workdir: Path) -> tuple[str, dict[str, str], dict[str, list[int]]]:
-    """The model folder, a rows file per stage, and each stage's real tokens per row (for the check)."""
+def prepare(
+    preset: Preset, cases: list[tuple[str, str]], workdir: Path
+) -> tuple[str, dict[str, str], dict[tuple[str, str], list[int]]]:
+    """The model folder, a rows file per stage, and each case's real tokens per row in the order the
+    case trains on them (for the check)."""
     from transformers import AutoTokenizer
 
-    from benchmarks.data import real_token_counts, rows_for, write_rows
+    from benchmarks.data import length_grouped_row_order, real_token_counts, rows_for, write_rows
 
     model_dir = workdir / "model"
     build_model_folder(preset, model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     rows_files, tokens = {}, {}
-    for stage in stages:
+    for stage in sorted({stage for stage, _ in cases}):
         rows = rows_for(stage, preset, preset.steps * preset.batch_size, tokenizer)
         rows_files[stage] = str(workdir / f"rows-{stage}.jsonl")
         write_rows(Path(rows_files[stage]), rows)
-        tokens[stage] = real_token_counts(stage, rows, tokenizer)
+        per_row = real_token_counts(stage, rows, tokenizer)
+        for variant in [v for s, v in cases if s == stage]:
+            order = length_grouped_row_order(preset, rows, tokenizer) if variant == "length-grouped" else None
+            tokens[stage, variant] = per_row if order is None else [per_row[i] for i in order]
     return str(model_dir), rows_files, tokens
 
 
@@ -171,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
     (workdir / "logs").mkdir(exist_ok=True)
 
     print(f"[bench] {preset.name}: preparing the model and data in {workdir}", flush=True)
-    model_dir, rows_files, tokens = prepare(preset, sorted({s for s, _ in cases}), workdir)
+    model_dir, rows_files, tokens = prepare(preset, cases, workdir)
 
     def remaining() -> float:
         return float("inf") if args.deadline_s is None else args.deadline_s - (time.monotonic() - started)
@@ -183,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
     for position, (repeat, (stage, variant)) in enumerate(plan):
         for framework in [f for f in frameworks if f in ONLY.get((stage, variant), FRAMEWORKS)]:
             runs.append(measure_run(preset, args, stage, variant, framework, repeat, model_dir, rows_files,
-                                    tokens[stage], workdir, remaining))
+                                    tokens[stage, variant], workdir, remaining))
         if position + 1 == extras_at and not args.no_extras:
             extras = run_extras(preset, args, model_dir, rows_files, workdir, remaining)
     if not cases and not args.no_extras:
@@ -240,7 +246,7 @@ def measure_run(preset, args, stage, variant, framework, repeat, model_dir, rows
         result = {**json.loads(result_file.read_text()), "repeat": repeat}
     else:
         result = {**identity, "ok": False, "error": f"worker exited with {code} and no result"}
-    if result.get("ok") and (stage, variant) not in REORDERED:
+    if result.get("ok"):
         result["expected_real_tokens"] = expected_timed_tokens(preset, row_tokens)
         result["tokens_match_data"] = result["real_tokens"] == result["expected_real_tokens"]
     shown = f"{result['tokens_per_s']:.0f} tok/s" if result.get("ok") else result.get("error")

@@ -120,3 +120,20 @@ def test_two_step_raw_loop_run_writes_json_and_markdown(tmp_path):
     assert run["timed_steps"] == 2 and run["tokens_match_data"]
     assert json.loads(next(tmp_path.glob("smoke-*.json")).read_text())["runs"][0]["tokens_per_s"] > 0
     assert "| sft | padding-free | raw |" in (tmp_path / "RESULTS.md").read_text()
+
+
+def test_trl_and_the_raw_loop_get_the_pairs_in_the_order_plpost_groups_them(bench_tokenizer):
+    """In the "length-grouped" case plpost's sampler orders the rows itself; the other frameworks
+    are handed the rows in `length_grouped_row_order`, which must be that very order, or the three
+    would train on different batches."""
+    from benchmarks.data import length_grouped_row_order
+    from plpost.data.preference import PreferenceDataModule
+
+    rows = preference_rows(PRESET, 6 * PRESET.batch_size + 3, bench_tokenizer)
+    data = PreferenceDataModule(str(bench_run.TOKENIZER_DIR), train=rows, batch_size=PRESET.batch_size,
+                                max_length=PRESET.max_length, shuffle=False, seed=PRESET.seed,
+                                group_by_length=PRESET.length_group_batches)
+    data.setup("fit")
+    plpost_order = [i for batch in data.train_dataloader() for i in batch.pair_index.tolist()]
+    order = length_grouped_row_order(PRESET, rows, bench_tokenizer)
+    assert plpost_order == order and order != sorted(order)

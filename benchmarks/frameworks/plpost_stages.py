@@ -38,7 +38,8 @@ def build(stage: str, variant: str, preset: Preset, model_dir: str, rows: list[d
     if stage == "sft":
         return SFTModule(model_dir, **common), ChatDataModule(**data, packing=variant == "padding-free")
     if stage == "reward":
-        return RewardModule(model_dir, **common), PreferenceDataModule(**data)
+        group_by_length = preset.length_group_batches if variant == "length-grouped" else None
+        return RewardModule(model_dir, **common), PreferenceDataModule(**data, group_by_length=group_by_length)
     reference = {"live-ref": "copy", "precomputed-ref": "precomputed"}[variant]
     module = DPOModule(model_dir, beta=DPO_BETA, reference=reference,
                        reference_cache_dir=str(workdir / "plpost-ref-cache"), **common)
@@ -62,12 +63,13 @@ def run(stage: str, variant: str, preset: Preset, model_dir: str, rows: list[dic
         callbacks=[ClockCallback(clock)],
     )
     trainer.fit(module, data)
-    return {"params": matmul_parameters(module.policy), "settings": settings(stage, variant)}
+    return {"params": matmul_parameters(module.policy), "settings": settings(stage, variant, preset)}
 
 
-def settings(stage: str, variant: str) -> str:
+def settings(stage: str, variant: str, preset: Preset) -> str:
     if stage == "sft":
         return "ChatDataModule(packing=True)" if variant == "padding-free" else "ChatDataModule(packing=False)"
     if stage == "reward":
-        return "RewardModule + PreferenceDataModule"
+        grouping = f"group_by_length={preset.length_group_batches}" if variant == "length-grouped" else ""
+        return f"RewardModule + PreferenceDataModule({grouping})"
     return f"DPOModule(reference={'copy' if variant == 'live-ref' else 'precomputed'})"

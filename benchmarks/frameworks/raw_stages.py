@@ -18,12 +18,10 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from benchmarks.data import IGNORE_INDEX, tokenize_chat, tokenize_pair
+from benchmarks.data import IGNORE_INDEX, length_grouped_row_order, tokenize_chat, tokenize_pair
 from benchmarks.frameworks import DPO_BETA, adamw, attention_implementation
 from benchmarks.measure import StepClock, matmul_parameters
 from benchmarks.presets import Preset
-
-GROUP_BATCHES = 4
 
 
 class Batch(NamedTuple):
@@ -73,24 +71,13 @@ def sft_batches(variant: str, preset: Preset, rows: list[dict], tokenizer) -> li
     return batches
 
 
-def length_grouped(pairs: list[tuple], batch_size: int, batches_per_group: int = GROUP_BATCHES) -> list[tuple]:
-    """`pairs` sorted by their longest sequence within consecutive groups of `batches_per_group`
-    batches (HF's LengthGroupedSampler idea, without its shuffle): fewer pads, same pairs per group."""
-    span = batch_size * batches_per_group
-    return [pair for start in range(0, len(pairs), span) for pair in sorted(pairs[start : start + span], key=longest)]
-
-
-def longest(pair: tuple[list[int], list[int], list[int]]) -> int:
-    """The longer of prompt + chosen and prompt + rejected."""
-    return len(pair[0]) + max(len(pair[1]), len(pair[2]))
-
-
 def preference_batches(variant: str, preset: Preset, rows: list[dict], tokenizer) -> list[Batch]:
     """The chosen sequences then the rejected ones (one packed row for "padding-free");
     labels are the completion tokens."""
-    all_pairs = [tokenize_pair(tokenizer, row) for row in rows[: preset.steps * preset.batch_size]]
+    rows = rows[: preset.steps * preset.batch_size]
     if variant == "length-grouped":
-        all_pairs = length_grouped(all_pairs, preset.batch_size)
+        rows = [rows[i] for i in length_grouped_row_order(preset, rows, tokenizer)]
+    all_pairs = [tokenize_pair(tokenizer, row) for row in rows]
     batches = []
     for start in range(0, len(all_pairs), preset.batch_size):
         pairs = all_pairs[start : start + preset.batch_size]
@@ -155,7 +142,7 @@ SETTINGS = {
     ("sft", "padded"): "padded rows, cross_entropy on float32 logits",
     ("reward", "padded"): "padded pairs, HF pooling",
     ("reward", "padding-free"): "packed pairs, score head at each sequence end",
-    ("reward", "length-grouped"): f"padded pairs sorted by length within groups of {GROUP_BATCHES} batches",
+    ("reward", "length-grouped"): "padded pairs in plpost's length-grouped order",
     ("dpo", "live-ref"): "frozen deepcopy, log_softmax on float32 logits",
     ("dpo", "precomputed-ref"): "reference pass before training",
     ("dpo", "padding-free"): "packed pairs, frozen deepcopy",

@@ -14,6 +14,7 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
 
+from benchmarks.data import length_grouped_row_order
 from benchmarks.frameworks import DPO_BETA, attention_implementation
 from benchmarks.measure import StepClock, matmul_parameters
 from benchmarks.presets import Preset
@@ -79,6 +80,8 @@ def run(stage: str, variant: str, preset: Preset, model_dir: str, rows: list[dic
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = load_model(stage, model_dir, tokenizer)
+    if variant == "length-grouped":  # TRL reads them in order (train_sampling_strategy="sequential")
+        rows = [rows[i] for i in length_grouped_row_order(preset, rows, tokenizer)]
     dataset = Dataset.from_list(rows)
     common = shared_settings(preset, workdir)
     if stage == "sft":
@@ -93,6 +96,8 @@ def run(stage: str, variant: str, preset: Preset, model_dir: str, rows: list[dic
         args = RewardConfig(**common, max_length=preset.max_length)
         trainer_class = RewardTrainer
         settings = "RewardConfig()"
+        if variant == "length-grouped":
+            settings += ", pairs handed over in plpost's length-grouped order"
     else:
         precompute = variant == "precomputed-ref"
         args = DPOConfig(**common, max_length=preset.max_length, beta=DPO_BETA, loss_type=["sigmoid"],

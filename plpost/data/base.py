@@ -22,7 +22,13 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from plpost.data.formats import DataValidationError
-from plpost.data.sampler import AccumulationWindowSampler, DataPosition, ResumableDataLoader, WeightedExamples
+from plpost.data.sampler import (
+    AccumulationWindowSampler,
+    DataPosition,
+    ResumableDataLoader,
+    WeightedExamples,
+    check_group_by_length,
+)
 from plpost.data.sources import SourceLike, describe, load_source
 from plpost.hf import load_tokenizer
 
@@ -43,7 +49,8 @@ class PostTrainingDataModule(L.LightningDataModule):
     """Loads, validates and tokenizes every record in `setup`, before the first training step.
 
     Subclasses define `preprocess` (one raw row -> one example dict, or SkipRecord),
-    `example_weight` (what the loss is normalised by) and `collate_fn`.
+    `example_weight` (what the loss is normalised by), `example_length` (the tokens it occupies in
+    a padded batch) and `collate_fn`.
     """
 
     def __init__(
@@ -59,10 +66,12 @@ class PostTrainingDataModule(L.LightningDataModule):
         num_workers: int = 0,
         shuffle: bool = True,
         seed: int = 0,
+        group_by_length: int | None = None,
         chat_template: str | None = None,
         trust_remote_code: bool = False,
     ) -> None:
         super().__init__()
+        check_group_by_length(group_by_length)
         if train is None and val is None:
             raise ValueError("give at least one of `train` and `val`")
         self.tokenizer_name = tokenizer
@@ -74,6 +83,7 @@ class PostTrainingDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.shuffle = shuffle
         self.seed = seed
+        self.group_by_length = group_by_length
         self.chat_template = chat_template
         self.trust_remote_code = trust_remote_code
         self._tokenizer: PreTrainedTokenizerBase | None = None
@@ -95,6 +105,9 @@ class PostTrainingDataModule(L.LightningDataModule):
         raise NotImplementedError
 
     def example_weight(self, example: dict) -> float:
+        raise NotImplementedError
+
+    def example_length(self, example: dict) -> int:
         raise NotImplementedError
 
     def collate_fn(self) -> Callable[[Sequence[tuple[dict, float | None]]], Any]:
@@ -170,6 +183,8 @@ class PostTrainingDataModule(L.LightningDataModule):
             rank=trainer.global_rank if trainer is not None else 0,
             shuffle=self.shuffle,
             seed=self.seed,
+            lengths=[self.example_length(e) for e in self.train_examples] if self.group_by_length else None,
+            group_by_length=self.group_by_length,
         )
         sampler.resume_at(self.train_position)
         return ResumableDataLoader(

@@ -40,6 +40,10 @@ class ChatDataModule(PostTrainingDataModule):
         num_workers: DataLoader worker processes.
         shuffle: reshuffle the training records every epoch.
         seed: seed of the shuffle.
+        group_by_length: sort the training records by length within groups of this many micro-batches
+            (of all devices together) and shuffle the batches within each group: less padding,
+            while each group still draws from the whole shuffled epoch. Hugging Face's
+            LengthGroupedSampler uses groups of 50; None keeps the shuffled order.
         chat_template: a Jinja template (string or .jinja file) replacing the tokenizer's.
         trust_remote_code: allow a tokenizer that runs code from its repository.
     """
@@ -60,6 +64,7 @@ class ChatDataModule(PostTrainingDataModule):
         num_workers: int = 0,
         shuffle: bool = True,
         seed: int = 0,
+        group_by_length: int | None = None,
         chat_template: str | None = None,
         trust_remote_code: bool = False,
     ) -> None:
@@ -74,6 +79,7 @@ class ChatDataModule(PostTrainingDataModule):
             num_workers=num_workers,
             shuffle=shuffle,
             seed=seed,
+            group_by_length=group_by_length,
             chat_template=chat_template,
             trust_remote_code=trust_remote_code,
         )
@@ -100,6 +106,9 @@ class ChatDataModule(PostTrainingDataModule):
 
     def example_weight(self, example: dict) -> float:
         return count_loss_tokens(example["labels"])
+
+    def example_length(self, example: dict) -> int:
+        return len(example["input_ids"])
 
     def collate_fn(self) -> Callable[[Sequence[tuple[dict, float | None]]], ChatBatch]:
         return partial(

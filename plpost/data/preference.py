@@ -104,6 +104,10 @@ class PreferenceDataModule(PostTrainingDataModule):
         num_workers: DataLoader worker processes.
         shuffle: reshuffle the training pairs every epoch.
         seed: seed of the shuffle.
+        group_by_length: sort the training pairs by length within groups of this many micro-batches
+            (of all devices together) and shuffle the batches within each group: less padding,
+            while each group still draws from the whole shuffled epoch. Hugging Face's
+            LengthGroupedSampler uses groups of 50; None keeps the shuffled order.
         chat_template: a Jinja template (string or .jinja file) replacing the tokenizer's.
         trust_remote_code: allow a tokenizer that runs code from its repository.
     """
@@ -126,6 +130,7 @@ class PreferenceDataModule(PostTrainingDataModule):
         num_workers: int = 0,
         shuffle: bool = True,
         seed: int = 0,
+        group_by_length: int | None = None,
         chat_template: str | None = None,
         trust_remote_code: bool = False,
     ) -> None:
@@ -140,6 +145,7 @@ class PreferenceDataModule(PostTrainingDataModule):
             num_workers=num_workers,
             shuffle=shuffle,
             seed=seed,
+            group_by_length=group_by_length,
             chat_template=chat_template,
             trust_remote_code=trust_remote_code,
         )
@@ -224,6 +230,9 @@ class PreferenceDataModule(PostTrainingDataModule):
 
     def example_weight(self, example: dict) -> float:
         return 1.0  # the loss is normalised per pair, whatever the lengths
+
+    def example_length(self, example: dict) -> int:
+        return len(example["prompt_ids"]) + max(len(example["chosen_ids"]), len(example["rejected_ids"]))
 
     def collate_fn(self) -> Callable[[Sequence[tuple[dict, float | None]]], PreferenceBatch]:
         return partial(

@@ -68,6 +68,10 @@ class PromptDataModule(PostTrainingDataModule):
         num_workers: DataLoader worker processes.
         shuffle: reshuffle the training prompts every epoch.
         seed: seed of the shuffle.
+        group_by_length: sort the training prompts by length within groups of this many micro-batches
+            (of all devices together) and shuffle the batches within each group: less padding,
+            while each group still draws from the whole shuffled epoch. Hugging Face's
+            LengthGroupedSampler uses groups of 50; None keeps the shuffled order.
         chat_template: a Jinja template (string or .jinja file) replacing the tokenizer's.
         trust_remote_code: allow a tokenizer that runs code from its repository.
     """
@@ -86,6 +90,7 @@ class PromptDataModule(PostTrainingDataModule):
         num_workers: int = 0,
         shuffle: bool = True,
         seed: int = 0,
+        group_by_length: int | None = None,
         chat_template: str | None = None,
         trust_remote_code: bool = False,
     ) -> None:
@@ -100,6 +105,7 @@ class PromptDataModule(PostTrainingDataModule):
             num_workers=num_workers,
             shuffle=shuffle,
             seed=seed,
+            group_by_length=group_by_length,
             chat_template=chat_template,
             trust_remote_code=trust_remote_code,
         )
@@ -127,6 +133,9 @@ class PromptDataModule(PostTrainingDataModule):
 
     def example_weight(self, example: dict) -> float:
         return 1.0  # PPO normalises per response token at update time; prompts weigh the same here
+
+    def example_length(self, example: dict) -> int:
+        return len(example["input_ids"])
 
     def collate_fn(self) -> Callable[[Sequence[tuple[dict, float | None]]], PromptBatch]:
         return partial(collate_prompts, pad_token_id=self.tokenizer.pad_token_id)

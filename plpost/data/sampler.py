@@ -44,6 +44,11 @@ class AccumulationWindowSampler(DistributedSampler):
     Subclasses DistributedSampler so Lightning keeps it instead of injecting its own and calls
     `set_epoch` on it, which reshuffles per epoch.
 
+    lengths / group_by_length: with both, each epoch's order is grouped by length (see
+    `length_grouped_order`) in blocks of one micro-batch on every rank, so every rank's micro-batch
+    holds examples of similar length and padding falls. The window weights are summed over the
+    grouped order, so the loss normalisation holds as without grouping.
+
     `resume_at(position)` makes the iteration of that position's epoch start after the batches
     it says were already trained on; the skipped indices are never yielded, so their examples
     are never loaded or collated. Other epochs are unaffected.
@@ -59,9 +64,16 @@ class AccumulationWindowSampler(DistributedSampler):
         rank: int = 0,
         shuffle: bool = True,
         seed: int = 0,
+        lengths: Sequence[int] | None = None,
+        group_by_length: int | None = None,
     ) -> None:
         super().__init__(weights, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
+        check_group_by_length(group_by_length)
+        if group_by_length is not None and (lengths is None or len(lengths) != len(weights)):
+            raise ValueError("group_by_length needs one length per example")
         self.weights = torch.as_tensor(weights, dtype=torch.float64)
+        self.lengths = None if lengths is None else torch.as_tensor(lengths, dtype=torch.long)
+        self.group_by_length = group_by_length
         self.batch_size = batch_size
         self.window = batch_size * accumulate
         self.resume_position = DataPosition()
@@ -79,15 +91,18 @@ class AccumulationWindowSampler(DistributedSampler):
 
     def global_order(self) -> torch.Tensor:
         count = len(self.weights)
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(count, generator=generator)
-        else:
-            order = torch.arange(count)
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(count, generator=generator) if self.shuffle else torch.arange(count)
         if self.total_size > count:
             repeats = math.ceil(self.total_size / count)
             order = order.repeat(repeats)
-        return order[: self.total_size]
+        order = order[: self.total_size]
+        if self.group_by_length is None:
+            return order
+        return length_grouped_order(
+            order, self.lengths, block=self.batch_size * self.num_replicas, blocks_per_group=self.group_by_length,
+            generator=generator,
+        )
 
     def __iter__(self) -> Iterator[tuple[int, float]]:
         order = self.global_order()
@@ -96,6 +111,35 @@ class AccumulationWindowSampler(DistributedSampler):
         skipped = self.resume_position.batches * self.batch_size if self.epoch == self.resume_position.epoch else 0
         for position in range(skipped, self.num_samples):
             yield int(order[position * self.num_replicas + self.rank]), window_weights[position // self.window]
+
+
+def check_group_by_length(group_by_length: int | None) -> None:
+    if group_by_length is not None and (isinstance(group_by_length, bool) or group_by_length < 1):
+        raise ValueError(f"group_by_length must be a number of micro-batches >= 1 (or None), got {group_by_length!r}")
+
+
+def length_grouped_order(
+    order: torch.Tensor, lengths: torch.Tensor, *, block: int, blocks_per_group: int, generator: torch.Generator
+) -> torch.Tensor:
+    """`order` rearranged so that each run of `block` consecutive positions holds similar lengths.
+
+    order: example indices; lengths: per example index. The order is cut into groups of
+    `block * blocks_per_group` positions; each group is sorted by length (longest first, ties in
+    their shuffled order) and cut into blocks, the partition of a whole group with the fewest
+    pads. Its full blocks are then shuffled with `generator`, so steps do not go from long to short
+    in a saw-tooth; a short last block stays last. No example
+    leaves its group: each group still draws from the whole shuffled epoch, and a larger group
+    trades that randomness for less padding (1 sorts each block on its own: no reordering at all).
+    """
+    group = block * blocks_per_group
+    pieces = []
+    for start in range(0, len(order), group):
+        members = order[start : start + group]
+        members = members[torch.sort(lengths[members], descending=True, stable=True).indices]
+        full = len(members) // block
+        blocks = members[: full * block].view(full, block)[torch.randperm(full, generator=generator)]
+        pieces += [blocks.reshape(-1), members[full * block :]]
+    return torch.cat(pieces)
 
 
 class WeightedExamples(Dataset):

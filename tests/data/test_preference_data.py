@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from conftest import TINY, chat, supervised_spans
 
 from plpost.data.formats import DataValidationError
@@ -217,3 +218,23 @@ def test_long_prompts_keep_their_end_and_pairs_left_without_completion_are_skipp
     data = PreferenceDataModule(TINY, train=[long_prompt, long_row(1)], max_length=10)
     data.setup("fit")
     assert data.counts["train"] == {"records": 2, "kept": 1, "skipped (a completion has no token left after truncation)": 1}
+
+
+def test_length_grouped_training_batches_pad_less_and_hold_the_same_pairs():
+    """Pairs of 1 to 40 digits in random order, 4 per batch: grouped in runs of 5 batches, the
+    epoch feeds fewer padded tokens, yet holds every pair once and normalises each step by the
+    pairs it holds."""
+    digits = torch.randint(1, 41, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+    rows = [{"prompt": user(f"{i}"), "chosen": assistant("7" * n), "rejected": assistant("3" * n)}
+            for i, n in enumerate(digits)]
+
+    def epoch(group_by_length):
+        data = PreferenceDataModule(TINY, train=rows, batch_size=4, seed=1, group_by_length=group_by_length)
+        data.setup("fit")
+        return list(data.train_dataloader())
+
+    plain, grouped = epoch(None), epoch(5)
+    assert sorted(i for b in grouped for i in b.pair_index.tolist()) == list(range(40))
+    assert all(b.pair_normalizer.item() == 4 for b in grouped)
+    fed = [sum(b.input_ids.numel() for b in batches) for batches in (plain, grouped)]
+    assert fed[1] < 0.8 * fed[0]
