@@ -5,17 +5,24 @@ A case is (stage, variant); each case runs once per framework. Variants:
   packed rows. Each micro-batch is one row of concatenated sequences, position ids restarting per
   sequence (no TRL-style fixed-length bin packing: the batches stay the same 8 sequences everywhere).
 - sft "padded": every row padded to the longest row of its micro-batch.
-- reward "padded", dpo "live-ref" / "precomputed-ref": preference pairs padded to the longest of
-  the 2 x batch_size rows (TRL's DPO has padding_free disabled in 1.16, and neither plpost nor TRL
-  packs preference pairs). reward / dpo "padding-free" (raw loop only, see ONLY): the pairs' 2N
-  sequences packed into one row, what a packed PreferenceDataModule would gain; DPO with a live reference.
-  reward "length-grouped": the pairs in the order of plpost's `PreferenceDataModule(group_by_length=
-  length_group_batches)` (sorted by length within groups of that many batches, batches shuffled
-  within each group; see `plpost.data.sampler.length_grouped_order`). plpost draws that order with its
-  sampler from the rows as they are; TRL (sequential sampling) and the raw loop are handed the rows
-  already in it, so all three train on the same batches. The mix of pairs per step differs from
-  "padded", so compare it with "padded" in tokens/s, not steps/s.
-  "live-ref" keeps a frozen copy of the reference in memory and runs it every step;
+- reward "padded", dpo "live-ref" / "precomputed-ref": preference pairs as each framework feeds them
+  by default. TRL and the raw loop pad the 2 x batch_size rows (chosen and rejected) to the
+  longest; plpost's RewardModule and DPOModule share each pair's prompt (`share_prompt=True`: one
+  row of prompt + chosen + rejected per pair, so a prompt is computed once; TRL has no such layout).
+  Real tokens count a pair as two sequences in every framework, so tokens/s compare the same work.
+- reward / dpo "two-row" (plpost only): `share_prompt=False`, the 2 x batch_size padded rows as in
+  TRL; DPO with a live reference. Against "padded" / "live-ref" it measures prompt sharing.
+- reward / dpo "padding-free" (raw loop only): the pairs' 2N sequences packed into one row, what a
+  packed PreferenceDataModule would gain; DPO with a live reference (TRL's DPO has padding_free
+  disabled in 1.16, and neither plpost nor TRL packs preference pairs).
+- reward "length-grouped": each framework's default reward setting, on the pairs in the order of
+  plpost's `PreferenceDataModule(group_by_length=length_group_batches)` (sorted by length within
+  groups of that many batches, batches shuffled within each group; see
+  `plpost.data.sampler.length_grouped_order`). plpost draws that order with its sampler from the
+  rows as they are; TRL (sequential sampling) and the raw loop are handed the rows already in it,
+  so all three train on the same batches. The mix of pairs per step differs from "padded", so
+  compare it with "padded" in tokens/s, not steps/s.
+- dpo "live-ref" keeps a frozen copy of the reference in memory and runs it every step;
   "precomputed-ref" computes the reference log-probs of every pair once before training
   (plpost `reference="precomputed"`, TRL `precompute_ref_log_probs=True`); that pass is not timed.
 """
@@ -26,11 +33,14 @@ from dataclasses import dataclass, field, replace
 
 STAGES = ("sft", "reward", "dpo")
 FRAMEWORKS = ("plpost", "trl", "raw")
-VARIANTS = {"sft": ("padding-free", "padded"), "reward": ("padded", "padding-free", "length-grouped"),
-            "dpo": ("live-ref", "precomputed-ref", "padding-free")}
-ONLY = {("reward", "padding-free"): ("raw",), ("dpo", "padding-free"): ("raw",)}
-"""Cases that not every framework can run: neither plpost nor TRL (1.16) packs preference pairs, so
-the raw loop alone measures what packing would gain."""
+VARIANTS = {"sft": ("padding-free", "padded"), "reward": ("padded", "two-row", "length-grouped", "padding-free"),
+            "dpo": ("live-ref", "precomputed-ref", "two-row", "padding-free")}
+ONLY = {
+    ("reward", "padding-free"): ("raw",), ("dpo", "padding-free"): ("raw",),
+    ("reward", "two-row"): ("plpost",), ("dpo", "two-row"): ("plpost",),
+}
+"""Cases that not every framework runs: neither plpost nor TRL (1.16) packs preference pairs, so the
+raw loop alone measures what packing would gain; "two-row" is plpost without prompt sharing."""
 
 
 @dataclass(frozen=True)
@@ -110,8 +120,8 @@ PRESETS = {
         # either thread is descheduled (step times jumped between 3 s and 15 s with 2 threads).
         threads=1,
         cases=(("sft", "padding-free"), ("reward", "padded"), ("dpo", "live-ref"), ("sft", "padded"),
-               ("dpo", "precomputed-ref"), ("reward", "padding-free"), ("dpo", "padding-free"),
-               ("reward", "length-grouped")),
+               ("dpo", "precomputed-ref"), ("reward", "length-grouped"), ("reward", "two-row"), ("dpo", "two-row"),
+               ("reward", "padding-free"), ("dpo", "padding-free")),
         run_timeout_s=300,
         logprob_memory=(8192, 32000, "bfloat16"),
         notes="1 CPU thread per run, fp32, sdpa attention",
@@ -134,7 +144,8 @@ PRESETS = {
         timed_steps=20,
         fused_adamw=True,
         cases=(("sft", "padding-free"), ("reward", "padded"), ("dpo", "live-ref"), ("dpo", "precomputed-ref"),
-               ("sft", "padded"), ("reward", "padding-free"), ("dpo", "padding-free"), ("reward", "length-grouped")),
+               ("sft", "padded"), ("reward", "length-grouped"), ("reward", "two-row"), ("dpo", "two-row"),
+               ("reward", "padding-free"), ("dpo", "padding-free")),
         run_timeout_s=150,
         logprob_memory=(8192, 32000, "bfloat16"),
         fsdp_smoke_steps=3,

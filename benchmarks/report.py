@@ -92,7 +92,8 @@ def throughput_table(report: dict) -> list[str]:
         + ("MFU: 6 x matmul params x real tokens/s / peak (no attention term, no reference forward); " if cuda else
            "tokens/CPU-s: real tokens per second of CPU time this process used in the timed window "
            "(independent of the load); ")
-        + f"padding: share of pad tokens in the fed batches; peak mem: {mem}; set-up: process start to the first "
+        + "padding: share of pad tokens in the collated two-row batches (plpost's shared-prompt rows feed each "
+        f"prompt once and are not counted here); peak mem: {mem}; set-up: process start to the first "
         "step (imports, model load, tokenization, a precomputed reference pass).",
         "",
     ]
@@ -111,6 +112,8 @@ def optimisation_lines(report: dict) -> list[str]:
     pairs = [("SFT packing (padding-free) vs padded", "sft", "padded", "padding-free"),
              ("DPO precomputed reference vs live copy", "dpo", "live-ref", "precomputed-ref"),
              ("reward pairs packed vs padded", "reward", "padded", "padding-free"),
+             ("reward prompt shared by chosen and rejected vs two padded rows", "reward", "two-row", "padded"),
+             ("DPO prompt shared vs two padded rows (live reference)", "dpo", "two-row", "live-ref"),
              ("reward pairs length-grouped vs padded", "reward", "padded", "length-grouped"),
              ("DPO pairs packed vs padded (live reference)", "dpo", "live-ref", "padding-free")]
     for title, stage, before_variant, after_variant in pairs:

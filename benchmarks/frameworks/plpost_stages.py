@@ -39,9 +39,10 @@ def build(stage: str, variant: str, preset: Preset, model_dir: str, rows: list[d
         return SFTModule(model_dir, **common), ChatDataModule(**data, packing=variant == "padding-free")
     if stage == "reward":
         group_by_length = preset.length_group_batches if variant == "length-grouped" else None
-        return RewardModule(model_dir, **common), PreferenceDataModule(**data, group_by_length=group_by_length)
-    reference = {"live-ref": "copy", "precomputed-ref": "precomputed"}[variant]
-    module = DPOModule(model_dir, beta=DPO_BETA, reference=reference,
+        module = RewardModule(model_dir, share_prompt=variant != "two-row", **common)
+        return module, PreferenceDataModule(**data, group_by_length=group_by_length)
+    reference = "precomputed" if variant == "precomputed-ref" else "copy"
+    module = DPOModule(model_dir, beta=DPO_BETA, reference=reference, share_prompt=variant != "two-row",
                        reference_cache_dir=str(workdir / "plpost-ref-cache"), **common)
     return module, PreferenceDataModule(**data)
 
@@ -71,5 +72,6 @@ def settings(stage: str, variant: str, preset: Preset) -> str:
         return "ChatDataModule(packing=True)" if variant == "padding-free" else "ChatDataModule(packing=False)"
     if stage == "reward":
         grouping = f"group_by_length={preset.length_group_batches}" if variant == "length-grouped" else ""
-        return f"RewardModule + PreferenceDataModule({grouping})"
-    return f"DPOModule(reference={'copy' if variant == 'live-ref' else 'precomputed'})"
+        return f"RewardModule(share_prompt={variant != 'two-row'}) + PreferenceDataModule({grouping})"
+    reference = "precomputed" if variant == "precomputed-ref" else "copy"
+    return f"DPOModule(reference={reference}, share_prompt={variant != 'two-row'})"

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, NamedTuple
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from plpost.data.tokenize import IGNORE_INDEX
-from plpost.losses import DPOLoss, chosen_nll, dpo_loss, next_token_targets, sequence_logprobs, token_logprobs
+from plpost.data.shared_prompt import check_shared_prompt_attention, share_prompts
+from plpost.losses import DPOLoss, chosen_nll, dpo_loss
 from plpost.modules.base import LoraSettings, PostTrainingModule, default_optimizer
+from plpost.modules.preference_logps import ChosenRejected, completion_lengths, pair_logps, shared_pair_logps
 from plpost.modules.reference import (
     FrozenCopy,
     adapter_disabled,
@@ -37,32 +38,6 @@ PAIR_METRICS = (
 
 def metric_key(name: str) -> str:
     return name.replace("/", "_")  # a module name cannot hold "/"
-
-
-class ChosenRejected(NamedTuple):
-    """One value per pair for each side: (N,) chosen, (N,) rejected."""
-
-    chosen: Tensor
-    rejected: Tensor
-
-
-def pair_logps(model: nn.Module, batch: PreferenceBatch) -> ChosenRejected:
-    """log pi(y|x) of every chosen and rejected completion, summed over its completion tokens.
-
-    ONE forward over the 2N rows of the batch (the N chosen, then the N rejected).
-    """
-    logits = model(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-        use_cache=False,
-    ).logits
-    targets = next_token_targets(batch.labels)
-    logps = sequence_logprobs(token_logprobs(logits, targets), targets != IGNORE_INDEX)
-    return ChosenRejected(*logps.chunk(2))
-
-
-def completion_lengths(labels: Tensor) -> ChosenRejected:
-    """The completion tokens of each chosen and rejected row: the tokens `pair_logps` sums."""
-    return ChosenRejected(*(next_token_targets(labels) != IGNORE_INDEX).sum(-1).chunk(2))
 
 
 def zero_dropout(model: nn.Module) -> None:
@@ -107,6 +82,11 @@ class DPOModule(PostTrainingModule):
             starting weights). Not with "adapter", whose reference is always `model`.
         reference_cache_dir: where "precomputed" keeps its log-probs, one file per reference,
             tokenizer and data; a rerun with the same ones reads them instead of recomputing.
+        share_prompt: compute each pair's prompt once, in one row of prompt + chosen + rejected
+            with a mask that keeps the rejected tokens from seeing the chosen ones (see
+            `plpost.data.shared_prompt`), for the policy and the reference alike: the same
+            log-probs and gradients, fewer tokens. Needs attn_implementation "sdpa" or "eager";
+            off, chosen and rejected are two padded rows.
         disable_dropout: turn off every dropout in the policy, so its log-probs are as
             deterministic as the reference's (as TRL's DPO does by default).
         random_init: build the model from its config with random weights instead of loading them.
@@ -135,6 +115,7 @@ class DPOModule(PostTrainingModule):
         reference: ReferenceKind = "copy",
         reference_model: str | None = None,
         reference_cache_dir: str = ".plpost-cache/reference",
+        share_prompt: bool = True,
         disable_dropout: bool = True,
         random_init: bool = False,
         dtype: Literal["float32", "bfloat16", "float16"] | None = None,
@@ -196,6 +177,8 @@ class DPOModule(PostTrainingModule):
         self.policy = self.prepare_trainable(start)
         if self.hparams.disable_dropout:
             zero_dropout(self.policy)
+        if self.hparams.share_prompt:
+            check_shared_prompt_attention(self.policy.config._attn_implementation)
 
     def load_reference(self) -> nn.Module:
         return self.load_pretrained(self.reference_name, random_init=False)
@@ -213,16 +196,24 @@ class DPOModule(PostTrainingModule):
         sources.update({f"reference_logps/{split}": path for split, path in self.reference_cache_files.items()})
         return sources
 
+    def pair_logps(self, model: nn.Module, batch: PreferenceBatch) -> ChosenRejected:
+        """`model`'s log-probs of each pair's completions, in the layout `share_prompt` picks."""
+        if not self.hparams.share_prompt:
+            return pair_logps(model, batch)
+        rows = share_prompts(batch, self.tokenizer.pad_token_id)
+        mask = rows.attention_mask(self.policy.config._attn_implementation, self.policy.dtype)
+        return shared_pair_logps(model, rows, mask)
+
     # -- reference log-probs --------------------------------------------------------------
     def reference_logps(self, batch: PreferenceBatch, split: str) -> ChosenRejected | None:
         """From the frozen copy, the policy with its adapter disabled, the precomputed table, or None."""
         kind = self.hparams.reference
         if kind == "copy":
             with torch.no_grad():
-                return pair_logps(self.reference, batch)
+                return self.pair_logps(self.reference, batch)
         if kind == "adapter":
             with adapter_disabled(self.policy) as base:
-                return pair_logps(base, batch)
+                return self.pair_logps(base, batch)
         if kind == "precomputed":
             _, table = self.precomputed[split]
             return ChosenRejected(*lookup(table, batch.pair_index).unbind(-1))
@@ -268,7 +259,7 @@ class DPOModule(PostTrainingModule):
     def indexed_pair_logps(self, model: nn.Module, batch: PreferenceBatch) -> tuple[Tensor, Tensor]:
         batch = self.transfer_batch_to_device(batch, self.device, 0)
         with self.trainer.precision_plugin.val_step_context():  # the autocast the live reference runs in
-            logps = pair_logps(model, batch)
+            logps = self.pair_logps(model, batch)
         return batch.pair_index, torch.stack(logps, dim=-1)
 
     # -- steps ----------------------------------------------------------------------------
@@ -277,7 +268,7 @@ class DPOModule(PostTrainingModule):
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Per-pair losses (N,): the preference loss, plus rpo_alpha * chosen NLL; and per-pair metrics."""
         h = self.hparams
-        lengths = completion_lengths(batch.labels)
+        lengths = completion_lengths(batch)
         out: DPOLoss = dpo_loss(
             policy.chosen, policy.rejected, *(reference or (None, None)), beta=h.beta, loss_type=h.loss_type,
             label_smoothing=h.label_smoothing, chosen_lengths=lengths.chosen, rejected_lengths=lengths.rejected,
@@ -300,7 +291,7 @@ class DPOModule(PostTrainingModule):
         return losses, metrics
 
     def training_step(self, batch: PreferenceBatch, batch_idx: int) -> Tensor:
-        policy = pair_logps(self.policy, batch)  # one forward over [chosen; rejected]
+        policy = self.pair_logps(self.policy, batch)  # one forward over the pairs
         reference = self.reference_logps(batch, "train")  # frozen copy, disabled adapter, cache, or None
         losses, metrics = self.pair_losses(policy, reference, batch)
         loss = losses.sum() / batch.pair_normalizer * self.loss_scale()  # per pair of the whole optimizer step
@@ -310,7 +301,7 @@ class DPOModule(PostTrainingModule):
         return loss
 
     def validation_step(self, batch: PreferenceBatch, batch_idx: int) -> None:
-        policy = pair_logps(self.policy, batch)
+        policy = self.pair_logps(self.policy, batch)
         reference = self.reference_logps(batch, "val")
         _, metrics = self.pair_losses(policy, reference, batch)
         for name, values in metrics.items():

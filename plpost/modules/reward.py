@@ -12,6 +12,7 @@ from torchmetrics import MeanMetric
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
 from plpost.data.preference import PreferenceBatch
+from plpost.data.shared_prompt import SharedPromptRows, check_shared_prompt_attention, share_prompts
 from plpost.hf import load_causal_lm
 from plpost.losses import RewardLoss, bradley_terry_loss, reward_centering_penalty
 from plpost.modules.base import LoraSettings, PostTrainingModule, default_optimizer
@@ -33,13 +34,7 @@ def sequence_rewards(
     position_ids default to positions counted from each row's first real token, so a
     left-padded row gets the reward it has unpadded. `model` may be wrapped by peft.
     """
-    classifier = model.get_base_model() if hasattr(model, "get_base_model") else model
-    head = getattr(classifier, SCORE_HEAD, None)
-    if head is None or classifier.base_model is classifier:
-        raise TypeError(
-            f"{type(classifier).__name__} has no `base_model` backbone with a `{SCORE_HEAD}` head; plpost reads "
-            "rewards from *ForSequenceClassification models built that way (Llama, Qwen2, Mistral, Gemma, ...)"
-        )
+    classifier, head = backbone_and_head(model)
     if position_ids is None:
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     hidden = classifier.base_model(
@@ -48,6 +43,31 @@ def sequence_rewards(
     time = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
     last_real = (time * attention_mask.bool()).argmax(-1)  # the largest position where the mask is 1
     return head(hidden[torch.arange(hidden.shape[0], device=hidden.device), last_real]).squeeze(-1)
+
+
+def shared_prompt_rewards(model: nn.Module, rows: SharedPromptRows) -> tuple[Tensor, Tensor]:
+    """(chosen, rejected) rewards, (N,) each, from one forward over N prompt + chosen + rejected rows
+    (see `plpost.data.shared_prompt`): the score head at the last token of each completion."""
+    classifier, head = backbone_and_head(model)
+    mask = rows.attention_mask(classifier.config._attn_implementation, classifier.dtype)
+    hidden = classifier.base_model(
+        input_ids=rows.input_ids, attention_mask=mask, position_ids=rows.position_ids, use_cache=False
+    ).last_hidden_state
+    pairs = torch.arange(hidden.shape[0], device=hidden.device)
+    ends = torch.cat([rows.chosen_end, rows.rejected_end])
+    return head(hidden[pairs.repeat(2), ends]).squeeze(-1).chunk(2)
+
+
+def backbone_and_head(model: nn.Module) -> tuple[PreTrainedModel, nn.Module]:
+    """The `*ForSequenceClassification` model under any peft wrapper, and its score head."""
+    classifier = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = getattr(classifier, SCORE_HEAD, None)
+    if head is None or classifier.base_model is classifier:
+        raise TypeError(
+            f"{type(classifier).__name__} has no `base_model` backbone with a `{SCORE_HEAD}` head; plpost reads "
+            "rewards from *ForSequenceClassification models built that way (Llama, Qwen2, Mistral, Gemma, ...)"
+        )
+    return classifier, head
 
 
 class PairOutputs(NamedTuple):
@@ -78,6 +98,10 @@ class RewardModule(PostTrainingModule):
         tokenizer: the tokenizer (default: the model's); linked from the data in the CLI.
         center_rewards_coefficient: weight of the reward-centering penalty (Eisenstein et al.,
             2023; e.g. 0.01), which keeps rewards near 0 on average; None: no penalty.
+        share_prompt: compute each pair's prompt once, in one row of prompt + chosen + rejected
+            with a mask that keeps the rejected tokens from seeing the chosen ones (see
+            `plpost.data.shared_prompt`): the same rewards and gradients, fewer tokens. Needs
+            attn_implementation "sdpa" or "eager"; off, chosen and rejected are two padded rows.
         random_init: build the model from its config with random weights instead of loading them.
         dtype: load the weights in this dtype (default: as stored). For mixed precision use the
             Trainer's `precision` instead.
@@ -96,6 +120,7 @@ class RewardModule(PostTrainingModule):
         tokenizer: str | None = None,
         *,
         center_rewards_coefficient: float | None = None,
+        share_prompt: bool = True,
         random_init: bool = False,
         dtype: Literal["float32", "bfloat16", "float16"] | None = None,
         attn_implementation: str | None = None,
@@ -121,6 +146,7 @@ class RewardModule(PostTrainingModule):
         )
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.center_rewards_coefficient = center_rewards_coefficient
+        self.share_prompt = share_prompt
         self.train_metrics = nn.ModuleDict({name: MeanMetric() for name in PAIR_METRICS})
         self.val_metrics = nn.ModuleDict({name: MeanMetric() for name in PAIR_METRICS})
 
@@ -142,9 +168,14 @@ class RewardModule(PostTrainingModule):
     def configure_model(self) -> None:
         if self.policy is None:
             self.policy = self.prepare_trainable(self.load_pretrained(), task_type="SEQ_CLS")
+        if self.share_prompt:
+            check_shared_prompt_attention(backbone_and_head(self.policy)[0].config._attn_implementation)
 
     def rewards(self, batch: PreferenceBatch) -> tuple[Tensor, Tensor]:
-        """(chosen, rejected) rewards, (N,) each, float32, from one forward over all 2N rows."""
+        """(chosen, rejected) rewards, (N,) each, float32, from one forward (N shared-prompt rows, or 2N)."""
+        if self.share_prompt:
+            chosen, rejected = shared_prompt_rewards(self.policy, share_prompts(batch, self.tokenizer.pad_token_id))
+            return chosen.float(), rejected.float()
         rewards = sequence_rewards(self.policy, batch.input_ids, batch.attention_mask, batch.position_ids).float()
         return rewards.chunk(2)
 

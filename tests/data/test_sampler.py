@@ -118,7 +118,9 @@ def test_grouped_resume_yields_the_rest_of_the_epoch():
     lengths = [7, 3, 9, 1, 4, 4, 8, 2, 6, 5, 3]
 
     def sampler():
-        return AccumulationWindowSampler(lengths, batch_size=2, accumulate=2, seed=5, lengths=lengths, group_by_length=3)
+        return AccumulationWindowSampler(
+            lengths, batch_size=2, accumulate=2, seed=5, lengths=lengths, group_by_length=3
+        )
 
     full = sampler()
     full.set_epoch(2)

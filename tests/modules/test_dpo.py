@@ -14,7 +14,8 @@ from plpost.data.preference import PreferenceDataModule
 from plpost.hf import load_causal_lm
 from plpost.losses import DPO_LOSS_TYPES
 from plpost.modules import LoraSettings
-from plpost.modules.dpo import DPOLossType, DPOModule, pair_logps
+from plpost.modules.dpo import DPOLossType, DPOModule
+from plpost.modules.preference_logps import pair_logps, shared_pair_logps
 
 QUIET = dict(logger=False, enable_progress_bar=False, enable_model_summary=False)
 
@@ -98,7 +99,7 @@ def test_loss_is_log2_and_rewards_zero_when_the_policy_is_its_reference():
     module.train()
     batch = batch_of(varied_rows())
     reference = module.reference_logps(batch, "train")
-    losses, metrics = module.pair_losses(pair_logps(module.policy, batch), reference, batch)
+    losses, metrics = module.pair_losses(module.pair_logps(module.policy, batch), reference, batch)
     torch.testing.assert_close(losses, torch.full((7,), math.log(2)))
     for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
         torch.testing.assert_close(metrics[name], torch.zeros(7), msg=name)
@@ -111,7 +112,7 @@ def test_adapter_reference_is_the_policy_at_init_and_the_base_model_after():
     module.configure_model()
     module.train()
     batch = batch_of(varied_rows())
-    policy = pair_logps(module.policy, batch)
+    policy = module.pair_logps(module.policy, batch)
     reference = module.reference_logps(batch, "train")
     torch.testing.assert_close(reference, tuple(t.detach() for t in policy))
     for name, parameter in module.policy.named_parameters():
@@ -179,7 +180,7 @@ def test_precomputed_reference_equals_the_live_one_and_is_cached_once(tmp_path, 
     live = DPOModule(TINY, reference="copy", reference_model=other_reference)
     live.configure_model()
     batch = data.collate_fn()([(e, None) for e in data.train_examples[::2]])  # not a precompute batch
-    policy = pair_logps(live.policy, batch)
+    policy = live.pair_logps(live.policy, batch)
     expected, _ = live.pair_losses(policy, live.reference_logps(batch, "train"), batch)
     for precomputed in (module, rerun):
         got, _ = precomputed.pair_losses(policy, precomputed.reference_logps(batch, "train"), batch)
@@ -195,7 +196,8 @@ def test_validation_metrics_are_means_over_every_pair(other_reference):
     result = L.Trainer(**QUIET).validate(module, data, verbose=False)[0]
     batch = data.collate_fn()([(e, None) for e in data.val_examples])
     with torch.no_grad():
-        _, metrics = module.pair_losses(pair_logps(module.policy, batch), module.reference_logps(batch, "val"), batch)
+        policy = module.pair_logps(module.policy, batch)
+        _, metrics = module.pair_losses(policy, module.reference_logps(batch, "val"), batch)
     assert set(result) == {f"val/{name}" for name in metrics}
     for name, values in metrics.items():
         torch.testing.assert_close(torch.tensor(result[f"val/{name}"]), values.mean(), msg=name)
@@ -234,7 +236,7 @@ def test_simpo_runs_without_a_reference():
     module.configure_model()
     batch = batch_of(bundled_rows(4))
     assert module.reference is None and module.reference_logps(batch, "train") is None
-    losses, _ = module.pair_losses(pair_logps(module.policy, batch), None, batch)
+    losses, _ = module.pair_losses(module.pair_logps(module.policy, batch), None, batch)
     assert losses.shape == (4,) and torch.isfinite(losses).all()
 
 
@@ -258,3 +260,55 @@ def test_training_drives_reward_accuracy_up_on_the_bundled_pairs(tmp_path):
     fit(module, data, steps=20, callbacks=[accuracies], default_root_dir=tmp_path)
     assert accuracies.values[0] == 0.0
     assert sum(accuracies.values[-5:]) / 5 > 0.7, accuracies.values
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_shared_prompt_rows_give_the_log_probs_and_gradients_of_two_padded_rows(attn_implementation, padding_side):
+    """The first rejected token is predicted from the prompt's last position, every other token
+    from the one before it; the rest is causal attention, where a prompt does not depend on what
+    follows. Checked on the bundled pairs plus one pair with an empty prompt, where nothing
+    predicts either first token (as in a padded row)."""
+    from plpost.data.preference import collate_preference
+    from plpost.data.shared_prompt import share_prompts
+
+    data = PreferenceDataModule(TINY, train=varied_rows(), shuffle=False)
+    data.setup("fit")
+    empty_prompt = {**data.train_examples[0], "prompt_ids": [], "pair_index": 99}
+    examples = [*data.train_examples, empty_prompt]
+    pad = data.tokenizer.pad_token_id
+    batch = collate_preference([(e, None) for e in examples], pad_token_id=pad, padding_side=padding_side)
+    model = load_causal_lm(TINY, attn_implementation=attn_implementation)
+    results = []
+    for shared in (True, False):
+        model.zero_grad()
+        if shared:
+            rows = share_prompts(batch, pad)
+            logps = shared_pair_logps(model, rows, rows.attention_mask(attn_implementation, model.dtype))
+        else:
+            logps = pair_logps(model, batch)
+        (logps.chosen - 0.5 * logps.rejected).sum().backward()
+        results.append((logps, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (shared_logps, shared_grads), (padded_logps, padded_grads) = results
+    torch.testing.assert_close(tuple(shared_logps), tuple(padded_logps), rtol=1e-5, atol=1e-4)
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_shared_prompt_training_step_equals_the_two_row_step():
+    """The whole DPO step (policy and copy reference) through both layouts: the same gradients."""
+    gradients = []
+    for share_prompt in (True, False):
+        torch.manual_seed(0)
+        module = DPOModule(TINY, share_prompt=share_prompt, rpo_alpha=1.0, optimizer=sgd_lr0)
+        data = PreferenceDataModule(TINY, train=varied_rows(), batch_size=4, shuffle=False)
+        gradients.append(first_step_gradients(module, data, accumulate=1))
+    assert gradients[0].keys() == gradients[1].keys() and gradients[0]
+    for name, grad in gradients[1].items():
+        torch.testing.assert_close(gradients[0][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_shared_prompt_refuses_an_attention_without_custom_masks_before_training():
+    module = DPOModule(TINY, attn_implementation="flex_attention")
+    with pytest.raises(ValueError, match="share_prompt"):
+        module.configure_model()

@@ -16,7 +16,7 @@ from plpost.data.preference import PreferenceDataModule
 from plpost.hf import load_causal_lm
 from plpost.modules import LoraSettings
 from plpost.modules.base import PostTrainingModule
-from plpost.modules.dpo import pair_logps
+from plpost.modules.preference_logps import pair_logps
 from plpost.modules.reference import (
     FrozenCopy,
     adapter_disabled,

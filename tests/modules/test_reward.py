@@ -171,3 +171,27 @@ def test_a_model_without_a_score_head_is_refused():
     ids = torch.ones(1, 3, dtype=torch.long)
     with pytest.raises(TypeError, match="has no `base_model` backbone with a `score` head"):
         sequence_rewards(causal, ids, torch.ones_like(ids))
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_shared_prompt_rows_give_the_rewards_and_gradients_of_two_padded_rows(attn_implementation, padding_side):
+    """Causal attention: a prompt's hidden states do not depend on what follows, so computing the
+    prompt once for both completions changes the cost only. Same weights, same batch, both layouts."""
+    batch = batch_of(pairs(5), padding_side=padding_side)
+    outputs = {}
+    for share_prompt in (True, False):
+        module = built(share_prompt=share_prompt, attn_implementation=attn_implementation)
+        chosen, rejected = module.rewards(batch)
+        (chosen - 2 * rejected).sum().backward()
+        outputs[share_prompt] = (chosen, rejected, {n: p.grad for n, p in module.policy.named_parameters()})
+    shared, padded = outputs[True], outputs[False]
+    torch.testing.assert_close(shared[:2], padded[:2], atol=1e-5, rtol=1e-5)
+    for name, grad in padded[2].items():
+        torch.testing.assert_close(shared[2][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_shared_prompt_refuses_an_attention_without_custom_masks_before_training():
+    with pytest.raises(ValueError, match="share_prompt"):
+        built(attn_implementation="flex_attention")
+    built(attn_implementation="flex_attention", share_prompt=False)
