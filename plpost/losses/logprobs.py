@@ -13,6 +13,8 @@ the flattened (B*T, V) logits are upcast `chunk_size` rows at a time; forward ke
 (B*T,) log-normaliser, and backward recomputes each chunk's softmax in float32 and writes the
 gradient straight into a tensor of the logits' own dtype. Peak extra memory is one float32 chunk
 (chunk_size x V) instead of the whole batch. Neither torch nor transformers offers this op.
+float32 (or float64) logits need no upcast: at temperature 1, forward takes torch's fused
+log_softmax of each chunk and backward writes each chunk's fused softmax straight into the gradient.
 Measured on an H100, bf16 logits of 8192 tokens x 128256 vocab, forward + backward: 3.9 GiB beyond
 the logits (their bf16 gradient included) against 11.7 GiB for `log_softmax(logits.float())`, at
 27.5 ms against 18 ms (the extra passes over each chunk; small next to the model's own step).
@@ -54,34 +56,48 @@ def _check(logits: Tensor, temperature: float, chunk_size: int) -> None:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
 
 
-def _upcast(chunk: Tensor, dtype: torch.dtype, temperature: float) -> Tensor:
-    """A fresh `dtype` copy of `chunk` divided by `temperature`: the one (chunk_size, V) buffer that
-    the caller then works on in place (a copy even for float32 input, so in-place ops never touch
-    the logits)."""
-    x = chunk.to(dtype, copy=True)
-    return x if temperature == 1.0 else x.div_(temperature)
+def _upcast(chunk: Tensor, dtype: torch.dtype, temperature: float, out: Tensor | None = None) -> Tensor:
+    """`chunk / temperature` in `dtype`, written to `out` (default: a fresh buffer): the one
+    (chunk_size, V) buffer that the caller then works on in place, never the logits themselves."""
+    if out is None:
+        out = torch.empty(chunk.shape, dtype=dtype, device=chunk.device)
+    if chunk.dtype == dtype and temperature != 1.0:
+        return torch.div(chunk, temperature, out=out)  # one pass; not a copy, then a division
+    # Upcast first: dividing bf16 would round the quotient to bf16.
+    out.copy_(chunk)
+    return out if temperature == 1.0 else out.div_(temperature)
 
 
 class _TokenLogprobs(torch.autograd.Function):
     """log softmax(x / temperature)[target] over rows of (N, V) logits; see the module docstring.
-    Each chunk is worked on in place, so forward and backward each hold one float32 chunk at a time."""
+
+    Logits already in the compute dtype, at temperature 1, need no working copy: forward gathers
+    from torch's fused log_softmax of each chunk, and backward writes the fused softmax straight
+    into the gradient. Otherwise (bf16/fp16 logits, or a temperature) each chunk is upcast and/or
+    divided into one buffer, worked on in place: a fresh one, or in backward the gradient's own
+    rows when the logits are in the compute dtype. Either way, forward and backward each hold at
+    most one float32 chunk at a time."""
 
     @staticmethod
     def forward(ctx, logits: Tensor, targets: Tensor, valid: Tensor, temperature: float, chunk_size: int):
         n = logits.shape[0]
         dtype = _compute_dtype(logits.dtype)
+        fused = logits.dtype == dtype and temperature == 1.0
         out = torch.empty(n, dtype=dtype, device=logits.device)
-        lse = torch.empty(n, dtype=dtype, device=logits.device)
+        lse = None if fused else torch.empty(n, dtype=dtype, device=logits.device)
         for start in range(0, n, chunk_size):
             rows = slice(start, start + chunk_size)
-            x = _upcast(logits[rows], dtype, temperature)
-            picked = x.gather(-1, targets[rows, None]).squeeze(-1)
-            # logsumexp, in place: max-shifted so that exp() cannot overflow for huge logits.
-            top = x.amax(dim=-1, keepdim=True)
-            top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # an all -inf row
-            lse[rows] = x.sub_(top).exp_().sum(dim=-1).log_().add_(top.squeeze(-1))
-            out[rows] = picked - lse[rows]
-            del x  # free this chunk before the next is allocated: one chunk alive, not two
+            if fused:
+                out[rows] = torch.log_softmax(logits[rows], dim=-1).gather(-1, targets[rows, None]).squeeze(-1)
+            else:
+                x = _upcast(logits[rows], dtype, temperature)
+                picked = x.gather(-1, targets[rows, None]).squeeze(-1)
+                # logsumexp, in place: max-shifted so that exp() cannot overflow for huge logits.
+                top = x.amax(dim=-1, keepdim=True)
+                top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # an all -inf row
+                lse[rows] = x.sub_(top).exp_().sum(dim=-1).log_().add_(top.squeeze(-1))
+                out[rows] = picked - lse[rows]
+                del x  # free this chunk before the next is allocated: one chunk alive, not two
         ctx.save_for_backward(logits, targets, valid, lse)
         ctx.temperature = temperature
         ctx.chunk_size = chunk_size
@@ -91,16 +107,22 @@ class _TokenLogprobs(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
         logits, targets, valid, lse = ctx.saved_tensors
-        g = torch.where(valid, grad_out, torch.zeros((), dtype=grad_out.dtype, device=grad_out.device))
-        grad = torch.empty_like(logits)
         # d logp_t / d x_j = (1[j == t] - p_j) / temperature, with x = logits (not yet divided).
+        zero = torch.zeros((), dtype=grad_out.dtype, device=grad_out.device)
+        g = torch.where(valid, grad_out, zero) / ctx.temperature
+        grad = torch.empty_like(logits)
+        same_dtype = logits.dtype == _compute_dtype(logits.dtype)  # then p is built in grad itself
         for start in range(0, logits.shape[0], ctx.chunk_size):
             rows = slice(start, start + ctx.chunk_size)
-            chunk = _upcast(logits[rows], lse.dtype, ctx.temperature)
-            chunk.sub_(lse[rows, None]).exp_().mul_(-g[rows, None])  # -g p
-            chunk.scatter_add_(-1, targets[rows, None], g[rows, None])
-            grad[rows] = chunk if ctx.temperature == 1.0 else chunk.div_(ctx.temperature)
-            del chunk
+            if lse is None:
+                p = torch.softmax(logits[rows], dim=-1, out=grad[rows])
+            else:
+                into = grad[rows] if same_dtype else None  # None: a fresh float32 chunk
+                p = _upcast(logits[rows], lse.dtype, ctx.temperature, out=into).sub_(lse[rows, None]).exp_()
+            p.mul_(-g[rows, None]).scatter_add_(-1, targets[rows, None], g[rows, None])  # g (onehot - p)
+            if not same_dtype:
+                grad[rows] = p
+            del p  # as in forward: one chunk alive, not two
         return grad, None, None, None, None
 
 

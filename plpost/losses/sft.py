@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import torch
 from torch import Tensor
 
 from plpost.losses.logprobs import token_logprobs
@@ -19,7 +20,9 @@ class SFTTokenLosses(NamedTuple):
     mask: Tensor
     """bool, True where the position is supervised (target != ignore_index)."""
     correct: Tensor
-    """bool, True where argmax(logits) == target on a supervised position (token accuracy)."""
+    """bool, True where the target's logit is the largest of its row, on a supervised position
+    (token accuracy). A target tied for the largest counts as correct, whereas argmax would credit
+    only the first of the tied tokens."""
 
 
 def sft_token_losses(
@@ -43,5 +46,9 @@ def sft_token_losses(
     """
     losses = -token_logprobs(logits, targets, ignore_index=ignore_index, chunk_size=chunk_size)
     mask = targets != ignore_index
-    correct = (logits.argmax(dim=-1) == targets) & mask
+    # The target's logit against the row max, not argmax == target: the two differ only on exact
+    # ties, and on CPU argmax is 12x (float32) to 18x (bf16) slower than amax (1536 x 2048 logits).
+    logits = logits.detach()
+    picked = logits.gather(-1, torch.where(mask, targets, 0)[..., None]).squeeze(-1)
+    correct = (picked == logits.amax(dim=-1)) & mask
     return SFTTokenLosses(losses=losses, mask=mask, correct=correct)

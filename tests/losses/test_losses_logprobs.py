@@ -56,11 +56,18 @@ def test_token_logprobs_matches_float64_reference():
         torch.testing.assert_close(out, reference_logprobs(logits, targets, temperature))
 
 
-def test_chunked_equals_unchunked_exactly():
+@pytest.mark.parametrize(
+    ("dtype", "temperature"),
+    [(torch.bfloat16, 0.9), (torch.float32, 1.0), (torch.float32, 0.9)],
+    ids=["bf16-upcast", "fp32-fused", "fp32-divided"],
+)
+def test_chunked_equals_unchunked_exactly(dtype, temperature):
     """Chunking only groups rows; each row is reduced on its own, so values and gradients are
-    bit-identical for every chunk size (1, one that does not divide B*T, and one chunk)."""
+    bit-identical for every chunk size (1, one that does not divide B*T, and one chunk), on each
+    path: bf16 upcast per chunk, float32 through the fused log_softmax/softmax (temperature 1),
+    float32 divided by the temperature."""
     g = torch.Generator().manual_seed(1)
-    logits = (torch.randn(3, 5, 97, generator=g) * 4).bfloat16()
+    logits = (torch.randn(3, 5, 97, generator=g) * 4).to(dtype)
     targets = torch.randint(0, 97, (3, 5), generator=g)
     targets[1, :2] = -100
     weights = torch.randn(3, 5, generator=g)
@@ -72,8 +79,8 @@ def test_chunked_equals_unchunked_exactly():
         return out, grad
 
     for fn in (
-        lambda x, c: token_logprobs(x, targets, temperature=0.9, chunk_size=c),
-        lambda x, c: token_entropy(x, temperature=0.9, chunk_size=c),
+        lambda x, c: token_logprobs(x, targets, temperature=temperature, chunk_size=c),
+        lambda x, c: token_entropy(x, temperature=temperature, chunk_size=c),
     ):
         full, full_grad = run(fn, 4096)
         for chunk_size in (1, 4, 15):
@@ -122,12 +129,17 @@ def test_huge_logits_are_stable():
 
 def test_gradients_match_autograd_in_float64():
     """The hand-written backward (d log p_t / d x_j = (1[j = t] - p_j) / T, and
-    dH / d x_j = -p_j (log p_j + H) / T) agrees with finite differences."""
+    dH / d x_j = -p_j (log p_j + H) / T) agrees with finite differences, for log-probs both at
+    temperature 1 (fused log_softmax, softmax written into the gradient) and at 0.8 (each chunk
+    divided, worked on in the gradient's rows)."""
     g = torch.Generator().manual_seed(4)
     logits = torch.randn(2, 3, 5, generator=g, dtype=F64, requires_grad=True)
     targets = torch.tensor([[0, 4, -100], [2, 2, 1]])
     mask = torch.tensor([[1, 1, 0], [1, 0, 1]])
-    assert torch.autograd.gradcheck(lambda x: token_logprobs(x, targets, temperature=0.8, chunk_size=4), (logits,))
+    for temperature in (1.0, 0.8):
+        assert torch.autograd.gradcheck(
+            lambda x: token_logprobs(x, targets, temperature=temperature, chunk_size=4), (logits,)
+        )
     assert torch.autograd.gradcheck(lambda x: token_entropy(x, mask, temperature=1.3, chunk_size=4), (logits,))
 
 
@@ -144,9 +156,11 @@ def test_bf16_gradient_keeps_dtype_and_matches_reference():
     torch.testing.assert_close(grad.double(), ref, atol=4e-3, rtol=8e-3)
 
 
-def test_backward_saves_no_float32_copy_of_the_logits():
-    """Autograd keeps only the bf16 logits themselves plus (B*T,)-sized tensors for backward."""
-    logits = torch.randn(2, 16, 1000).bfloat16().requires_grad_(True)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_backward_saves_no_float32_copy_of_the_logits(dtype):
+    """Autograd keeps only the logits themselves plus (B*T,)-sized tensors for backward: no float32
+    copy of bf16 logits, and no log-softmax of float32 ones."""
+    logits = torch.randn(2, 16, 1000).to(dtype).requires_grad_(True)
     targets = torch.randint(0, 1000, (2, 16))
     saved = []
 
@@ -161,6 +175,90 @@ def test_backward_saves_no_float32_copy_of_the_logits():
     for t in saved:
         same_storage = t.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr()
         assert same_storage or t.numel() <= 2 * 16, (t.dtype, tuple(t.shape))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_float32_logits_match_float64_reference(temperature):
+    """float32 logits are never upcast: at temperature 1 each chunk goes through the fused
+    log_softmax, and backward's softmax is written into the gradient; at 0.7 each chunk is divided
+    into one buffer. Values and gradient equal the float64 autograd reference of the same float32
+    values to float32 rounding (|log p| <= ~30 here, eps 1.2e-7, so 1e-5; |grad| <= 4), and
+    ignored positions get exactly 0 and a zero gradient."""
+    g = torch.Generator().manual_seed(8)
+    logits = torch.randn(3, 9, 401, generator=g) * 4
+    targets = torch.randint(0, 401, (3, 9), generator=g)
+    targets[2, 3:] = -100
+    weights = torch.randn(3, 9, generator=g)
+    x64 = logits.double().requires_grad_(True)
+    ref = reference_logprobs(x64, targets, temperature)
+    (ref_grad,) = torch.autograd.grad((ref * weights).sum(), x64)
+    x = logits.clone().requires_grad_(True)
+    out = token_logprobs(x, targets, temperature=temperature, chunk_size=4)
+    (grad,) = torch.autograd.grad((out * weights).sum(), x)
+    assert out.dtype == grad.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref.detach(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(grad.double(), ref_grad, atol=1e-6, rtol=1e-5)
+    assert (out[2, 3:] == 0).all() and (grad[2, 3:] == 0).all()
+
+
+@pytest.mark.parametrize(("dtype", "eps"), [(torch.bfloat16, 2.0**-8), (torch.float16, 2.0**-11)], ids=["bf16", "fp16"])
+def test_low_precision_logits_with_temperature_match_float64_reference(dtype, eps):
+    """A temperature on bf16/fp16 logits: each chunk is upcast, then divided (a quotient in bf16
+    would be off by ~0.03 here, 2^-9 of |logit| / T ~ 16). Values to float32 arithmetic (1e-4, as
+    for bf16 above); the gradient, in the logits' dtype, to its rounding (unit roundoff `eps`,
+    relative, and |grad| <= 1 / T)."""
+    g = torch.Generator().manual_seed(9)
+    temperature = 0.6
+    logits = (torch.randn(2, 6, 300, generator=g) * 3).to(dtype).requires_grad_(True)
+    targets = torch.randint(0, 300, (2, 6), generator=g)
+    targets[0, :2] = -100
+    out = token_logprobs(logits, targets, temperature=temperature, chunk_size=5)
+    (grad,) = torch.autograd.grad(out.sum(), logits)
+    x64 = logits.detach().double().requires_grad_(True)
+    ref = reference_logprobs(x64, targets, temperature)
+    (ref_grad,) = torch.autograd.grad(ref.sum(), x64)
+    torch.testing.assert_close(out.double(), ref.detach(), atol=1e-4, rtol=0)
+    assert grad.dtype == dtype
+    torch.testing.assert_close(grad.double(), ref_grad, atol=eps / temperature, rtol=2 * eps)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "temperature"), [(torch.float32, 1.0), (torch.float32, 2.0), (torch.bfloat16, 1.0), (F64, 1.0)]
+)
+def test_minus_inf_logits(dtype, temperature):
+    """As the naive log_softmax, on every path. Logits (0, 0, -inf, -inf): p = (1/2, 1/2, 0, 0) at
+    any temperature; target 1 has log p = ln 1/2 and gradient (-1/2, 1/2, 0, 0) / T; target 2 has
+    log p = -inf and a finite gradient (-1/2, -1/2, 1, 0) / T. A row that is -inf throughout has no
+    distribution: NaN where supervised, exactly 0 where its target is ignored."""
+    inf = math.inf
+    logits = torch.tensor([[[0.0, 0.0, -inf, -inf], [0.0, 0.0, -inf, -inf], [-inf] * 4, [-inf] * 4]], dtype=dtype)
+    logits.requires_grad_(True)
+    targets = torch.tensor([[1, 2, 0, -100]])
+    out = token_logprobs(logits, targets, temperature=temperature, chunk_size=3)
+    (grad,) = torch.autograd.grad(out[0, :2].sum(), logits)
+    assert out[0, 0].item() == pytest.approx(math.log(0.5)) and out[0, 1].item() == -inf
+    assert out[0, 2].isnan() and out[0, 3].item() == 0.0
+    expected = torch.tensor([[-0.5, 0.5, 0.0, 0.0], [-0.5, -0.5, 1.0, 0.0]], dtype=F64) / temperature
+    torch.testing.assert_close(grad[0, :2].double(), expected)
+
+
+@pytest.mark.parametrize(("dtype", "temperature"), [(torch.float32, 1.0), (torch.float32, 0.7), (torch.bfloat16, 1.0)])
+def test_strided_logits_from_a_padded_vocabulary(dtype, temperature):
+    """Logits sliced from a wider (padded-vocabulary) tensor have strided rows. Values and the
+    gradient, written into the slice of the wide tensor (zero in the padding), match the reference."""
+    g = torch.Generator().manual_seed(10)
+    wide = (torch.randn(2, 5, 40, generator=g) * 3).to(dtype).requires_grad_(True)
+    targets = torch.randint(0, 33, (2, 5), generator=g)
+    targets[1, 3:] = -100
+    out = token_logprobs(wide[..., :33], targets, temperature=temperature, chunk_size=3)
+    (grad,) = torch.autograd.grad(out.sum(), wide)
+    x64 = wide.detach()[..., :33].double().requires_grad_(True)
+    ref = reference_logprobs(x64, targets, temperature)
+    (ref_grad,) = torch.autograd.grad(ref.sum(), x64)
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 4e-3, "rtol": 8e-3}
+    torch.testing.assert_close(out.double(), ref.detach(), atol=1e-4, rtol=0)
+    torch.testing.assert_close(grad[..., :33].double(), ref_grad, **tol)
+    assert (grad[..., 33:] == 0).all()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="peak-memory check needs CUDA")
