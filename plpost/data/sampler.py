@@ -127,9 +127,9 @@ def length_grouped_order(
     `block * blocks_per_group` positions; each group is sorted by length (longest first, ties in
     their shuffled order) and cut into blocks, the partition of a whole group with the fewest
     pads. Its full blocks are then shuffled with `generator`, so steps do not go from long to short
-    in a saw-tooth; a short last block stays last. No example
-    leaves its group: each group still draws from the whole shuffled epoch, and a larger group
-    trades that randomness for less padding (1 sorts each block on its own: no reordering at all).
+    in a saw-tooth; a short last block stays last. No example leaves its group: each group still
+    draws from the whole shuffled epoch, and a larger group trades that randomness for less
+    padding (with 1, every block keeps its examples and only their order within it changes).
     """
     group = block * blocks_per_group
     pieces = []
