@@ -5,6 +5,8 @@ A case is (stage, variant); each case runs once per framework. Variants:
   packed rows. Each micro-batch is one row of concatenated sequences, position ids restarting per
   sequence (no TRL-style fixed-length bin packing: the batches stay the same 8 sequences everywhere).
 - sft "padded": every row padded to the longest row of its micro-batch.
+- sft "checkpointed": "padded" with activation (gradient) checkpointing on in every framework
+  (non-reentrant): each decoder layer's activations are recomputed in the backward pass.
 - reward "padded", dpo "live-ref" / "precomputed-ref": preference pairs as each framework feeds them
   by default. TRL and the raw loop pad the 2 x batch_size rows (chosen and rejected) to the
   longest; plpost's RewardModule and DPOModule share each pair's prompt (`share_prompt=True`: one
@@ -33,7 +35,7 @@ from dataclasses import dataclass, field, replace
 
 STAGES = ("sft", "reward", "dpo")
 FRAMEWORKS = ("plpost", "trl", "raw")
-VARIANTS = {"sft": ("padding-free", "padded"), "reward": ("padded", "two-row", "length-grouped", "padding-free"),
+VARIANTS = {"sft": ("padding-free", "padded", "checkpointed"), "reward": ("padded", "two-row", "length-grouped", "padding-free"),
             "dpo": ("live-ref", "precomputed-ref", "two-row", "padding-free")}
 ONLY = {
     ("reward", "padding-free"): ("raw",), ("dpo", "padding-free"): ("raw",),
@@ -60,6 +62,8 @@ class Preset:
     extras_after: run the log-prob memory check and the FSDP smoke after this many cases (None: last).
     logprob_memory: (tokens, vocab, dtype) of the chunked-vs-naive log-softmax measurement, or None.
     fsdp_smoke_steps: steps of each stage under Lightning's FSDP strategy on one GPU (0: skip).
+    ppo_rollouts / ppo_prompts / ppo_max_new_tokens: plpost's PPO for that many timed rollouts of
+        that many prompts, sampling up to that many tokens each (0 rollouts: skip; see ppo_rollouts.py).
     """
 
     name: str
@@ -84,6 +88,9 @@ class Preset:
     run_timeout_s: int = 600
     logprob_memory: tuple[int, int, str] | None = None
     fsdp_smoke_steps: int = 0
+    ppo_rollouts: int = 0
+    ppo_prompts: int = 32
+    ppo_max_new_tokens: int = 64
     extras_after: int | None = None
     notes: str = ""
     extra: dict = field(default_factory=dict)
@@ -121,9 +128,12 @@ PRESETS = {
         threads=1,
         cases=(("sft", "padding-free"), ("reward", "padded"), ("dpo", "live-ref"), ("sft", "padded"),
                ("dpo", "precomputed-ref"), ("reward", "length-grouped"), ("reward", "two-row"), ("dpo", "two-row"),
-               ("reward", "padding-free"), ("dpo", "padding-free")),
+               ("sft", "checkpointed"), ("reward", "padding-free"), ("dpo", "padding-free")),
         run_timeout_s=300,
         logprob_memory=(8192, 32000, "bfloat16"),
+        ppo_rollouts=4,
+        ppo_prompts=32,
+        ppo_max_new_tokens=48,
         notes="1 CPU thread per run, fp32, sdpa attention",
     ),
     "gpu-0.5b": Preset(
@@ -145,10 +155,13 @@ PRESETS = {
         fused_adamw=True,
         cases=(("sft", "padding-free"), ("reward", "padded"), ("dpo", "live-ref"), ("dpo", "precomputed-ref"),
                ("sft", "padded"), ("reward", "length-grouped"), ("reward", "two-row"), ("dpo", "two-row"),
-               ("reward", "padding-free"), ("dpo", "padding-free")),
+               ("sft", "checkpointed"), ("reward", "padding-free"), ("dpo", "padding-free")),
         run_timeout_s=150,
         logprob_memory=(8192, 32000, "bfloat16"),
         fsdp_smoke_steps=3,
+        ppo_rollouts=4,
+        ppo_prompts=64,
+        ppo_max_new_tokens=256,
         extras_after=3,
         notes="one GPU, bf16-mixed, sdpa attention",
     ),
@@ -170,6 +183,9 @@ PRESETS = {
         timed_steps=2,
         threads=1,
         cases=ALL_CASES,
+        ppo_rollouts=1,
+        ppo_prompts=4,
+        ppo_max_new_tokens=8,
         run_timeout_s=120,
     ),
 }

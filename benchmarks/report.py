@@ -110,6 +110,7 @@ def optimisation_lines(report: dict) -> list[str]:
     lines = ["| optimisation | framework | before | after | speed-up | peak mem before -> after (MiB) |",
              "| --- | --- | ---: | ---: | ---: | --- |"]
     pairs = [("SFT packing (padding-free) vs padded", "sft", "padded", "padding-free"),
+             ("SFT activation checkpointing vs none (padded)", "sft", "padded", "checkpointed"),
              ("DPO precomputed reference vs live copy", "dpo", "live-ref", "precomputed-ref"),
              ("reward pairs packed vs padded", "reward", "padded", "padding-free"),
              ("reward prompt shared by chosen and rejected vs two padded rows", "reward", "two-row", "padded"),
@@ -161,6 +162,25 @@ def fsdp_lines(report: dict) -> list[str]:
     return lines + [""]
 
 
+def ppo_lines(report: dict) -> list[str]:
+    ppo = report.get("ppo")
+    if not ppo:
+        return []
+    if not ppo.get("ok"):
+        return [f"PPO (plpost): failed: {ppo.get('error', '?')}", ""]
+    return [
+        f"PPO (plpost; TRL 1.16 has no PPO trainer): {ppo['rollouts']} timed rollouts of {ppo['prompts_per_rollout']} "
+        f"prompts, up to {ppo['max_new_tokens']} new tokens (mean response {ppo['response_length']:.1f} tokens), "
+        "2 PPO epochs x 2 mini-batches, value head on the policy, frozen reference copy:",
+        "",
+        "| episodes/s | generation + scoring s | update s | generation share | peak mem (MiB) |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+        f"| {ppo['episodes_per_s']:.1f} | {ppo['generation_s']:.2f} | {ppo['update_s']:.2f} | "
+        f"{100 * ppo['generation_share']:.0f}% | {ppo['peak_mem_mib']:.0f} |",
+        "",
+    ]
+
+
 def mismatches(report: dict) -> list[str]:
     wrong = [r for r in report["runs"] if r.get("ok") and r.get("tokens_match_data") is False]
     return [f"WARNING: {r['framework']} {r['stage']} {r['variant']} trained on {r['real_tokens']} real tokens, "
@@ -175,7 +195,7 @@ def render(report: dict) -> str:
     optimisations = optimisation_lines(report)
     if optimisations:
         lines += ["Optimisations, before/after (same run):", ""] + optimisations
-    lines += fsdp_lines(report) + mismatches(report)
+    lines += fsdp_lines(report) + ppo_lines(report) + mismatches(report)
     return "\n".join(lines) + "\n"
 
 

@@ -278,6 +278,15 @@ def run_extras(preset, args, model_dir, rows_files, workdir, remaining) -> dict:
                           workdir / "logs" / "fsdp.log", min(300, remaining()))
         extras["fsdp_smoke"] = json.loads(out.read_text()) if out.exists() else [{"ok": False, "error": f"exit {code}"}]
         print(f"[bench] FSDP smoke: {extras['fsdp_smoke']}", flush=True)
+    prompts_file = rows_files.get("reward") or rows_files.get("dpo")  # preference rows hold the prompts
+    if preset.ppo_rollouts and prompts_file and remaining() > MIN_RUN_S:
+        spec = {"preset": asdict(preset), "model_dir": model_dir, "rows_file": prompts_file}
+        (workdir / "ppo-spec.json").write_text(json.dumps(spec))
+        out = workdir / "ppo.json"
+        code = run_module("benchmarks.ppo_rollouts", [str(workdir / "ppo-spec.json"), str(out)], preset,
+                          workdir / "logs" / "ppo.log", min(preset.run_timeout_s, remaining()))
+        extras["ppo"] = json.loads(out.read_text()) if out.exists() else {"ok": False, "error": f"exit {code}"}
+        print(f"[bench] PPO: {extras['ppo']}", flush=True)
     return extras
 
 

@@ -137,3 +137,17 @@ def test_trl_and_the_raw_loop_get_the_pairs_in_the_order_plpost_groups_them(benc
     plpost_order = [i for batch in data.train_dataloader() for i in batch.pair_index.tolist()]
     order = length_grouped_row_order(PRESET, rows, bench_tokenizer)
     assert plpost_order == order and order != sorted(order)
+
+
+def test_ppo_measurement_times_rollouts_after_the_first(tmp_path, bench_tokenizer):
+    """The smoke preset's PPO: its one timed rollout (the first is warmup) of 4 prompts is timed
+    and split between generation and update."""
+    from benchmarks.ppo_rollouts import measure
+
+    preset = get_preset("smoke")
+    bench_run.build_model_folder(preset, tmp_path / "model")
+    result = measure(preset, str(tmp_path / "model"), preference_rows(preset, 3, bench_tokenizer))
+    assert result["rollouts"] == 1 and result["prompts_per_rollout"] == 4
+    assert 0 < result["generation_share"] < 1
+    assert result["episodes_per_s"] == pytest.approx(4 / (result["generation_s"] + result["update_s"]))
+    assert 1 <= result["response_length"] <= 8

@@ -140,6 +140,7 @@ def dpo_loss(policy_logps: Tensor, reference_logps: Tensor) -> Tensor:
 SETTINGS = {
     ("sft", "padding-free"): "packed rows, cross_entropy on float32 logits",
     ("sft", "padded"): "padded rows, cross_entropy on float32 logits",
+    ("sft", "checkpointed"): "padded rows, gradient_checkpointing_enable(use_reentrant=False)",
     ("reward", "padded"): "padded pairs, HF pooling",
     ("reward", "padding-free"): "packed pairs, score head at each sequence end",
     ("reward", "length-grouped"): "padded pairs in plpost's length-grouped order",
@@ -164,6 +165,8 @@ def run(stage: str, variant: str, preset: Preset, model_dir: str, rows: list[dic
     device = torch.device(preset.device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = load(stage, model_dir, tokenizer, device)
+    if variant == "checkpointed":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     make_batches = sft_batches if stage == "sft" else preference_batches
     batches = make_batches(variant, preset, rows, tokenizer)
     bf16 = preset.precision == "bf16-mixed"
