@@ -7,6 +7,10 @@ A case is (stage, variant); each case runs once per framework. Variants:
 - sft "padded": every row padded to the longest row of its micro-batch.
 - sft "checkpointed": "padded" with activation (gradient) checkpointing on in every framework
   (non-reentrant): each decoder layer's activations are recomputed in the backward pass.
+- sft "compiled": "padded" with torch.compile: plpost `SFTModule(torch_compile=True)` and the raw loop
+  `model.compile(dynamic=True)`, TRL `torch_compile=True` (its default, shapes dynamic after the
+  first recompile). Compiling happens in the untimed warmup steps, so the table shows the
+  compiled steady state; the compile time itself is not in it.
 - reward "padded", dpo "live-ref" / "precomputed-ref": preference pairs as each framework feeds them
   by default. TRL and the raw loop pad the 2 x batch_size rows (chosen and rejected) to the
   longest; plpost's RewardModule and DPOModule share each pair's prompt (`share_prompt=True`: one
@@ -35,7 +39,7 @@ from dataclasses import dataclass, field, replace
 
 STAGES = ("sft", "reward", "dpo")
 FRAMEWORKS = ("plpost", "trl", "raw")
-VARIANTS = {"sft": ("padding-free", "padded", "checkpointed"), "reward": ("padded", "two-row", "length-grouped", "padding-free"),
+VARIANTS = {"sft": ("padding-free", "padded", "checkpointed", "compiled"), "reward": ("padded", "two-row", "length-grouped", "padding-free"),
             "dpo": ("live-ref", "precomputed-ref", "two-row", "padding-free")}
 ONLY = {
     ("reward", "padding-free"): ("raw",), ("dpo", "padding-free"): ("raw",),
@@ -128,7 +132,7 @@ PRESETS = {
         threads=1,
         cases=(("sft", "padding-free"), ("reward", "padded"), ("dpo", "live-ref"), ("sft", "padded"),
                ("dpo", "precomputed-ref"), ("reward", "length-grouped"), ("reward", "two-row"), ("dpo", "two-row"),
-               ("sft", "checkpointed"), ("reward", "padding-free"), ("dpo", "padding-free")),
+               ("sft", "checkpointed"), ("sft", "compiled"), ("reward", "padding-free"), ("dpo", "padding-free")),
         run_timeout_s=300,
         logprob_memory=(8192, 32000, "bfloat16"),
         ppo_rollouts=4,
@@ -155,7 +159,7 @@ PRESETS = {
         fused_adamw=True,
         cases=(("sft", "padding-free"), ("reward", "padded"), ("dpo", "live-ref"), ("dpo", "precomputed-ref"),
                ("sft", "padded"), ("reward", "length-grouped"), ("reward", "two-row"), ("dpo", "two-row"),
-               ("sft", "checkpointed"), ("reward", "padding-free"), ("dpo", "padding-free")),
+               ("sft", "checkpointed"), ("sft", "compiled"), ("reward", "padding-free"), ("dpo", "padding-free")),
         run_timeout_s=150,
         logprob_memory=(8192, 32000, "bfloat16"),
         fsdp_smoke_steps=3,

@@ -111,6 +111,7 @@ def optimisation_lines(report: dict) -> list[str]:
              "| --- | --- | ---: | ---: | ---: | --- |"]
     pairs = [("SFT packing (padding-free) vs padded", "sft", "padded", "padding-free"),
              ("SFT activation checkpointing vs none (padded)", "sft", "padded", "checkpointed"),
+             ("SFT torch.compile vs eager (padded)", "sft", "padded", "compiled"),
              ("DPO precomputed reference vs live copy", "dpo", "live-ref", "precomputed-ref"),
              ("reward pairs packed vs padded", "reward", "padded", "padding-free"),
              ("reward prompt shared by chosen and rejected vs two padded rows", "reward", "two-row", "padded"),

@@ -61,6 +61,13 @@ def completion_stats(completion_ids: Tensor, stop_ids: Sequence[int]) -> tuple[T
 
 
 @torch.no_grad()
+def eager_sampling():
+    """A context in which compiled forwards (`torch_compile`) run eagerly: plpost samples eagerly.
+    KV-cache decoding through a compiled forward compiles several more graphs (empty cache, first
+    decode step, dynamic cache strides) for a small gain; see `PPOModule.compiled_modules`."""
+    return torch.compiler.set_stance("force_eager")
+
+
 def generate_texts(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -84,9 +91,10 @@ def generate_texts(
     try:
         for start in range(0, len(prompts), batch_size):
             input_ids, attention_mask = encode_prompts(tokenizer, prompts[start : start + batch_size])
-            output = model.generate(
-                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config
-            )
+            with eager_sampling():
+                output = model.generate(
+                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config
+                )
             completion_ids = output[:, input_ids.shape[1] :]
             texts += tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
             batch_lengths, batch_stopped = completion_stats(completion_ids, config.eos_token_id)

@@ -36,7 +36,8 @@ def build(stage: str, variant: str, preset: Preset, model_dir: str, rows: list[d
     data = dict(tokenizer=model_dir, train=rows, batch_size=preset.batch_size, max_length=preset.max_length,
                 shuffle=False, seed=preset.seed)
     if stage == "sft":
-        module = SFTModule(model_dir, gradient_checkpointing=variant == "checkpointed", **common)
+        module = SFTModule(model_dir, gradient_checkpointing=variant == "checkpointed",
+                           torch_compile=variant == "compiled", **common)
         return module, ChatDataModule(**data, packing=variant == "padding-free")
     if stage == "reward":
         group_by_length = preset.length_group_batches if variant == "length-grouped" else None
@@ -70,8 +71,8 @@ def run(stage: str, variant: str, preset: Preset, model_dir: str, rows: list[dic
 
 def settings(stage: str, variant: str, preset: Preset) -> str:
     if stage == "sft":
-        return (f"SFTModule(gradient_checkpointing={variant == 'checkpointed'}) + "
-                f"ChatDataModule(packing={variant == 'padding-free'})")
+        return (f"SFTModule(gradient_checkpointing={variant == 'checkpointed'}, torch_compile={variant == 'compiled'})"
+                f" + ChatDataModule(packing={variant == 'padding-free'})")
     if stage == "reward":
         grouping = f"group_by_length={preset.length_group_batches}" if variant == "length-grouped" else ""
         return f"RewardModule(share_prompt={variant != 'two-row'}) + PreferenceDataModule({grouping})"

@@ -141,6 +141,7 @@ SETTINGS = {
     ("sft", "padding-free"): "packed rows, cross_entropy on float32 logits",
     ("sft", "padded"): "padded rows, cross_entropy on float32 logits",
     ("sft", "checkpointed"): "padded rows, gradient_checkpointing_enable(use_reentrant=False)",
+    ("sft", "compiled"): "padded rows, model.compile(dynamic=True)",
     ("reward", "padded"): "padded pairs, HF pooling",
     ("reward", "padding-free"): "packed pairs, score head at each sequence end",
     ("reward", "length-grouped"): "padded pairs in plpost's length-grouped order",
@@ -167,6 +168,8 @@ def run(stage: str, variant: str, preset: Preset, model_dir: str, rows: list[dic
     model = load(stage, model_dir, tokenizer, device)
     if variant == "checkpointed":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if variant == "compiled":
+        model.compile(dynamic=True)
     make_batches = sft_batches if stage == "sft" else preference_batches
     batches = make_batches(variant, preset, rows, tokenizer)
     bf16 = preset.precision == "bf16-mixed"

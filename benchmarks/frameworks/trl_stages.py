@@ -88,13 +88,15 @@ def run(stage: str, variant: str, preset: Preset, model_dir: str, rows: list[dic
         padding_free = variant == "padding-free"
         common["gradient_checkpointing"] = variant == "checkpointed"
         common["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
+        common["torch_compile"] = variant == "compiled"
         # TRL enforces max_length only by packing or truncating; with padding_free and no packing it
         # asks for max_length=None. The rows are generated within max_length, so nothing is cut either way.
         args = SFTConfig(**common, assistant_only_loss=True, packing=False, padding_free=padding_free,
                          max_length=None if padding_free else preset.max_length)
         trainer_class = SFTTrainer
         settings = (f"SFTConfig(padding_free={padding_free}, packing=False, assistant_only_loss=True, "
-                    f"gradient_checkpointing={common['gradient_checkpointing']})")
+                    f"gradient_checkpointing={common['gradient_checkpointing']}, "
+                    f"torch_compile={common['torch_compile']})")
     elif stage == "reward":
         args = RewardConfig(**common, max_length=preset.max_length)
         trainer_class = RewardTrainer

@@ -1,6 +1,7 @@
-"""What every stage shares: building the policy in `configure_model`, LoRA, optimizer injection,
-keeping frozen models (reference, reward) out of checkpoints, and safe training by default:
-atomic checkpoint writes, exact resumption (random generators), and a stop on non-finite steps."""
+"""What every stage shares: building the policy in `configure_model`, LoRA, `torch.compile`,
+optimizer injection, keeping frozen models (reference, reward) out of checkpoints, and safe
+training by default: atomic checkpoint writes, exact resumption (random generators), and a stop
+on non-finite steps."""
 
 from __future__ import annotations
 
@@ -65,6 +66,10 @@ class LoraSettings:
 torch.serialization.add_safe_globals([LoraSettings])
 
 
+COMPILE_OPTIONS: dict[str, Any] = {"dynamic": True}
+"""What `torch_compile` passes to `nn.Module.compile` (see `PostTrainingModule.compile_models`)."""
+
+
 def default_optimizer(params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
 
@@ -89,6 +94,7 @@ class PostTrainingModule(L.LightningModule):
         trust_remote_code: bool = False,
         lora: LoraSettings | None = None,
         gradient_checkpointing: bool = False,
+        torch_compile: bool = False,
         optimizer: OptimizerCallable = default_optimizer,
         scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -101,6 +107,8 @@ class PostTrainingModule(L.LightningModule):
         self.trust_remote_code = trust_remote_code
         self.lora = lora
         self.gradient_checkpointing = gradient_checkpointing
+        # Not `self.compile`: that would hide nn.Module.compile, which compile_models calls.
+        self.torch_compile = torch_compile
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.policy: PreTrainedModel | None = None
@@ -129,21 +137,65 @@ class PostTrainingModule(L.LightningModule):
         from_pretrained returns models in eval mode, and Lightning keeps each submodule's mode.
         """
         model.train()
+        # With checkpointing, transformers and peft hook the input embeddings so that their output
+        # requires grad. Only reentrant checkpointing needs that (plpost's is not reentrant), and
+        # torch.compile cannot trace the hook's requires_grad_: it would run the whole forward
+        # eagerly. A model to be compiled goes without the hook.
+        input_grads_hook = not self.torch_compile
         if self.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
+            if not input_grads_hook:
+                model.disable_input_require_grads()
         if self.lora is not None:
             from peft import get_peft_model
 
-            if self.gradient_checkpointing:
+            if self.gradient_checkpointing and input_grads_hook:
                 model.enable_input_require_grads()
             model = get_peft_model(model, self.lora.peft_config(task_type))
+            if self.gradient_checkpointing and not input_grads_hook:
+                model.get_base_model().disable_input_require_grads()
         return model
 
     def configure_model(self) -> None:
         # Built here, not in __init__, so sharded strategies can build it directly on their devices.
         if self.policy is None:
             self.policy = self.prepare_trainable(self.load_pretrained())
+        self.compile_models()
+
+    def compiled_modules(self) -> list[torch.nn.Module | None]:
+        """The modules whose forward `torch_compile` compiles: those the steps call themselves.
+
+        The policy here; a stage that calls a submodule directly (the reward model's backbone)
+        or runs another model every step (a frozen reference, a critic) lists those instead.
+        """
+        return [self.policy]
+
+    def compile_models(self) -> None:
+        """With `torch_compile`, compiles the forward of each of `compiled_modules()` in place.
+
+        `nn.Module.compile` keeps the module itself (no `_orig_mod.` wrapper), so parameter names,
+        checkpoints, resumption and exports are those of the eager model. Called at the end of
+        `configure_model`, after LoRA and the other changes to the model, and again by each
+        `fit`/`validate`: a module already compiled is left as it is.
+
+        Shapes are dynamic from the first compile (`dynamic=True`): padded and packed batches
+        change width from step to step, and torch's default (`dynamic=None`) would compile a graph
+        for the first width only, then compile again, dynamic, at the first other one, in the
+        middle of training and for each mode the model runs in (training, no_grad, eval). Each
+        graph is an entry in a cache that torch caps at 8 per code object (`recompile_limit`),
+        past which further variants run eagerly (after one logged warning), and transformers
+        wraps every model's forward in the same decorator, so policy, reference and critic share
+        one such cache.
+        Measured on the tiny model (CPU, one thread): dynamic compiles in 26 s, the default in
+        16 s plus 14 s more at the second step; on batches that all have one width the default
+        would only save those 10 s.
+        """
+        if not self.torch_compile:
+            return
+        for module in self.compiled_modules():
+            if module is not None and getattr(module, "_compiled_call_impl", None) is None:
+                module.compile(**COMPILE_OPTIONS)
 
     def export_model(self) -> PreTrainedModel:
         """The model that export writes as a Hugging Face folder."""

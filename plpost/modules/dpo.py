@@ -96,6 +96,11 @@ class DPOModule(PostTrainingModule):
         trust_remote_code: allow model code from the model's repository (off: it runs arbitrary code).
         lora: train LoRA adapters instead of all weights.
         gradient_checkpointing: recompute activations in the backward pass to save memory.
+        torch_compile: compile the forwards of the policy and of a "copy" reference with
+            `torch.compile`, for faster steps. The first step pays for the compile (about 30 s
+            for the tiny model on a CPU, more for larger ones, and again at the first validation
+            step); shapes are compiled dynamic, so batches of other lengths do not recompile.
+            Checkpoints and exports are unchanged.
         optimizer: the optimizer, given the trainable parameters.
         scheduler: the learning-rate schedule, stepped every optimizer step.
     """
@@ -123,13 +128,14 @@ class DPOModule(PostTrainingModule):
         trust_remote_code: bool = False,
         lora: LoraSettings | None = None,
         gradient_checkpointing: bool = False,
+        torch_compile: bool = False,
         optimizer: OptimizerCallable = default_optimizer,
         scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__(
             model, tokenizer, random_init=random_init, dtype=dtype, attn_implementation=attn_implementation,
             trust_remote_code=trust_remote_code, lora=lora, gradient_checkpointing=gradient_checkpointing,
-            optimizer=optimizer, scheduler=scheduler,
+            torch_compile=torch_compile, optimizer=optimizer, scheduler=scheduler,
         )
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.check_settings()
@@ -179,6 +185,15 @@ class DPOModule(PostTrainingModule):
             zero_dropout(self.policy)
         if self.hparams.share_prompt:
             check_shared_prompt_attention(self.policy.config._attn_implementation)
+        self.compile_models()
+
+    def compiled_modules(self) -> list[nn.Module | None]:
+        # The frozen copy runs over the same rows as the policy at every step, a forward as long as
+        # the policy's own, and costs one more compile without a backward (measured on the tiny
+        # model: no longer first step). "adapter" is the policy itself, compiled already (with the
+        # adapter off it compiles once more); "precomputed" runs its reference once, before
+        # training, where the compile would cost about what it saves.
+        return [self.policy, self.reference.model if self.reference is not None else None]
 
     def load_reference(self) -> nn.Module:
         return self.load_pretrained(self.reference_name, random_init=False)
