@@ -163,9 +163,10 @@ PRESETS = {
         run_timeout_s=150,
         logprob_memory=(8192, 32000, "bfloat16"),
         fsdp_smoke_steps=3,
-        ppo_rollouts=4,
+        # Kept short: it runs with the extras, early, inside gpu.sh's 420 s deadline.
+        ppo_rollouts=3,
         ppo_prompts=64,
-        ppo_max_new_tokens=256,
+        ppo_max_new_tokens=128,
         extras_after=3,
         notes="one GPU, bf16-mixed, sdpa attention",
     ),
