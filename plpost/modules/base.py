@@ -70,6 +70,19 @@ COMPILE_OPTIONS: dict[str, Any] = {"dynamic": True}
 """What `torch_compile` passes to `nn.Module.compile` (see `PostTrainingModule.compile_models`)."""
 
 
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Sets every dropout probability in `model` to 0, LoRA's and attention's included, so two
+    forwards of the same weights agree exactly (DPO's policy against its reference, PPO's ratio;
+    TRL does the same). Attention layers apply dropout functionally from a float attribute read
+    at each forward in train mode, not through nn.Dropout, so those are zeroed too."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name in ("attention_dropout", "dropout"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+
+
 def default_optimizer(params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
 

@@ -11,9 +11,9 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from plpost.data.shared_prompt import check_shared_prompt_attention, share_prompts
+from plpost.data.shared_prompt import SharedPromptRows, check_shared_prompt_attention, share_prompts
 from plpost.losses import DPOLoss, chosen_nll, dpo_loss
-from plpost.modules.base import LoraSettings, PostTrainingModule, default_optimizer
+from plpost.modules.base import LoraSettings, PostTrainingModule, default_optimizer, disable_dropout
 from plpost.modules.preference_logps import ChosenRejected, completion_lengths, pair_logps, shared_pair_logps
 from plpost.modules.reference import (
     FrozenCopy,
@@ -38,19 +38,6 @@ PAIR_METRICS = (
 
 def metric_key(name: str) -> str:
     return name.replace("/", "_")  # a module name cannot hold "/"
-
-
-def zero_dropout(model: nn.Module) -> None:
-    """Sets every dropout probability in `model` to 0, LoRA's and attention's included.
-
-    HF attention layers apply dropout functionally from a float `attention_dropout` attribute,
-    not through nn.Dropout, so both are cleared.
-    """
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-        if isinstance(getattr(module, "attention_dropout", None), float):
-            module.attention_dropout = 0.0
 
 
 class DPOModule(PostTrainingModule):
@@ -182,7 +169,7 @@ class DPOModule(PostTrainingModule):
             self.reference = FrozenCopy(weights, source=self.frozen_sources()["reference"])
         self.policy = self.prepare_trainable(start)
         if self.hparams.disable_dropout:
-            zero_dropout(self.policy)
+            disable_dropout(self.policy)
         if self.hparams.share_prompt:
             check_shared_prompt_attention(self.policy.config._attn_implementation)
         self.compile_models()
@@ -211,24 +198,40 @@ class DPOModule(PostTrainingModule):
         sources.update({f"reference_logps/{split}": path for split, path in self.reference_cache_files.items()})
         return sources
 
-    def pair_logps(self, model: nn.Module, batch: PreferenceBatch) -> ChosenRejected:
-        """`model`'s log-probs of each pair's completions, in the layout `share_prompt` picks."""
+    def pair_logps(
+        self, model: nn.Module, batch: PreferenceBatch, rows: SharedPromptRows | None = None
+    ) -> ChosenRejected:
+        """`model`'s log-probs of each pair's completions, in the layout `share_prompt` picks.
+
+        rows: the batch's shared-prompt layout, when the caller built it already (the steps build
+        it once for the policy and the reference); ignored when share_prompt is off.
+        """
         if not self.hparams.share_prompt:
             return pair_logps(model, batch)
-        rows = share_prompts(batch, self.tokenizer.pad_token_id)
+        if rows is None:
+            rows = share_prompts(batch, self.tokenizer.pad_token_id)
         mask = rows.attention_mask(self.policy.config._attn_implementation, self.policy.dtype)
         return shared_pair_logps(model, rows, mask)
 
+    def policy_and_reference_logps(
+        self, batch: PreferenceBatch, split: str
+    ) -> tuple[ChosenRejected, ChosenRejected | None]:
+        """The policy's log-probs (one forward over the pairs) and the reference's, from one layout."""
+        rows = share_prompts(batch, self.tokenizer.pad_token_id) if self.hparams.share_prompt else None
+        return self.pair_logps(self.policy, batch, rows), self.reference_logps(batch, split, rows)
+
     # -- reference log-probs --------------------------------------------------------------
-    def reference_logps(self, batch: PreferenceBatch, split: str) -> ChosenRejected | None:
+    def reference_logps(
+        self, batch: PreferenceBatch, split: str, rows: SharedPromptRows | None = None
+    ) -> ChosenRejected | None:
         """From the frozen copy, the policy with its adapter disabled, the precomputed table, or None."""
         kind = self.hparams.reference
         if kind == "copy":
             with torch.no_grad():
-                return self.pair_logps(self.reference, batch)
+                return self.pair_logps(self.reference, batch, rows)
         if kind == "adapter":
             with adapter_disabled(self.policy) as base:
-                return self.pair_logps(base, batch)
+                return self.pair_logps(base, batch, rows)
         if kind == "precomputed":
             _, table = self.precomputed[split]
             return ChosenRejected(*lookup(table, batch.pair_index).unbind(-1))
@@ -306,8 +309,7 @@ class DPOModule(PostTrainingModule):
         return losses, metrics
 
     def training_step(self, batch: PreferenceBatch, batch_idx: int) -> Tensor:
-        policy = self.pair_logps(self.policy, batch)  # one forward over the pairs
-        reference = self.reference_logps(batch, "train")  # frozen copy, disabled adapter, cache, or None
+        policy, reference = self.policy_and_reference_logps(batch, "train")
         losses, metrics = self.pair_losses(policy, reference, batch)
         loss = losses.sum() / batch.pair_normalizer * self.loss_scale()  # per pair of the whole optimizer step
         for name, values in metrics.items():
@@ -316,8 +318,7 @@ class DPOModule(PostTrainingModule):
         return loss
 
     def validation_step(self, batch: PreferenceBatch, batch_idx: int) -> None:
-        policy = self.pair_logps(self.policy, batch)
-        reference = self.reference_logps(batch, "val")
+        policy, reference = self.policy_and_reference_logps(batch, "val")
         _, metrics = self.pair_losses(policy, reference, batch)
         for name, values in metrics.items():
             # Updated with the per-pair values: the epoch value is the mean over every validation pair.

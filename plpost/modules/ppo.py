@@ -18,8 +18,8 @@ from plpost.generation import eager_sampling, generation_config
 from plpost.hf import load_causal_lm
 from plpost.losses import adaptive_kl_coefficient, clipped_value_loss, gae, kl_penalty, masked_sum, masked_whiten
 from plpost.losses import ppo_policy_loss
-from plpost.modules.base import LoraSettings, PostTrainingModule, default_optimizer
-from plpost.modules.ppo_value import ValueHead, critic_values, disable_dropout, zero_where_not
+from plpost.modules.base import LoraSettings, PostTrainingModule, default_optimizer, disable_dropout
+from plpost.modules.ppo_value import ValueHead, critic_values, zero_where_not
 from plpost.modules.reference import FrozenCopy, adapter_disabled, model_fingerprint
 from plpost.optim import WarmupCosineLR
 from plpost.rewards import Responses, RewardModel, RewardScorer, RewardSource, per_token_rewards

@@ -45,17 +45,5 @@ def critic_values(
     return head(hidden[:, -(response_length + 1) : -1]).squeeze(-1).float()
 
 
-def disable_dropout(model: nn.Module) -> None:
-    """Sets every dropout probability to 0: PPO's ratio compares two forwards of the same weights,
-    which must agree exactly (TRL does the same). Attention layers keep their dropout rate as a
-    float attribute (read at each forward in train mode), so those are zeroed too."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-        for name in ("attention_dropout", "dropout"):
-            if isinstance(getattr(module, name, None), float):
-                setattr(module, name, 0.0)
-
-
 def zero_where_not(mask: Tensor, values: Tensor) -> Tensor:
     return torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device))
