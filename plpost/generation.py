@@ -10,17 +10,7 @@ from torch import Tensor
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from plpost.data.collate import pad_rows
-from plpost.data.formats import Message
-from plpost.data.tokenize import chat_ids, end_of_turn_ids
-
-Prompt = str | list[Message]
-
-
-def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: Prompt) -> list[int]:
-    """A message list is rendered with the chat template and the generation prompt; a string as is."""
-    if isinstance(prompt, str):
-        return list(tokenizer(prompt)["input_ids"])
-    return chat_ids(tokenizer, prompt, add_generation_prompt=True)
+from plpost.data.tokenize import Prompt, end_of_turn_ids, prompt_ids
 
 
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt]) -> tuple[Tensor, Tensor]:

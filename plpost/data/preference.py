@@ -15,9 +15,8 @@ from plpost.data.formats import DataValidationError, Message
 from plpost.data.preference_rows import IdenticalPairs, validate_preference_row
 from plpost.data.sources import SourceLike, describe
 from plpost.data.tokenize import (
-    IGNORE_INDEX, Overflow, chat_ids, end_of_turn_ids, template_refusals_named, text_mask,
+    IGNORE_INDEX, Overflow, chat_ids, end_of_turn_ids, prompt_ids as encode_prompt, template_refusals_named, text_mask,
 )
-from plpost.generation import prompt_ids as encode_prompt
 
 class PreferenceBatch(NamedTuple):
     """N preference pairs as 2N sequences, so both completions go through the model in one forward.

@@ -12,8 +12,7 @@ from plpost.data.base import PostTrainingDataModule, SkipRecord
 from plpost.data.collate import pad_rows
 from plpost.data.formats import DataValidationError, Message, validate_prompt_row
 from plpost.data.sources import SourceLike
-from plpost.data.tokenize import Overflow
-from plpost.generation import prompt_ids
+from plpost.data.tokenize import Overflow, prompt_ids
 
 
 class PromptBatch(NamedTuple):

@@ -54,6 +54,16 @@ def chat_ids(tokenizer: PreTrainedTokenizerBase, messages: list[Message], *, add
     return list(encoded["input_ids"])
 
 
+Prompt = str | list[Message]
+
+
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: Prompt) -> list[int]:
+    """A message list is rendered with the chat template and the generation prompt; a string as is."""
+    if isinstance(prompt, str):
+        return list(tokenizer(prompt)["input_ids"])
+    return chat_ids(tokenizer, prompt, add_generation_prompt=True)
+
+
 def has_generation_markers(tokenizer: PreTrainedTokenizerBase) -> bool:
     template = tokenizer.chat_template
     return isinstance(template, str) and GENERATION_MARKER.search(template) is not None
