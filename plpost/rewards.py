@@ -26,7 +26,7 @@ from plpost.data.collate import pad_rows
 from plpost.data.formats import Message
 from plpost.data.tokenize import chat_ids, text_mask
 from plpost.hf import load_causal_lm, load_tokenizer
-from plpost.modules.reward import sequence_rewards
+from plpost.reward_head import sequence_rewards
 from plpost.rollout import position_ids_from
 
 

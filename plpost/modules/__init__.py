@@ -1,7 +1,8 @@
 from plpost.modules.base import LoraSettings, PostTrainingModule
 from plpost.modules.dpo import DPOModule
 from plpost.modules.ppo import PPOModule
-from plpost.modules.reward import RewardModule, sequence_rewards
+from plpost.modules.reward import RewardModule
+from plpost.reward_head import sequence_rewards
 from plpost.modules.sft import SFTModule
 
 __all__ = ["DPOModule", "LoraSettings", "PPOModule", "PostTrainingModule", "RewardModule", "SFTModule", "sequence_rewards"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from plpost.modules.reward import SCORE_HEAD
+from plpost.reward_head import SCORE_HEAD
 
 
 class ValueHead(nn.Module):
