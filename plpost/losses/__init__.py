@@ -1,7 +1,8 @@
-"""Pure loss functions of tensors: log-probs, SFT, reward modelling, DPO, PPO, advantages."""
+"""Pure loss functions of tensors: log-probs, SFT, reward modelling, DPO, PPO, GRPO, advantages."""
 
-from plpost.losses.advantages import gae
+from plpost.losses.advantages import GroupStatistics, gae, group_advantages, group_statistics, leave_one_out_advantages
 from plpost.losses.dpo import DPO_LOSS_TYPES, DPOLoss, chosen_nll, dpo_loss
+from plpost.losses.grpo import GRPO_LOSS_TYPES, GRPOTokenLosses, LossTerms, grpo_loss_terms, grpo_token_losses, loss_scope
 from plpost.losses.logprobs import next_token_targets, sequence_logprobs, token_entropy, token_logprobs
 from plpost.losses.masked import masked_mean, masked_sum, masked_var, masked_whiten
 from plpost.losses.ppo import (
@@ -20,7 +21,11 @@ from plpost.losses.sft import SFTTokenLosses, sft_token_losses
 __all__ = [
     "DPO_LOSS_TYPES",
     "DPOLoss",
+    "GRPO_LOSS_TYPES",
+    "GRPOTokenLosses",
+    "GroupStatistics",
     "KL_ESTIMATORS",
+    "LossTerms",
     "PolicyLoss",
     "RewardLoss",
     "SFTTokenLosses",
@@ -32,7 +37,13 @@ __all__ = [
     "dpo_loss",
     "explained_variance",
     "gae",
+    "group_advantages",
+    "group_statistics",
+    "grpo_loss_terms",
+    "grpo_token_losses",
     "kl_penalty",
+    "leave_one_out_advantages",
+    "loss_scope",
     "masked_mean",
     "masked_sum",
     "masked_var",

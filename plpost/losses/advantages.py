@@ -1,11 +1,22 @@
-"""Generalised advantage estimation over right-padded response tokens."""
+"""Advantages: GAE over right-padded response tokens (PPO), and the critic-free baselines that
+compare the G completions of one prompt (GRPO, RLOO).
+
+The group functions take rewards of shape (B * G,) with the G completions of each prompt
+consecutive (prompt 0's G, then prompt 1's, ...), which is how the online stages lay samples out.
+A NaN reward means "not applicable" (a reward function returned None): it is left out of its
+group's statistics and its completion gets advantage 0.
+"""
 
 from __future__ import annotations
+
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["gae"]
+__all__ = ["GroupStatistics", "gae", "group_advantages", "group_statistics", "leave_one_out_advantages"]
+
+ScaleRewards = Literal["group", "batch", "none"]
 
 
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
@@ -42,3 +53,92 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float, lam: flo
         next_advantage = advantage
     returns = torch.where(keep, advantages + values, zero)
     return advantages, returns
+
+
+class GroupStatistics(NamedTuple):
+    """Per prompt, over the rewards of its G completions that are not NaN; all (B,)."""
+
+    mean: Tensor
+    """0 for a group with no reward."""
+    std: Tensor
+    """Bessel-corrected (divided by n - 1, as torch.std and TRL); 0 for a group of fewer than 2 rewards."""
+    count: Tensor
+    """How many of the G rewards are not NaN (long)."""
+
+
+def _grouped(rewards: Tensor, num_generations: int) -> Tensor:
+    if rewards.dim() != 1 or num_generations < 1 or rewards.numel() % num_generations:
+        raise ValueError(
+            f"rewards must be (B * G,) with G = num_generations = {num_generations}, got shape {tuple(rewards.shape)}"
+        )
+    return rewards.view(-1, num_generations)
+
+
+def group_statistics(rewards: Tensor, num_generations: int) -> GroupStatistics:
+    """Mean, std and count of each group of `num_generations` consecutive rewards, NaNs left out.
+
+    rewards: (B * G,). E.g. G = 4, rewards (1, 0, 0, 1): mean 0.5, std sqrt(4 * 0.25 / 3) = 0.5774.
+    """
+    grouped = _grouped(rewards, num_generations)
+    valid = ~torch.isnan(grouped)
+    count = valid.sum(1)
+    filled = torch.where(valid, grouped, torch.zeros((), dtype=grouped.dtype, device=grouped.device))
+    mean = filled.sum(1) / count.clamp(min=1).to(grouped.dtype)
+    squares = torch.where(valid, (grouped - mean[:, None]).square(), torch.zeros_like(filled)).sum(1)
+    std = torch.where(count >= 2, (squares / (count - 1).clamp(min=1).to(grouped.dtype)).sqrt(), torch.zeros_like(mean))
+    return GroupStatistics(mean, std, count)
+
+
+def group_advantages(
+    rewards: Tensor, num_generations: int, *, scale_rewards: ScaleRewards = "group", eps: float = 1e-4
+) -> Tensor:
+    """GRPO's group-relative advantages (Shao et al. 2024), one per completion, (B * G,).
+
+    rewards: (B * G,), the G completions of each prompt consecutive. With mean_g and std_g the
+    mean and Bessel-corrected standard deviation of completion i's group (see `group_statistics`):
+        "group":  A_i = (r_i - mean_g) / (std_g + eps)      (GRPO; TRL's default, eps = 1e-4)
+        "batch":  A_i = (r_i - mean_g) / (std_batch + eps)  (std over every reward given, Bessel-corrected)
+        "none":   A_i =  r_i - mean_g                        (Dr. GRPO: no std, no difficulty bias)
+    A group whose rewards are all equal gets A = 0 whatever the scaling. NaN rewards are left
+    out of every statistic and get A = 0. Detached.
+
+    E.g. G = 4, rewards (1, 0, 0, 1), eps = 0: mean 0.5, std 1/sqrt(3), so "group" gives
+    A = +-0.5 * sqrt(3) = +-0.8660 and "none" A = +-0.5.
+    """
+    rewards = rewards.detach()
+    grouped = _grouped(rewards, num_generations)
+    stats = group_statistics(rewards, num_generations)
+    valid = ~torch.isnan(grouped)
+    centered = torch.where(valid, grouped - stats.mean[:, None], torch.zeros((), dtype=grouped.dtype, device=grouped.device))
+    if scale_rewards == "group":
+        scale = stats.std[:, None] + eps
+    elif scale_rewards == "batch":
+        kept = rewards[~torch.isnan(rewards)]
+        scale = (kept.std() if kept.numel() >= 2 else torch.zeros((), dtype=rewards.dtype, device=rewards.device)) + eps
+    elif scale_rewards == "none":
+        return centered.reshape(-1)
+    else:
+        raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale_rewards!r}")
+    # A zero scale only comes with zero deviations (eps = 0, equal rewards): 0 / 0 is taken as 0.
+    return (centered / torch.where(scale > 0, scale, torch.ones_like(scale))).reshape(-1)
+
+
+def leave_one_out_advantages(rewards: Tensor, num_generations: int) -> Tensor:
+    """RLOO's advantages (Kool et al. 2019; Ahmadian et al. 2024), one per completion, (B * G,).
+
+    rewards: (B * G,), the G completions of each prompt consecutive. The baseline of completion i
+    is the mean of the other rewards of its group:
+        A_i = r_i - (sum_g - r_i) / (n_g - 1) = n_g / (n_g - 1) * (r_i - mean_g)
+    with n_g the group's rewards that are not NaN. Not scaled. NaN rewards, and groups of fewer
+    than 2 rewards, get A = 0. Detached.
+
+    E.g. rewards (1, 0, 0, 1): A_0 = 1 - (0 + 0 + 1) / 3 = 2/3, A_1 = 0 - 2/3 = -2/3.
+    """
+    rewards = rewards.detach()
+    grouped = _grouped(rewards, num_generations)
+    stats = group_statistics(rewards, num_generations)
+    valid = ~torch.isnan(grouped)
+    others = (stats.count - 1).clamp(min=1).to(grouped.dtype)[:, None]
+    advantages = stats.count[:, None].to(grouped.dtype) / others * (grouped - stats.mean[:, None])
+    usable = valid & (stats.count[:, None] >= 2)
+    return torch.where(usable, advantages, torch.zeros((), dtype=grouped.dtype, device=grouped.device)).reshape(-1)

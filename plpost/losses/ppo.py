@@ -82,6 +82,7 @@ def ppo_policy_loss(
     mask: Tensor,
     *,
     clip_ratio: float,
+    clip_ratio_high: float | None = None,
 ) -> PolicyLoss:
     """PPO clipped surrogate (Schulman et al. 2017), per token, to be minimised.
 
@@ -89,7 +90,9 @@ def ppo_policy_loss(
     old_logprobs: (B, T) under the policy that sampled; advantages: (B, T); mask: (B, T) 0/1.
     old_logprobs and advantages are treated as constants (detached).
     r = exp(clamp(logprobs - old_logprobs, -20, 20)) (clamped so extreme log-ratios stay finite),
-    token_losses = max(-A r, -A clip(r, 1 - clip_ratio, 1 + clip_ratio)), 0 where mask is 0.
+    token_losses = max(-A r, -A clip(r, 1 - clip_ratio, 1 + clip_ratio_high)), 0 where mask is 0;
+    clip_ratio_high defaults to clip_ratio (symmetric). A larger upper bound is DAPO's
+    "clip-higher" (Yu et al. 2025): tokens with A > 0 may gain more probability before clipping.
     The caller reduces, e.g. masked_mean(token_losses, mask).
     """
     keep = mask.to(torch.bool)
@@ -98,7 +101,8 @@ def ppo_policy_loss(
     ratio = torch.exp(diff.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))
     advantages = _zero_where_not(keep, advantages.detach())
     unclipped = -advantages * ratio
-    clipped_term = -advantages * ratio.clamp(1 - clip_ratio, 1 + clip_ratio)
+    high = clip_ratio if clip_ratio_high is None else clip_ratio_high
+    clipped_term = -advantages * ratio.clamp(1 - clip_ratio, 1 + high)
     token_losses = torch.maximum(unclipped, clipped_term)
     return PolicyLoss(
         token_losses=_zero_where_not(keep, token_losses),
