@@ -1,9 +1,12 @@
-"""Reward sources for PPO: Python functions, trained reward models, and their weighted sum.
+"""Reward sources for the online stages (PPO, GRPO): Python functions, trained reward models,
+verifiable rewards (`plpost.verifiable`), and their weighted sum.
 
-A reward source scores B (prompt, completion) pairs with one number each. `RewardScorer`
-combines several into the score PPO optimises:
+A reward source scores B (prompt, completion) pairs with one number each, or NaN for "not
+applicable" (a reward function that returns None). `RewardScorer` combines several into the score
+the stage optimises:
 
     score = sum_i weight_i * source_i  - missing_eos_penalty * (no stop token)
+            (sources that are NaN for a completion are left out of its sum; NaN if all are)
     score = (score - running mean) / running std          (if normalize)
     score = clip(score, -clip, clip)                       (if clip)
 
@@ -27,7 +30,7 @@ from plpost.data.formats import Message
 from plpost.data.tokenize import chat_ids, text_mask
 from plpost.hf import load_causal_lm, load_tokenizer
 from plpost.reward_head import sequence_rewards
-from plpost.rollout import position_ids_from
+from plpost.rollout import Samples, decode_completions, position_ids_from
 
 
 class Responses(NamedTuple):
@@ -36,7 +39,9 @@ class Responses(NamedTuple):
     prompts: the raw prompts (strings or message lists); completions: the response texts
     (special tokens removed); columns: the prompt rows' other fields, B values each.
     input_ids, attention_mask, position_ids: (B, T) the policy's prompt + response tokens
-    (left-padded prompt, response padded after its stop token); stopped: (B,) bool.
+    (left-padded prompt, response padded after its stop token); stopped: (B,) bool;
+    completion_lengths: (B,) the response tokens up to and including the stop token (None where
+    only texts are scored, as in `plpost.evaluation`).
     """
 
     prompts: list[str | list[Message]]
@@ -46,10 +51,30 @@ class Responses(NamedTuple):
     attention_mask: Tensor
     position_ids: Tensor
     stopped: Tensor
+    completion_lengths: Tensor | None = None
+
+
+def responses_of(
+    tokenizer: PreTrainedTokenizerBase,
+    samples: Samples,
+    prompts: Sequence[str | list[Message]],
+    columns: dict[str, list[Any]],
+    num_samples: int = 1,
+) -> Responses:
+    """The `Responses` of B * num_samples sampled rows whose prompts are the B `prompts`, each
+    sampled `num_samples` times in consecutive rows (prompts and columns are repeated to match)."""
+    def repeat(values: Sequence[Any]) -> list[Any]:
+        return [value for value in values for _ in range(num_samples)]
+
+    return Responses(
+        repeat(prompts), decode_completions(tokenizer, samples), {key: repeat(v) for key, v in columns.items()},
+        samples.input_ids, samples.attention_mask, samples.position_ids, samples.stopped,
+        samples.response_mask.sum(1),
+    )
 
 
 class RewardSource(nn.Module):
-    """One reward: `forward(responses)` returns (B,) float32 scores.
+    """One reward: `forward(responses)` returns (B,) float32 scores, NaN where it does not apply.
 
     Args:
         weight: its weight in the sum of sources.
@@ -73,7 +98,10 @@ class RewardSource(nn.Module):
 
 
 class RewardFunction(RewardSource):
-    """Any Python callable ``fn(prompts, completions, **columns) -> Tensor | list[float]`` of shape (B,).
+    """Any Python callable ``fn(prompts, completions, **columns) -> Tensor | list[float | None]`` of shape (B,).
+
+    None (or NaN) means "not applicable" for that completion (e.g. a math reward on a coding
+    prompt): GRPO leaves it out of its group's statistics; PPO refuses it.
 
     In YAML, `fn` is an import path, e.g. ``plpost.tasks.addition.exact_match_reward``. The
     columns are the prompt rows' other fields (e.g. ``answer``), one value per prompt.
@@ -93,6 +121,8 @@ class RewardFunction(RewardSource):
 
     def forward(self, responses: Responses) -> Tensor:
         scores = self.fn(responses.prompts, responses.completions, **responses.columns)
+        if not isinstance(scores, Tensor):
+            scores = [float("nan") if score is None else score for score in scores]
         scores = torch.as_tensor(scores, dtype=torch.float32).to(responses.input_ids.device)
         expected = (len(responses.completions),)
         if scores.shape != expected:
@@ -205,9 +235,12 @@ class RunningMoments(nn.Module):
         self.register_buffer("m2", torch.zeros((), dtype=torch.float64))
 
     def update(self, values: Tensor) -> None:
-        """values: any shape; merged as a batch of values.numel() samples."""
+        """values: any shape; merged as a batch of its values that are not NaN."""
         values = values.detach().to(torch.float64).flatten()
+        values = values[~torch.isnan(values)]
         n = values.numel()
+        if n == 0:
+            return
         batch_mean = values.mean()
         batch_m2 = (values - batch_mean).square().sum()
         total = self.count + n
@@ -265,7 +298,8 @@ class RewardScorer(nn.Module):
     def forward(self, responses: Responses, gather: Callable[[Tensor], Tensor] = lambda x: x) -> Scores:
         """gather: collects a tensor from every device (for the running statistics)."""
         per_source = {source.name: source(responses) for source in self.sources}
-        scores = sum(source.weight * per_source[source.name] for source in self.sources)
+        weighted = torch.stack([source.weight * per_source[source.name] for source in self.sources])
+        scores = torch.where(torch.isnan(weighted).all(0), float("nan"), weighted.nansum(0))
         if self.missing_eos_penalty is not None:
             scores = scores - self.missing_eos_penalty * (~responses.stopped).float()
         if self.normalize:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import copy
 import time
 from collections import defaultdict
-from contextlib import nullcontext
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -14,20 +12,18 @@ from torch import Tensor
 from transformers import AutoModelForSequenceClassification
 
 from plpost.data.prompts import PromptBatch
-from plpost.generation import eager_sampling, generation_config
 from plpost.hf import load_causal_lm
 from plpost.losses import adaptive_kl_coefficient, clipped_value_loss, gae, kl_penalty, masked_sum, masked_whiten
 from plpost.losses import ppo_policy_loss
-from plpost.modules.base import LoraSettings, PostTrainingModule, default_optimizer, disable_dropout
+from plpost.modules.base import LoraSettings, default_optimizer, disable_dropout
+from plpost.modules.online import OnlineModule
 from plpost.modules.ppo_value import ValueHead, critic_values, zero_where_not
-from plpost.modules.reference import FrozenCopy, adapter_disabled, model_fingerprint
-from plpost.optim import WarmupCosineLR
-from plpost.rewards import Responses, RewardModel, RewardScorer, RewardSource, per_token_rewards
-from plpost.rollout import Rollout, decode_completions, in_chunks, response_forward, rollout_statistics
-from plpost.rollout import ResponseForward, sample_responses
+from plpost.modules.reference import FrozenCopy
+from plpost.rewards import RewardModel, RewardScorer, RewardSource, per_token_rewards, responses_of
+from plpost.rollout import ResponseForward, Rollout, in_chunks, response_forward, rollout_statistics
 
 
-class PPOModule(PostTrainingModule):
+class PPOModule(OnlineModule):
     """PPO for language models (Ziegler et al. 2019; Ouyang et al. 2022), one rollout per training step.
 
     A training step takes a `PromptBatch`, samples one response per prompt, scores it with the
@@ -93,8 +89,6 @@ class PPOModule(PostTrainingModule):
         optimizer: the optimizer, given the trainable parameters (policy, value head or critic).
         scheduler: the learning-rate schedule, stepped every optimizer step.
     """
-
-    frozen_modules = ("reference", "reward_scorer.sources")
 
     def __init__(
         self,
@@ -172,12 +166,7 @@ class PPOModule(PostTrainingModule):
         if self.policy is not None:
             return
         initial = self.load_pretrained()
-        if not self.use_adapter_reference:
-            # A copy of the policy's own initial weights when they are the reference (also right for
-            # random_init, where loading again would draw different weights).
-            same = self.reference_name == self.model_name
-            reference = copy.deepcopy(initial) if same else self.load_pretrained(self.reference_name, random_init=False)
-            self.reference = FrozenCopy(reference, self.reference_name)
+        self.build_reference(initial)
         self.policy = self.prepare_trainable(initial)
         disable_dropout(self.policy)
         text_config = self.policy.config.get_text_config()
@@ -215,12 +204,6 @@ class PPOModule(PostTrainingModule):
             critic.base_model if critic is not None else None,
         ]
 
-    def frozen_sources(self) -> dict[str, Any]:
-        reference = "the policy without its adapter" if self.use_adapter_reference else self.reference_name
-        sources = {"reference": model_fingerprint(reference) if self.reference is not None else reference}
-        sources.update({f"reward/{s.name}": s.source() for s in self.reward_scorer.sources})
-        return sources
-
     def policy_and_values(
         self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, response_mask: Tensor,
         *, with_entropy: bool = False,
@@ -240,11 +223,6 @@ class PPOModule(PostTrainingModule):
         forward, values = self.policy_and_values(*tensors)
         return forward.logprobs, values
 
-    def reference_logprobs(self, *tensors: Tensor) -> Tensor:
-        reference = nullcontext(self.reference) if self.reference is not None else adapter_disabled(self.policy)
-        with reference as model:
-            return response_forward(model, *tensors, temperature=self.hparams.temperature).logprobs
-
     # -- rollout --------------------------------------------------------------------------
     def micro_batch_size(self, rows: int) -> int:
         splits = self.hparams.num_mini_batches * self.hparams.gradient_accumulation_steps
@@ -258,25 +236,16 @@ class PPOModule(PostTrainingModule):
     @torch.no_grad()
     def make_rollout(self, batch: PromptBatch) -> tuple[Rollout, dict[str, Tensor]]:
         """Samples, then scores: log-probs and values in the update's micro-batch layout."""
-        hp = self.hparams
-        config = generation_config(
-            self.tokenizer, do_sample=True, temperature=hp.temperature, top_p=hp.top_p, top_k=hp.top_k,
-            max_new_tokens=hp.max_new_tokens, use_cache=True,
-        )
-        with eager_sampling():
-            samples = sample_responses(
-                self.generation_model(), batch.input_ids, batch.attention_mask, config,
-                pad_token_id=self.tokenizer.pad_token_id,
-            )
+        samples = self.sample(batch.input_ids, batch.attention_mask)
         tensors = [samples.input_ids, samples.attention_mask, samples.position_ids, samples.response_mask]
         micro = self.micro_batch_size(len(samples.input_ids))
         logprobs, values = in_chunks(self.rollout_logprobs_and_values, tensors, micro)
         ref_logprobs = in_chunks(self.reference_logprobs, tensors, micro)
-        responses = Responses(
-            batch.prompts, decode_completions(self.tokenizer, samples), batch.columns,
-            samples.input_ids, samples.attention_mask, samples.position_ids, samples.stopped,
-        )
-        scores = self.reward_scorer(responses, gather=self.all_gather)
+        scores = self.reward_scorer(responses_of(self.tokenizer, samples, batch.prompts, batch.columns),
+                                    gather=self.all_gather)
+        if torch.isnan(scores.scores).any():
+            raise ValueError("a reward source returned None (not applicable) for a response, which PPO has no "
+                             "baseline to leave it out of; score every response, or use GRPOModule")
         return Rollout(*samples, logprobs, ref_logprobs, values, scores.scores), scores.per_source
 
     # -- training -------------------------------------------------------------------------
@@ -377,20 +346,6 @@ class PPOModule(PostTrainingModule):
         self.log("objective/scores", scores, prog_bar=True, sync_dist=True)
         self.log_learning_rate()
 
-    def configure_optimizers(self):
-        config = super().configure_optimizers()
-        scheduler = config["lr_scheduler"]["scheduler"] if isinstance(config, dict) else None
-        # The base class sizes the schedule with Lightning's estimate of stepping batches, which
-        # under manual optimization counts rollouts; PPO steps ppo_epochs * num_mini_batches times each.
-        if isinstance(scheduler, WarmupCosineLR) and scheduler.total_steps == int(self.trainer.estimated_stepping_batches):
-            scheduler.total_steps = self.estimated_optimizer_steps()
-        return config
-
-    def estimated_optimizer_steps(self) -> int:
-        trainer = self.trainer
-        per_rollout = self.hparams.ppo_epochs * self.hparams.num_mini_batches
-        rollouts = trainer.num_training_batches * max(trainer.max_epochs or 1, 1)
-        if trainer.max_epochs == -1 or rollouts == float("inf"):
-            return trainer.max_steps
-        total = int(rollouts) * per_rollout
-        return min(total, trainer.max_steps) if trainer.max_steps != -1 else total
+    @property
+    def optimizer_steps_per_batch(self) -> int:
+        return self.hparams.ppo_epochs * self.hparams.num_mini_batches
