@@ -9,6 +9,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from plpost.assets import resolve_pretrained
+from plpost.quiet import folder_bytes, new_head_report_filtered, no_progress_bars_if_small
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -54,4 +55,20 @@ def load_causal_lm(
     if random_init:
         model = auto_class.from_config(config, trust_remote_code=trust_remote_code)
         return model.to(torch_dtype) if torch_dtype else model
-    return auto_class.from_pretrained(path, config=config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    # A classifier built on a causal LM (a new reward model or critic) gets a new score head on
+    # purpose: transformers' report of it as missing is not printed, any other finding is.
+    with new_head_report_filtered("score"), no_progress_bars_if_small(folder_bytes(path)):
+        return auto_class.from_pretrained(path, config=config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+
+
+def check_vocabulary_fits(
+    tokenizer: PreTrainedTokenizerBase, tokenizer_name: str, model: PreTrainedModel, model_name: str
+) -> None:
+    """Raises ValueError when the tokenizer has ids the model has no embedding row for (another
+    model's tokenizer), which would otherwise fail deep inside the first forward."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ValueError(
+            f"the tokenizer {tokenizer_name} has {len(tokenizer)} tokens but the model {model_name} embeds only "
+            f"{rows}: give the model's own tokenizer (tokenizer: {model_name})"
+        )

@@ -5,8 +5,10 @@ on non-finite steps."""
 
 from __future__ import annotations
 
+import inspect
+import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import lightning as L
 import torch
@@ -16,9 +18,14 @@ from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from plpost.callbacks.guards import NonFiniteGuard
+from plpost.callbacks.progress import Throughput
 from plpost.checkpointing import RNG_STATES_KEY, rng_states_of_all_ranks, set_rng_state, use_atomic_checkpoints
-from plpost.hf import load_causal_lm, load_tokenizer
+from plpost.hf import check_vocabulary_fits, load_causal_lm, load_tokenizer
 from plpost.optim import WarmupCosineLR
+from plpost.quiet import ignore_eval_mode_notice, quiet_known_noise, remove_filter
+
+STAGE_KEY = "plpost_stage"
+"""Checkpoint entry naming the stage class (`module.Class`), so `plpost export` and `plpost chat` rebuild it."""
 
 
 @dataclass
@@ -92,9 +99,12 @@ class PostTrainingModule(L.LightningModule):
 
     Stage subclasses list their frozen submodules in `frozen_modules`; those are never trained,
     never written into checkpoints, and their source is recorded in the checkpoint instead.
+    They name the plpost data modules they train on in `data_modules`; a fit with another plpost
+    data module stops in `setup`, before any model loads (a data module of one's own is trusted).
     """
 
     frozen_modules: tuple[str, ...] = ()
+    data_modules: ClassVar[tuple[type[L.LightningDataModule], ...]] = ()
 
     def __init__(
         self,
@@ -112,6 +122,7 @@ class PostTrainingModule(L.LightningModule):
         scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
+        quiet_known_noise()
         self.model_name = model
         self.tokenizer_name = tokenizer or model
         self.random_init = random_init
@@ -150,6 +161,7 @@ class PostTrainingModule(L.LightningModule):
         from_pretrained returns models in eval mode, and Lightning keeps each submodule's mode.
         """
         model.train()
+        self.check_vocabularies(model)
         # With checkpointing, transformers and peft hook the input embeddings so that their output
         # requires grad. Only reentrant checkpointing needs that (plpost's is not reentrant), and
         # torch.compile cannot trace the hook's requires_grad_: it would run the whole forward
@@ -165,10 +177,29 @@ class PostTrainingModule(L.LightningModule):
 
             if self.gradient_checkpointing and input_grads_hook:
                 model.enable_input_require_grads()
-            model = get_peft_model(model, self.lora.peft_config(task_type))
+            with warnings.catch_warnings():
+                # peft reads transformers' deprecated `is_gradient_checkpointing` (peft's to change).
+                warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
+                model = get_peft_model(model, self.lora.peft_config(task_type))
             if self.gradient_checkpointing and not input_grads_hook:
                 model.get_base_model().disable_input_require_grads()
         return model
+
+    def check_vocabularies(self, model: PreTrainedModel) -> None:
+        """The module's tokenizer, and the data module's if it names another, fit `model`'s embedding."""
+        check_vocabulary_fits(self.tokenizer, self.tokenizer_name, model, self.model_name)
+        data = self._trainer.datamodule if self._trainer is not None else None
+        data_tokenizer = getattr(data, "tokenizer_name", None)
+        if data_tokenizer is not None and data_tokenizer != self.tokenizer_name:
+            check_vocabulary_fits(data.tokenizer, data_tokenizer, model, self.model_name)
+
+    @classmethod
+    def from_hyperparameters(cls, hyperparameters: dict[str, Any]) -> PostTrainingModule:
+        """The module as its checkpoint's `hyper_parameters` configure it, unbuilt (no model loaded):
+        what `plpost export` and `plpost chat` rebuild a policy from. Keys that are not arguments
+        (LightningCLI adds `_class_path` and `_instantiator`) are left out."""
+        arguments = inspect.signature(cls.__init__).parameters
+        return cls(**{name: value for name, value in hyperparameters.items() if name in arguments})
 
     def configure_model(self) -> None:
         # Built here, not in __init__, so sharded strategies can build it directly on their devices.
@@ -253,14 +284,31 @@ class PostTrainingModule(L.LightningModule):
 
     # -- safe defaults --------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        self.check_data_module(self.trainer.datamodule)
         use_atomic_checkpoints(self.trainer)  # a kill while saving leaves the previous checkpoint whole
+        # Frozen models (references, reward models) are in eval mode on purpose.
+        self._eval_mode_notice_filter = ignore_eval_mode_notice()
+
+    def teardown(self, stage: str) -> None:
+        remove_filter(getattr(self, "_eval_mode_notice_filter", None))
+
+    def check_data_module(self, data: L.LightningDataModule | None) -> None:
+        from plpost.data.base import PostTrainingDataModule
+
+        if not self.data_modules or not isinstance(data, PostTrainingDataModule) or isinstance(data, self.data_modules):
+            return
+        expected = " or ".join(kind.__name__ for kind in self.data_modules)
+        raise TypeError(
+            f"{type(self).__name__} trains on a {expected}, not a {type(data).__name__}: give it a {expected} "
+            f"(in YAML, data.class_path: plpost.{self.data_modules[0].__name__})"
+        )
 
     def configure_callbacks(self) -> list[L.Callback]:
         # A NaN stops the run by default; a NonFiniteGuard given to the Trainer (e.g. one that
         # skips such steps) is kept, since Lightning would replace it with one returned here.
-        if any(isinstance(callback, NonFiniteGuard) for callback in self.trainer.callbacks):
-            return []
-        return [NonFiniteGuard()]
+        # The same holds for the Throughput shown in the progress bar.
+        defaults = [NonFiniteGuard(), Throughput()]
+        return [d for d in defaults if not any(isinstance(c, type(d)) for c in self.trainer.callbacks)]
 
     # -- checkpoints ----------------------------------------------------------------------
     def is_frozen_key(self, key: str) -> bool:
@@ -271,6 +319,7 @@ class PostTrainingModule(L.LightningModule):
         for key in [k for k in state if self.is_frozen_key(k)]:
             del state[key]
         checkpoint["plpost_frozen_sources"] = self.frozen_sources()
+        checkpoint[STAGE_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
         checkpoint[RNG_STATES_KEY] = rng_states_of_all_ranks()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -11,6 +11,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from plpost.data.preference import PreferenceDataModule
 from plpost.data.shared_prompt import SharedPromptRows, check_shared_prompt_attention, share_prompts
 from plpost.losses import DPOLoss, chosen_nll, dpo_loss
 from plpost.modules.base import LoraSettings, PostTrainingModule, default_optimizer, disable_dropout
@@ -93,6 +94,7 @@ class DPOModule(PostTrainingModule):
     """
 
     frozen_modules = ("reference",)
+    data_modules = (PreferenceDataModule,)
 
     def __init__(
         self,

@@ -11,12 +11,17 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
+from plpost.data.prompts import PromptDataModule
 from plpost.generation import eager_sampling, generation_config
 from plpost.modules.base import PostTrainingModule
 from plpost.modules.reference import FrozenCopy, adapter_disabled, model_fingerprint
 from plpost.optim import WarmupCosineLR
-from plpost.rewards import RewardScorer
+from plpost.rewards import RewardFunction, RewardScorer
 from plpost.rollout import Samples, response_forward, sample_responses
+
+
+def not_scored(prompts: list, completions: list[str], **columns: Any) -> Tensor:
+    raise RuntimeError("this module was rebuilt from a checkpoint without its reward sources; it cannot score")
 
 
 class OnlineModule(PostTrainingModule):
@@ -29,6 +34,7 @@ class OnlineModule(PostTrainingModule):
     """
 
     frozen_modules = ("reference", "reward_scorer.sources")
+    data_modules = (PromptDataModule,)
     reward_scorer: RewardScorer
     reference: FrozenCopy | None
     reference_name: str
@@ -37,6 +43,13 @@ class OnlineModule(PostTrainingModule):
     @property
     def optimizer_steps_per_batch(self) -> int:
         raise NotImplementedError
+
+    @classmethod
+    def from_hyperparameters(cls, hyperparameters: dict[str, Any]) -> OnlineModule:
+        # Reward sources are Python objects, kept out of the hyperparameters; a module rebuilt
+        # from them to export or chat with its policy never scores, so a source that refuses to
+        # score stands in for them.
+        return super().from_hyperparameters({"rewards": [RewardFunction(not_scored)], **hyperparameters})
 
     # -- models ---------------------------------------------------------------------------
     def build_reference(self, initial: PreTrainedModel) -> None:

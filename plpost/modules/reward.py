@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
-from plpost.data.preference import PreferenceBatch
+from plpost.data.preference import PreferenceBatch, PreferenceDataModule
 from plpost.data.shared_prompt import SharedPromptRows, check_shared_prompt_attention, share_prompts
 from plpost.hf import load_causal_lm
 from plpost.losses import RewardLoss, bradley_terry_loss, reward_centering_penalty
@@ -82,6 +82,8 @@ class RewardModule(PostTrainingModule):
         optimizer: the optimizer, given the trainable parameters.
         scheduler: the learning-rate schedule, stepped every optimizer step.
     """
+
+    data_modules = (PreferenceDataModule,)
 
     def __init__(
         self,

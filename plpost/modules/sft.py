@@ -9,6 +9,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 from torchmetrics import MeanMetric
 
+from plpost.data.chat import ChatDataModule
 from plpost.data.collate import ChatBatch
 from plpost.losses import SFTTokenLosses, next_token_targets, sft_token_losses
 from plpost.modules.base import LoraSettings, PostTrainingModule, default_optimizer
@@ -38,6 +39,8 @@ class SFTModule(PostTrainingModule):
         optimizer: the optimizer, given the trainable parameters.
         scheduler: the learning-rate schedule, stepped every optimizer step.
     """
+
+    data_modules = (ChatDataModule,)
 
     def __init__(
         self,
