@@ -1,4 +1,4 @@
-"""Sampling for PPO: batched generation with a KV cache, responses cut after their stop token, and
+"""Sampling for the online stages (PPO, GRPO): batched generation with a KV cache, responses cut after their stop token, and
 the one forward pass over (prompt + response) that both the rollout and the PPO update use.
 
 Sharing `response_forward` is what makes PPO's ratio exactly 1 until the first optimizer step:
@@ -89,6 +89,30 @@ def sample_responses(
         response_mask=response_mask,
         stopped=stopped,
     )
+
+
+def widen_responses(samples: Samples, width: int, *, pad_token_id: int) -> Samples:
+    """`samples` with its response part right-padded to `width` positions (padding masked out)."""
+    extra = width - samples.response_mask.shape[1]
+    if extra <= 0:
+        return samples
+    rows = samples.input_ids.shape[0]
+    input_ids = torch.cat([samples.input_ids, samples.input_ids.new_full((rows, extra), pad_token_id)], dim=1)
+    attention_mask = torch.cat([samples.attention_mask, samples.attention_mask.new_zeros(rows, extra)], dim=1)
+    response_mask = torch.cat([samples.response_mask, samples.response_mask.new_zeros(rows, extra)], dim=1)
+    return Samples(input_ids, attention_mask, position_ids_from(attention_mask), response_mask, samples.stopped)
+
+
+def replace_rows(samples: Samples, rows: Tensor, new: Samples, *, pad_token_id: int) -> Samples:
+    """`samples` with `rows` (indices) replaced by the rows of `new`, sampled for the same prompts
+    (same prompt width); the responses are padded to the wider of the two."""
+    width = max(samples.response_mask.shape[1], new.response_mask.shape[1])
+    samples = widen_responses(samples, width, pad_token_id=pad_token_id)
+    new = widen_responses(new, width, pad_token_id=pad_token_id)
+    fields = [field.clone() for field in samples]
+    for field, replacement in zip(fields, new):
+        field[rows] = replacement
+    return Samples(*fields)
 
 
 class Rollout(NamedTuple):

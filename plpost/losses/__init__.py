@@ -2,7 +2,15 @@
 
 from plpost.losses.advantages import GroupStatistics, gae, group_advantages, group_statistics, leave_one_out_advantages
 from plpost.losses.dpo import DPO_LOSS_TYPES, DPOLoss, chosen_nll, dpo_loss
-from plpost.losses.grpo import GRPO_LOSS_TYPES, GRPOTokenLosses, LossTerms, grpo_loss_terms, grpo_token_losses, loss_scope
+from plpost.losses.grpo import (
+    GRPO_LOSS_TYPES,
+    GRPOTokenLosses,
+    LossTerms,
+    grpo_loss_denominator,
+    grpo_loss_terms,
+    grpo_token_losses,
+    loss_scope,
+)
 from plpost.losses.logprobs import next_token_targets, sequence_logprobs, token_entropy, token_logprobs
 from plpost.losses.masked import masked_mean, masked_sum, masked_var, masked_whiten
 from plpost.losses.ppo import (
@@ -39,6 +47,7 @@ __all__ = [
     "gae",
     "group_advantages",
     "group_statistics",
+    "grpo_loss_denominator",
     "grpo_loss_terms",
     "grpo_token_losses",
     "kl_penalty",

@@ -34,7 +34,10 @@ from torch import Tensor
 from plpost.losses.masked import masked_sum
 from plpost.losses.ppo import kl_penalty, ppo_policy_loss
 
-__all__ = ["GRPO_LOSS_TYPES", "GRPOTokenLosses", "LossTerms", "grpo_loss_terms", "grpo_token_losses", "loss_scope"]
+__all__ = [
+    "GRPO_LOSS_TYPES", "GRPOTokenLosses", "LossTerms", "grpo_loss_denominator", "grpo_loss_terms", "grpo_token_losses",
+    "loss_scope",
+]
 
 GRPOLossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
 GRPO_LOSS_TYPES: tuple[str, ...] = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -115,18 +118,29 @@ def grpo_loss_terms(
     dr_grpo with max_completion_length 4: 6 and 2 * 4 = 8.
     """
     keep = mask.to(torch.bool)
+    denominator = grpo_loss_denominator(keep, loss_type=loss_type, max_completion_length=max_completion_length)
+    if loss_type == "grpo":
+        tokens = keep.sum(-1).clamp(min=1).to(token_losses.dtype)
+        return LossTerms((masked_sum(token_losses, keep, dim=-1) / tokens).sum(), denominator)
+    return LossTerms(masked_sum(token_losses, keep), denominator)
+
+
+def grpo_loss_denominator(
+    mask: Tensor, *, loss_type: GRPOLossType, max_completion_length: int | None = None
+) -> Tensor:
+    """The denominator of `grpo_loss_terms` alone: it depends on the mask only, so a stage can sum
+    it over a whole optimizer step (or generation batch) before any forward. Scalar float."""
+    keep = mask.to(torch.bool)
     tokens = keep.sum(-1)
     completions = (tokens > 0).sum().float()
     if loss_type == "grpo":
-        per_completion = masked_sum(token_losses, keep, dim=-1) / tokens.clamp(min=1).to(token_losses.dtype)
-        return LossTerms(per_completion.sum(), completions)
-    total = masked_sum(token_losses, keep)
+        return completions
     if loss_type in ("bnpo", "dapo"):
-        return LossTerms(total, tokens.sum().float())
+        return tokens.sum().float()
     if loss_type == "dr_grpo":
         if max_completion_length is None or max_completion_length < 1:
             raise ValueError("loss_type 'dr_grpo' needs max_completion_length >= 1")
-        return LossTerms(total, completions * max_completion_length)
+        return completions * max_completion_length
     raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {', '.join(GRPO_LOSS_TYPES)}")
 
 

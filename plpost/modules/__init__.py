@@ -1,8 +1,11 @@
 from plpost.modules.base import LoraSettings, PostTrainingModule
 from plpost.modules.dpo import DPOModule
+from plpost.modules.grpo import GRPOModule
 from plpost.modules.ppo import PPOModule
 from plpost.modules.reward import RewardModule
 from plpost.reward_head import sequence_rewards
 from plpost.modules.sft import SFTModule
 
-__all__ = ["DPOModule", "LoraSettings", "PPOModule", "PostTrainingModule", "RewardModule", "SFTModule", "sequence_rewards"]
+__all__ = [
+    "DPOModule", "GRPOModule", "LoraSettings", "PPOModule", "PostTrainingModule", "RewardModule", "SFTModule", "sequence_rewards",
+]

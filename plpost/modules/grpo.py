@@ -1,0 +1,370 @@
+"""GRPOModule: critic-free online RL (GRPO, Dr. GRPO, DAPO, BNPO, RLOO): G samples per prompt, each
+compared with the others of its group instead of with a value model."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from typing import Literal, NamedTuple
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor
+
+from plpost.data.prompts import PromptBatch
+from plpost.losses import group_advantages, group_statistics, grpo_loss_denominator, grpo_loss_terms
+from plpost.losses import grpo_token_losses, kl_penalty, leave_one_out_advantages, loss_scope, masked_sum
+from plpost.losses.grpo import GRPOLossType
+from plpost.modules.base import LoraSettings, default_optimizer, disable_dropout
+from plpost.modules.online import OnlineModule
+from plpost.rewards import RewardScorer, RewardSource, responses_of
+from plpost.rollout import Samples, replace_rows, response_forward
+
+
+class Groups(NamedTuple):
+    """One training step's completions: B prompts x G, the G of each prompt in consecutive rows."""
+
+    samples: Samples
+    rewards: Tensor
+    """(B * G,) scores, NaN where no reward source applies."""
+    per_source: dict[str, Tensor]
+    loss_mask: Tensor
+    """(B * G, R) bool: the response tokens the loss sees (truncated or filtered completions masked)."""
+    kept: Tensor
+    """(B,) bool: groups kept by dynamic sampling (all True without it)."""
+    resampled: int
+    """Groups sampled again by dynamic sampling."""
+
+
+class GRPOModule(OnlineModule):
+    """Group-relative policy optimization (Shao et al. 2024) and its variants, one generation batch
+    per training step.
+
+    A training step takes a `PromptBatch` of B prompts, samples G = `num_generations` completions
+    of each (on the device that holds the prompt, so a group is never split), scores them with
+    the reward sources, turns the rewards into one advantage per completion
+    (`plpost.losses.group_advantages` or `leave_one_out_advantages`, over the prompts of every
+    device), then takes `num_iterations` passes over the B * G completions, each split into
+    `num_mini_batches` optimizer steps of `gradient_accumulation_steps` micro-batches, with the
+    clipped objective and the aggregation `loss_type` (see `plpost.losses.grpo`), which gives the
+    same loss and gradients whatever the micro-batch, accumulation or device split. Optimization is
+    manual: `trainer.global_step` counts optimizer steps; bound a run in generation batches with
+    `max_epochs` or `limit_train_batches`. Generation runs on the unsharded policy (single device, DDP).
+
+    The old log-probs come from the same forward, micro-batches and order the first pass uses, so
+    the first ratio is exactly 1; when the generation batch takes one optimizer step in all
+    (num_iterations = num_mini_batches = 1) they are that pass's own, detached, as TRL does.
+
+    Args:
+        model: the initial policy (usually the SFT export): Hub name, folder or ``plpost:tiny``.
+        tokenizer: the tokenizer (default: the model's); linked from the data in the CLI.
+        rewards: the reward sources, summed with their weights (`plpost.rewards.RewardFunction`,
+            `plpost.rewards.RewardModel`, the verifiable rewards of `plpost.verifiable`). A source
+            may return None (NaN) for a completion it does not apply to; a completion no source
+            applies to is left out of its group's statistics and gets advantage 0.
+        missing_eos_penalty: subtracted from the score of a completion with no stop token.
+        num_generations: G, the completions sampled per prompt (>= 2).
+        advantage_estimator: "grpo": (r - group mean) scaled by `scale_rewards`; "rloo": r minus
+            the mean of the other G - 1 rewards of its group (RLOO), not scaled.
+        scale_rewards: "group": divide by the group's Bessel-corrected std + 1e-4 (GRPO, TRL);
+            "batch": by the std of every reward of the step; "none": do not (Dr. GRPO). Must be
+            "none" with "rloo".
+        loss_type: "grpo" | "bnpo" | "dr_grpo" | "dapo": how token losses are aggregated.
+        epsilon_low: the ratio is clipped below at 1 - epsilon_low.
+        epsilon_high: and above at 1 + epsilon_high (DAPO's clip-higher: 0.28; default: epsilon_low).
+        num_iterations: passes over each generation batch (GRPO's mu).
+        num_mini_batches: optimizer steps per pass; the B * G rows are split into this many.
+        gradient_accumulation_steps: micro-batches per optimizer step.
+        beta: weight of the KL to the frozen reference (0: no reference is loaded at all).
+        kl_mode: "loss": beta * the k3 estimator per token in the loss (GRPO's paper, TRL);
+            "reward": beta * the summed k1 estimator subtracted from each completion's reward.
+        reference: the KL anchor when beta > 0: "copy": a frozen copy of `reference_model`;
+            "adapter": the LoRA policy with its adapter off; "auto": the latter with LoRA.
+        reference_model: the reference's weights for "copy" (default: `model`).
+        mask_truncated_completions: leave completions that hit max_new_tokens without a stop token
+            out of the loss (DAPO's overlong filtering); they still count in the reward statistics.
+        dynamic_sampling: drop groups whose rewards are all equal (no signal: every advantage is
+            0), sampling them again first up to `max_resample_rounds` times (DAPO). Dropped groups
+            stay in the batch with their tokens masked out of the loss and its normalisation.
+        max_resample_rounds: how many times the degenerate groups are sampled again.
+        max_new_tokens: the longest completion (also Dr. GRPO's constant normaliser).
+        temperature: sampling temperature; log-probs are taken at the same temperature.
+        top_p: nucleus sampling threshold (1.0: off).
+        top_k: sample among the k most likely tokens (0: off).
+        gradient_clip_val: clip the gradient norm of each optimizer step (None: off).
+        random_init, dtype, attn_implementation, trust_remote_code, lora, gradient_checkpointing,
+            torch_compile: as for `PPOModule`.
+        optimizer: the optimizer, given the policy's trainable parameters.
+        scheduler: the learning-rate schedule, stepped every optimizer step.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        tokenizer: str | None = None,
+        *,
+        rewards: list[RewardSource],
+        missing_eos_penalty: float | None = None,
+        num_generations: int = 8,
+        advantage_estimator: Literal["grpo", "rloo"] = "grpo",
+        scale_rewards: Literal["group", "batch", "none"] = "group",
+        loss_type: GRPOLossType = "dapo",
+        epsilon_low: float = 0.2,
+        epsilon_high: float | None = None,
+        num_iterations: int = 1,
+        num_mini_batches: int = 1,
+        gradient_accumulation_steps: int = 1,
+        beta: float = 0.0,
+        kl_mode: Literal["loss", "reward"] = "loss",
+        reference: Literal["auto", "copy", "adapter"] = "auto",
+        reference_model: str | None = None,
+        mask_truncated_completions: bool = False,
+        dynamic_sampling: bool = False,
+        max_resample_rounds: int = 2,
+        max_new_tokens: int = 64,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        gradient_clip_val: float | None = 1.0,
+        random_init: bool = False,
+        dtype: Literal["float32", "bfloat16", "float16"] | None = None,
+        attn_implementation: str | None = None,
+        trust_remote_code: bool = False,
+        lora: LoraSettings | None = None,
+        gradient_checkpointing: bool = False,
+        torch_compile: bool = False,
+        optimizer: OptimizerCallable = default_optimizer,
+        scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__(
+            model, tokenizer, random_init=random_init, dtype=dtype, attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code, lora=lora, gradient_checkpointing=gradient_checkpointing,
+            torch_compile=torch_compile, optimizer=optimizer, scheduler=scheduler,
+        )
+        if epsilon_high is None:
+            epsilon_high = epsilon_low
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "rewards"])
+        loss_scope(loss_type)  # refuses an unknown loss_type now, not at the first step
+        if num_generations < 2:
+            raise ValueError(f"num_generations must be >= 2 (a group of one has no baseline), got {num_generations}")
+        if advantage_estimator == "rloo" and scale_rewards != "none":
+            raise ValueError("RLOO's advantages are not scaled: set scale_rewards: none with advantage_estimator: rloo")
+        if min(num_iterations, num_mini_batches, gradient_accumulation_steps) < 1:
+            raise ValueError("num_iterations, num_mini_batches and gradient_accumulation_steps must be >= 1")
+        if beta < 0 or epsilon_low < 0 or epsilon_high < 0 or not temperature > 0:
+            raise ValueError("beta, epsilon_low and epsilon_high must be >= 0, and temperature > 0")
+        if beta > 0 and reference == "adapter" and lora is None:
+            raise ValueError("reference='adapter' needs a LoRA policy (`lora:`); use 'copy'")
+        self.reward_scorer = RewardScorer(rewards, missing_eos_penalty=missing_eos_penalty)
+        self.use_adapter_reference = beta > 0 and (reference == "adapter" or (reference == "auto" and lora is not None))
+        self.reference_name = reference_model or model
+        self.reference = None
+        self.register_buffer("episodes", torch.zeros((), dtype=torch.float64))  # in checkpoints
+        self.automatic_optimization = False
+
+    @property
+    def optimizer_steps_per_batch(self) -> int:
+        return self.hparams.num_iterations * self.hparams.num_mini_batches
+
+    def configure_model(self) -> None:
+        if self.policy is not None:
+            return
+        initial = self.load_pretrained()
+        if self.hparams.beta > 0:
+            self.build_reference(initial)
+        self.policy = self.prepare_trainable(initial)
+        disable_dropout(self.policy)
+        self.reward_scorer.setup(self.tokenizer)
+        self.compile_models()
+
+    def compiled_modules(self) -> list[torch.nn.Module | None]:
+        return [self.policy, self.reference.model if self.reference is not None else None]
+
+    # -- generation -----------------------------------------------------------------------
+    @torch.no_grad()
+    def sample_and_score(self, batch: PromptBatch, prompts: Tensor) -> tuple[Samples, Tensor, dict[str, Tensor]]:
+        """G completions of each of the `prompts` (indices into the batch), and their scores."""
+        G = self.hparams.num_generations
+        samples = self.sample(batch.input_ids[prompts], batch.attention_mask[prompts], G)
+        chosen = prompts.tolist()
+        columns = {key: [values[i] for i in chosen] for key, values in batch.columns.items()}
+        responses = responses_of(self.tokenizer, samples, [batch.prompts[i] for i in chosen], columns, G)
+        scores = self.reward_scorer(responses)
+        return samples, scores.scores, scores.per_source
+
+    def generate(self, batch: PromptBatch) -> Groups:
+        """Samples and scores G completions per prompt; with dynamic sampling, samples the groups
+        with equal rewards again (every device takes the same number of rounds) and drops those
+        that stay so."""
+        hp = self.hparams
+        G, prompts = hp.num_generations, len(batch.prompts)
+        samples, rewards, per_source = self.sample_and_score(batch, torch.arange(prompts))
+        resampled = 0
+        degenerate = group_statistics(rewards, G).std == 0
+        for _ in range(hp.max_resample_rounds if hp.dynamic_sampling else 0):
+            if not self.trainer.strategy.reduce_boolean_decision(bool(degenerate.any()), all=False):
+                break
+            if not degenerate.any():
+                continue
+            groups = degenerate.nonzero().squeeze(1).cpu()
+            rows = (groups[:, None] * G + torch.arange(G)).reshape(-1).to(rewards.device)
+            new_samples, new_rewards, new_per_source = self.sample_and_score(batch, groups)
+            samples = replace_rows(samples, rows, new_samples, pad_token_id=self.tokenizer.pad_token_id)
+            rewards[rows] = new_rewards
+            for name, values in new_per_source.items():
+                per_source[name][rows] = values
+            resampled += len(groups)
+            degenerate = group_statistics(rewards, G).std == 0
+        kept = ~degenerate if hp.dynamic_sampling else torch.ones_like(degenerate)
+        loss_mask = samples.response_mask & kept.repeat_interleave(G)[:, None]
+        if hp.mask_truncated_completions:
+            loss_mask = loss_mask & samples.stopped[:, None]
+        return Groups(samples, rewards, per_source, loss_mask, kept, resampled)
+
+    def advantages(self, rewards: Tensor) -> Tensor:
+        """(B * G,) advantages, computed over the rewards of every device (so "batch" scaling is the
+        same however many devices share the prompts), this device's slice returned."""
+        hp = self.hparams
+        everything = self.all_gather(rewards).reshape(-1)
+        if hp.advantage_estimator == "rloo":
+            advantages = leave_one_out_advantages(everything, hp.num_generations)
+        else:
+            advantages = group_advantages(everything, hp.num_generations, scale_rewards=hp.scale_rewards)
+        start = self.trainer.global_rank * len(rewards)
+        return advantages[start : start + len(rewards)]
+
+    # -- training -------------------------------------------------------------------------
+    def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        hp = self.hparams
+        started = time.perf_counter()
+        groups = self.generate(batch)                                     # sample, score (no gradients)
+        layout = self.micro_batches(len(groups.rewards))
+        old_logprobs, ref_logprobs = self.old_and_reference_logprobs(groups.samples, layout)
+        rewards, kl_reward = groups.rewards, None
+        if hp.beta > 0 and hp.kl_mode == "reward":                        # k1, summed per completion
+            kl_reward = masked_sum(kl_penalty(old_logprobs, ref_logprobs), groups.samples.response_mask, dim=1)
+            rewards = rewards - hp.beta * kl_reward
+        advantages = self.advantages(rewards)
+        generated = time.perf_counter()
+        update = self.grpo_update(groups, advantages, old_logprobs, ref_logprobs, layout)
+        self.episodes += float(len(rewards) * self.trainer.world_size)
+        self.log_generation_batch(groups, update, kl_reward, generation_s=generated - started,
+                                  update_s=time.perf_counter() - generated)
+
+    def micro_batches(self, rows: int) -> list[list[Tensor]]:
+        """The first pass's layout: num_mini_batches optimizer steps of consecutive row ranges, each
+        split into gradient_accumulation_steps micro-batches (sizes may differ by one)."""
+        hp = self.hparams
+        if rows < hp.num_mini_batches * hp.gradient_accumulation_steps:
+            raise ValueError(f"{rows} completions cannot fill num_mini_batches * gradient_accumulation_steps = "
+                             f"{hp.num_mini_batches * hp.gradient_accumulation_steps} micro-batches")
+        order = torch.arange(rows, device=self.device)
+        return [list(mini.tensor_split(hp.gradient_accumulation_steps)) for mini in order.tensor_split(hp.num_mini_batches)]
+
+    @torch.no_grad()
+    def old_and_reference_logprobs(self, samples: Samples, layout: list[list[Tensor]]):
+        """(B * G, R) log-probs of the sampling policy (None when the update's own first forward is
+        the only one before any optimizer step) and of the reference (None with beta = 0), each
+        from one forward per micro-batch of the first pass's layout."""
+        hp = self.hparams
+        needs_old = hp.num_iterations > 1 or hp.num_mini_batches > 1 or (hp.beta > 0 and hp.kl_mode == "reward")
+        tensors = (samples.input_ids, samples.attention_mask, samples.position_ids, samples.response_mask)
+        micro = [rows for mini in layout for rows in mini]
+
+        def over_rows(fn) -> Tensor:
+            return torch.cat([fn(*(t[rows] for t in tensors)) for rows in micro])
+
+        old = over_rows(self.policy_logprobs) if needs_old else None
+        reference = over_rows(self.reference_logprobs) if hp.beta > 0 else None
+        return old, reference
+
+    def policy_logprobs(self, *tensors: Tensor) -> Tensor:
+        return response_forward(self.policy, *tensors, temperature=self.hparams.temperature).logprobs
+
+    def grpo_update(self, groups: Groups, advantages: Tensor, old: Tensor | None, ref: Tensor | None, layout):
+        """num_iterations passes of optimizer steps; returns token-weighted means of the statistics."""
+        hp = self.hparams
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        mask = groups.loss_mask
+
+        def denominator_of(rows) -> Tensor:
+            return grpo_loss_denominator(mask[rows], loss_type=hp.loss_type, max_completion_length=hp.max_new_tokens)
+
+        batch_denominator = self.global_sum(denominator_of(slice(None)))
+        sums: dict[str, Tensor] = defaultdict(lambda: torch.zeros((), device=mask.device))
+        for iteration in range(hp.num_iterations):
+            # The first pass keeps the layout the old log-probs were computed in: same rows, same
+            # shapes, so the ratio is exactly 1 until the first optimizer step.
+            if iteration > 0:
+                order = torch.randperm(len(mask)).to(mask.device)
+                layout = [list(m.tensor_split(hp.gradient_accumulation_steps)) for m in order.tensor_split(hp.num_mini_batches)]
+            for mini in layout:
+                if loss_scope(hp.loss_type) == "generation_batch":
+                    denominator = batch_denominator
+                else:
+                    denominator = self.global_sum(denominator_of(torch.cat(mini)))
+                # A step with no unmasked token anywhere has numerators of 0: a zero gradient, not 0 / 0.
+                denominator = denominator.clamp(min=1.0)
+                for rows in mini:
+                    numerator, stats = self.micro_batch_loss(groups, advantages, old, ref, rows)
+                    self.manual_backward(numerator / denominator * self.loss_scale())
+                    for name, value in stats.items():
+                        sums[name] += value
+                if hp.gradient_clip_val is not None:
+                    self.clip_gradients(optimizer, gradient_clip_val=hp.gradient_clip_val, gradient_clip_algorithm="norm")
+                optimizer.step()
+                optimizer.zero_grad()
+                if scheduler is not None:
+                    scheduler.step()
+        tokens = sums.pop("tokens").clamp(min=1.0)
+        return {name: value / tokens for name, value in sums.items()}
+
+    def micro_batch_loss(self, groups: Groups, advantages: Tensor, old: Tensor | None, ref: Tensor | None, rows):
+        """(this micro-batch's numerator of the aggregated loss, summed token statistics)."""
+        hp = self.hparams
+        samples, mask = groups.samples, groups.loss_mask[rows]
+        logprobs = self.policy_logprobs(
+            samples.input_ids[rows], samples.attention_mask[rows], samples.position_ids[rows], samples.response_mask[rows]
+        )
+        out = grpo_token_losses(
+            logprobs, old[rows] if old is not None else logprobs.detach(), advantages[rows], mask,
+            epsilon_low=hp.epsilon_low, epsilon_high=hp.epsilon_high,
+            ref_logprobs=ref[rows] if ref is not None and hp.kl_mode == "loss" else None, beta=hp.beta,
+        )
+        terms = grpo_loss_terms(out.token_losses, mask, loss_type=hp.loss_type, max_completion_length=hp.max_new_tokens)
+        stats = {
+            "tokens": mask.sum().float(), "clip_ratio/low_mean": out.clipped_low.sum().float(),
+            "clip_ratio/high_mean": out.clipped_high.sum().float(),
+            "entropy": -masked_sum(logprobs.detach(), mask),  # -log pi of the sampled tokens: an estimate
+        }
+        if out.kl is not None:
+            stats["kl"] = masked_sum(out.kl.detach(), mask)
+        return terms.numerator, stats
+
+    def log_generation_batch(self, groups: Groups, update: dict[str, Tensor], kl_reward: Tensor | None, *,
+                             generation_s: float, update_s: float) -> None:
+        """Per generation batch, under TRL's names where it has them."""
+        hp = self.hparams
+        samples, G = groups.samples, hp.num_generations
+        stats = group_statistics(groups.rewards, G)
+        lengths = samples.response_mask.sum(1).float()
+        metrics = {
+            "reward": groups.rewards.nanmean(), "reward_std": stats.std.mean(),
+            "frac_reward_zero_std": (stats.std == 0).float().mean(),
+            **{f"rewards/{name}/mean": values.nanmean() for name, values in groups.per_source.items()},
+            "completions/mean_length": lengths.mean(), "completions/clipped_ratio": (~samples.stopped).float().mean(),
+            **update,
+            "clip_ratio/region_mean": update["clip_ratio/low_mean"] + update["clip_ratio/high_mean"],
+            "time/generation_s": generation_s, "time/update_s": update_s,
+            "perf/episodes_per_s": len(groups.rewards) * self.trainer.world_size / (generation_s + update_s),
+            "train/episodes": self.episodes.float(),
+        }
+        if kl_reward is not None:
+            metrics["kl"] = kl_reward.sum() / lengths.sum().clamp(min=1.0)  # k1 per token
+        if hp.dynamic_sampling:
+            metrics["dynamic_sampling/filtered"] = (~groups.kept).float().mean()
+            metrics["dynamic_sampling/resampled"] = groups.resampled / len(groups.kept)
+        reward = metrics.pop("reward")
+        self.log_dict({k: v.float() if isinstance(v, Tensor) else float(v) for k, v in metrics.items()}, sync_dist=True)
+        self.log("reward", reward.float(), prog_bar=True, sync_dist=True)
+        self.log_learning_rate()
