@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import yaml
@@ -39,13 +40,23 @@ class PostTrainingCLI(LightningCLI):
         parser.link_arguments("data.init_args.tokenizer", "model.init_args.tokenizer")
 
 
+COMMANDS = {
+    "demo": ("plpost.demo", "the whole pipeline on the bundled tiny model, measured (plpost demo --help)"),
+    "chat": ("plpost.chat", "talk to a model: export folder, Hub name, plpost:tiny or checkpoint (plpost chat --help)"),
+    "export": ("plpost.export", "a Lightning checkpoint of any stage to a Hugging Face folder (plpost export --help)"),
+}
+
+
 def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else args
-    if argv[:1] == ["demo"]:
-        from plpost.demo import main as demo
-
-        demo(argv[1:])
+    if argv[:1] and argv[0] in COMMANDS:
+        importlib.import_module(COMMANDS[argv[0]][0]).main(argv[1:])
         return
+    if argv[:1] in (["-h"], ["--help"]):
+        print("plpost commands besides LightningCLI's fit / validate / test / predict:")
+        for name, (_, summary) in COMMANDS.items():
+            print(f"  {name:<8} {summary}")
+        print()
     PostTrainingCLI(args=args)
 
 

@@ -4,6 +4,7 @@ where plpost causes them.
 Each filter matches one message exactly, never a warning category or a whole library, so every
 other warning, above all one a user can act on, is shown as before. What is filtered and why:
 
+- "`is_gradient_checkpointing` is deprecated": peft reads it whenever it wraps a model in LoRA.
 - Lightning's advertisements ("Tip: ... try installing litlogger / litmodels"), printed by every
   Trainer; not a warning about the run.
 - "`isinstance(treespec, LeafSpec)` is deprecated": Lightning's own use of a torch API that torch
@@ -67,6 +68,15 @@ def quiet_known_noise() -> None:
         warnings.filterwarnings("ignore", message=message, module=module)
 
 
+@contextlib.contextmanager
+def peft_reading_deprecated_attributes() -> Iterator[None]:
+    """peft reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model
+    (peft's to change); that FutureWarning is filtered inside this block."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
+        yield
+
+
 def ignore_eval_mode_notice() -> tuple:
     """Filters Lightning's notice about modules in eval mode and returns the filter's entry, for
     `remove_filter`: stage modules add it when a fit starts and remove it when the fit ends (two
@@ -78,6 +88,19 @@ def ignore_eval_mode_notice() -> tuple:
 def remove_filter(entry: tuple) -> None:
     with contextlib.suppress(ValueError):  # already gone, e.g. filters reset by the caller
         warnings.filters.remove(entry)
+
+
+@contextlib.contextmanager
+def lightning_notices_hidden() -> Iterator[None]:
+    """Lightning's info notices (devices found, why a fit stopped, exports) are not printed inside
+    this block; its warnings are. For a pipeline whose console is its own progress and report."""
+    logger = logging.getLogger("lightning.pytorch")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 class NewHeadReport(logging.Filter):

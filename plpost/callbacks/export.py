@@ -9,6 +9,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
 from plpost.generation import stop_token_ids
+from plpost.quiet import no_progress_bars_if_small
 
 
 class HFExport(L.Callback):
@@ -43,6 +44,9 @@ class HFExport(L.Callback):
 
 
 def write_hf_folder(pl_module: L.LightningModule, dirpath: Path) -> None:
+    """The module's `export_model()` and tokenizer as a Hugging Face folder (what `HFExport` and
+    `plpost export` write): a PEFT adapter folder for a LoRA policy unless `lora.merge_on_export`,
+    and a generation config that stops at every end-of-turn token."""
     model = pl_module.export_model()
     tokenizer = pl_module.tokenizer
     lora = getattr(pl_module, "lora", None)
@@ -53,5 +57,6 @@ def write_hf_folder(pl_module: L.LightningModule, dirpath: Path) -> None:
     if getattr(base, "generation_config", None) is not None:
         base.generation_config.eos_token_id = stop_token_ids(tokenizer)
         base.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(dirpath, safe_serialization=True)
+    with no_progress_bars_if_small(sum(p.numel() * p.element_size() for p in model.parameters())):
+        model.save_pretrained(dirpath, safe_serialization=True)
     tokenizer.save_pretrained(dirpath)

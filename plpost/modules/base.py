@@ -6,7 +6,6 @@ on non-finite steps."""
 from __future__ import annotations
 
 import inspect
-import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -22,7 +21,7 @@ from plpost.callbacks.progress import Throughput
 from plpost.checkpointing import RNG_STATES_KEY, rng_states_of_all_ranks, set_rng_state, use_atomic_checkpoints
 from plpost.hf import check_vocabulary_fits, load_causal_lm, load_tokenizer
 from plpost.optim import WarmupCosineLR
-from plpost.quiet import ignore_eval_mode_notice, quiet_known_noise, remove_filter
+from plpost.quiet import ignore_eval_mode_notice, peft_reading_deprecated_attributes, quiet_known_noise, remove_filter
 
 STAGE_KEY = "plpost_stage"
 """Checkpoint entry naming the stage class (`module.Class`), so `plpost export` and `plpost chat` rebuild it."""
@@ -177,9 +176,7 @@ class PostTrainingModule(L.LightningModule):
 
             if self.gradient_checkpointing and input_grads_hook:
                 model.enable_input_require_grads()
-            with warnings.catch_warnings():
-                # peft reads transformers' deprecated `is_gradient_checkpointing` (peft's to change).
-                warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
+            with peft_reading_deprecated_attributes():
                 model = get_peft_model(model, self.lora.peft_config(task_type))
             if self.gradient_checkpointing and not input_grads_hook:
                 model.get_base_model().disable_input_require_grads()

@@ -1,0 +1,118 @@
+"""`plpost export CKPT OUT`: a Lightning checkpoint of any stage to a Hugging Face folder.
+
+The checkpoint's own hyperparameters say which base model, tokenizer and LoRA settings the
+policy was built with; the policy is built the same way, its trained weights are read from the
+checkpoint, and the folder is written by the code `HFExport` writes with, so the two folders are
+the same. A `last.ckpt` of a killed run works: plpost writes checkpoints atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from plpost.callbacks.export import write_hf_folder
+from plpost.modules.base import STAGE_KEY, PostTrainingModule
+from plpost.reward_head import SCORE_HEAD
+
+POLICY_PREFIX = "policy."
+STAGES = ("SFTModule", "RewardModule", "DPOModule", "PPOModule", "GRPOModule")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be turned back into its policy; the message names the fix."""
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint's contents, read with `weights_only=True` (tensors and plain data only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} is not a file: give a Lightning checkpoint (e.g. outputs/run/checkpoints/last.ckpt)")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
+        raise CheckpointError(
+            f"{path} holds no Lightning state_dict and hyper_parameters: give a checkpoint that a plpost stage saved"
+        )
+    return checkpoint
+
+
+def stage_class(checkpoint: dict[str, Any], path: str | Path, stage: str | None = None) -> type[PostTrainingModule]:
+    """The stage that saved the checkpoint: `stage` if given (a class name such as "SFTModule" or
+    an import path), else the one the checkpoint names (plpost's own entry, or LightningCLI's)."""
+    name = stage or checkpoint.get(STAGE_KEY) or checkpoint["hyper_parameters"].get("_class_path")
+    if name is None:
+        raise CheckpointError(f"{path} does not name its stage: pass --stage, one of {', '.join(STAGES)}")
+    module_name, _, class_name = name.rpartition(".")
+    if stage is None and module_name.split(".")[0] != "plpost":
+        # A name read from a file is imported only from plpost; another package's stage is named by the user.
+        raise CheckpointError(f"{path} names the stage {name}: pass --stage {name} to import it")
+    cls = getattr(importlib.import_module(module_name or "plpost"), class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, PostTrainingModule)):
+        raise CheckpointError(f"{name} is not a plpost stage module: pass --stage, one of {', '.join(STAGES)}")
+    return cls
+
+
+def module_from_checkpoint(path: str | Path, *, stage: str | None = None) -> PostTrainingModule:
+    """The stage module of a checkpoint with its trained policy loaded (CPU, eval mode).
+
+    Only the policy is built (the base model named in the hyperparameters, with LoRA and the
+    stage's head as configured); frozen models, value heads and critics are not.
+    """
+    checkpoint = read_checkpoint(path)
+    module = stage_class(checkpoint, path, stage).from_hyperparameters(checkpoint["hyper_parameters"])
+    model = module.load_pretrained()
+    is_classifier = getattr(model, SCORE_HEAD, None) is not None
+    module.policy = module.prepare_trainable(model, task_type="SEQ_CLS" if is_classifier else "CAUSAL_LM")
+    weights = {
+        key[len(POLICY_PREFIX) :]: value for key, value in checkpoint["state_dict"].items()
+        if key.startswith(POLICY_PREFIX)
+    }
+    result = module.policy.load_state_dict(weights, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(
+            f"{path} does not fit the policy that its hyperparameters build (missing {result.missing_keys[:3]}, "
+            f"unexpected {result.unexpected_keys[:3]}): pass the --stage that saved it"
+        )
+    module.policy.eval()
+    return module
+
+
+def export_checkpoint(
+    path: str | Path, out: str | Path, *, merge: bool | None = None, stage: str | None = None
+) -> Path:
+    """Writes the checkpoint's policy to `out` as `HFExport` would have; returns `out`.
+
+    merge: for a LoRA policy, True writes merged full weights, False a PEFT adapter folder;
+    None keeps the run's own `lora.merge_on_export`.
+    """
+    module = module_from_checkpoint(path, stage=stage)
+    if merge is not None and module.lora is not None:
+        module.lora = replace(module.lora, merge_on_export=merge)
+    out = Path(out)
+    write_hf_folder(module, out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="plpost export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", help="a Lightning checkpoint of any plpost stage (e.g. .../checkpoints/last.ckpt)")
+    parser.add_argument("out", help="the folder to write")
+    lora = parser.add_mutually_exclusive_group()
+    lora.add_argument("--merge", dest="merge", action="store_const", const=True, default=None,
+                      help="LoRA: write merged full weights (default: the run's lora.merge_on_export)")
+    lora.add_argument("--adapter", dest="merge", action="store_const", const=False,
+                      help="LoRA: write a PEFT adapter folder")
+    parser.add_argument("--stage", help=f"the stage, for a checkpoint that does not name it ({', '.join(STAGES)})")
+    parser.add_argument("--quiet", action="store_true", help="print nothing on success")
+    args = parser.parse_args(argv)
+    try:
+        out = export_checkpoint(args.checkpoint, args.out, merge=args.merge, stage=args.stage)
+    except CheckpointError as error:
+        parser.exit(2, f"plpost export: error: {error}\n")
+    if not args.quiet:
+        print(f"exported {args.checkpoint} to {out}")
