@@ -184,7 +184,10 @@ class RewardModel(RewardSource):
             auto_class=AutoModelForSequenceClassification,
         )
         if model.config.num_labels != 1:
-            raise ValueError(f"reward model {self.path} has {model.config.num_labels} outputs, expected 1")
+            raise ValueError(
+                f"reward model {self.path} has {model.config.num_labels} outputs, but a reward is one number: give a "
+                "RewardModule export (one output), or score with this classifier in a RewardFunction"
+            )
         self.model = model.requires_grad_(False).eval()
         self.shares_tokens = self.tokenizer.get_vocab() == policy_tokenizer.get_vocab()
 
