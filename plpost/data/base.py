@@ -152,7 +152,10 @@ class PostTrainingDataModule(L.LightningDataModule):
                 outcomes["truncated"] += 1
             examples.append(example)
         if not examples:
-            raise DataValidationError(name, None, None, f"no record is usable ({dict(outcomes)})")
+            # Every record cut to nothing or dropped by max_length: the limit is below the prompts.
+            too_short = all("max_length" in reason or "truncation" in reason for reason in outcomes)
+            fix = f"; raise max_length (now {self.max_length}) above the prompts' length" if too_short else ""
+            raise DataValidationError(name, None, None, f"no record is usable ({dict(outcomes)}){fix}")
         self.counts[split] = {"records": len(dataset), **outcomes}
         return examples
 
