@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
+from plpost.data.chat_template import ChatTemplate
 from plpost.data.formats import DataValidationError
 from plpost.data.sampler import (
     AccumulationWindowSampler,
@@ -68,6 +69,7 @@ class PostTrainingDataModule(L.LightningDataModule):
         seed: int = 0,
         group_by_length: int | None = None,
         chat_template: str | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
         trust_remote_code: bool = False,
     ) -> None:
         super().__init__()
@@ -85,8 +87,10 @@ class PostTrainingDataModule(L.LightningDataModule):
         self.seed = seed
         self.group_by_length = group_by_length
         self.chat_template = chat_template
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.trust_remote_code = trust_remote_code
         self._tokenizer: PreTrainedTokenizerBase | None = None
+        self._template: ChatTemplate | None = None
         self.train_examples: list[dict] | None = None
         self.val_examples: list[dict] | None = None
         self.counts: dict[str, dict[str, int]] = {}
@@ -100,6 +104,13 @@ class PostTrainingDataModule(L.LightningDataModule):
                 self.tokenizer_name, chat_template=self.chat_template, trust_remote_code=self.trust_remote_code
             )
         return self._tokenizer
+
+    @property
+    def template(self) -> ChatTemplate:
+        """The tokenizer's chat template with `chat_template_kwargs`, as every record is rendered."""
+        if self._template is None:
+            self._template = ChatTemplate(self.tokenizer, self.chat_template_kwargs)
+        return self._template
 
     def preprocess(self, source: str, index: int, row: dict[str, Any]) -> dict:
         raise NotImplementedError

@@ -10,15 +10,17 @@ from plpost.data.base import PostTrainingDataModule, SkipRecord
 from plpost.data.collate import ChatBatch, collate_chat, count_loss_tokens
 from plpost.data.formats import validate_chat_row
 from plpost.data.sources import SourceLike
-from plpost.data.tokenize import Overflow, Overflowed, template_refusals_named, tokenize_supervised
+from plpost.data.tokenize import Overflow, Overflowed, message_fields, template_refusals_named, tokenize_supervised
 
 
 class ChatDataModule(PostTrainingDataModule):
     """Chat data for SFT: the loss falls on assistant tokens only, end-of-turn token included.
 
-    Rows are ``{"messages": [{"role", "content"}, ...]}`` (every assistant turn is supervised)
-    or ``{"prompt", "completion"}`` (both strings, or both message lists; only the completion
-    is supervised). Every record is validated and tokenized in `setup`, before training.
+    Rows are ``{"messages": [{"role", "content"}, ...]}`` (every assistant turn is supervised,
+    except those with ``weight: 0``), ``{"prompt", "completion"}`` (both strings, or both message
+    lists; only the completion is supervised), or ``{"text"}`` (language modelling: every token
+    and EOS). A row may carry ``tools`` (JSON schemas) for the template to render. Every record
+    is validated and tokenized in `setup`, before training.
 
     Args:
         tokenizer: Hub name, local folder or bundled name (``plpost:tiny``) of the tokenizer;
@@ -45,6 +47,9 @@ class ChatDataModule(PostTrainingDataModule):
             while each group still draws from the whole shuffled epoch. Hugging Face's
             LengthGroupedSampler uses groups of 50; None keeps the shuffled order.
         chat_template: a Jinja template (string or .jinja file) replacing the tokenizer's.
+        chat_template_kwargs: variables every rendering of the template gets, e.g.
+            ``{enable_thinking: false}`` (Qwen3) or ``{date_string: "26 Jul 2024"}`` (Llama 3.x,
+            whose templates otherwise render today's date into the system header).
         trust_remote_code: allow a tokenizer that runs code from its repository.
     """
 
@@ -66,6 +71,7 @@ class ChatDataModule(PostTrainingDataModule):
         seed: int = 0,
         group_by_length: int | None = None,
         chat_template: str | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
         trust_remote_code: bool = False,
     ) -> None:
         super().__init__(
@@ -81,6 +87,7 @@ class ChatDataModule(PostTrainingDataModule):
             seed=seed,
             group_by_length=group_by_length,
             chat_template=chat_template,
+            chat_template_kwargs=chat_template_kwargs,
             trust_remote_code=trust_remote_code,
         )
         self.overflow = overflow
@@ -88,12 +95,18 @@ class ChatDataModule(PostTrainingDataModule):
         self.pad_to_multiple_of = pad_to_multiple_of
 
     def preprocess(self, source: str, index: int, row: dict[str, Any]) -> dict:
-        context, supervised = validate_chat_row(source, index, row)
+        context, supervised, tools = validate_chat_row(source, index, row)
+        if isinstance(supervised, str):
+            fields = "text" if context is None else "completion"
+        elif context:
+            fields = message_fields("prompt", context) + message_fields("completion", supervised)
+        else:
+            fields = message_fields("messages", supervised)
         try:
-            with template_refusals_named(source, index, "messages" if "messages" in row else "prompt"):
+            with template_refusals_named(source, index, fields):
                 example = tokenize_supervised(
-                    self.tokenizer, context, supervised, max_length=self.max_length, overflow=self.overflow,
-                    source=source, index=index,
+                    self.template, context, supervised, max_length=self.max_length, overflow=self.overflow,
+                    source=source, index=index, tools=tools,
                 )
         except Overflowed:
             raise SkipRecord("dropped (longer than max_length)") from None

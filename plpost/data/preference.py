@@ -11,11 +11,11 @@ from torch import Tensor
 
 from plpost.data.base import PostTrainingDataModule, SkipRecord
 from plpost.data.collate import pad_rows
-from plpost.data.formats import DataValidationError, Message
-from plpost.data.preference_rows import IdenticalPairs, validate_preference_row
+from plpost.data.formats import DataValidationError, Message, RecordChecker
+from plpost.data.preference_rows import IdenticalPairs, refuse_identical, validate_preference_row
 from plpost.data.sources import SourceLike, describe
 from plpost.data.tokenize import (
-    IGNORE_INDEX, Overflow, chat_ids, end_of_turn_ids, prompt_ids as encode_prompt, template_refusals_named, text_mask,
+    IGNORE_INDEX, Overflow, completion_after_text, encode_prompt, message_fields, template_refusals_named,
 )
 
 class PreferenceBatch(NamedTuple):
@@ -74,10 +74,11 @@ class PreferenceDataModule(PostTrainingDataModule):
     Rows are ``{"prompt", "chosen", "rejected"}`` or ``{"chosen", "rejected"}`` whole
     conversations sharing a prefix (see `validate_preference_row`), strings or message lists,
     with an optional numeric ``margin`` (given for every record of a split or for none).
-    Message-list prompts are rendered by the chat template with the generation prompt, and each
-    completion is what the template renders after them (checked to be a token prefix); string
-    prompts are tokenized as text and each completion after them, followed by EOS. The loss is
-    normalised per pair.
+    Message-list pairs are rendered by the chat template as prompt + chosen and prompt +
+    rejected; each completion runs from its first generated token (after the role header) to its
+    end-of-turn token, and the tokens before it, the same in both renderings, are the prompt.
+    String prompts are tokenized as text and each completion after them, followed by EOS. The
+    loss is normalised per pair.
 
     Args:
         tokenizer: Hub name, local folder or bundled name (``plpost:tiny``) of the tokenizer;
@@ -108,6 +109,9 @@ class PreferenceDataModule(PostTrainingDataModule):
             while each group still draws from the whole shuffled epoch. Hugging Face's
             LengthGroupedSampler uses groups of 50; None keeps the shuffled order.
         chat_template: a Jinja template (string or .jinja file) replacing the tokenizer's.
+        chat_template_kwargs: variables every rendering of the template gets, e.g.
+            ``{enable_thinking: false}`` (Qwen3) or ``{date_string: "26 Jul 2024"}`` (Llama 3.x,
+            whose templates otherwise render today's date into the system header).
         trust_remote_code: allow a tokenizer that runs code from its repository.
     """
 
@@ -131,6 +135,7 @@ class PreferenceDataModule(PostTrainingDataModule):
         seed: int = 0,
         group_by_length: int | None = None,
         chat_template: str | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
         trust_remote_code: bool = False,
     ) -> None:
         super().__init__(
@@ -146,6 +151,7 @@ class PreferenceDataModule(PostTrainingDataModule):
             seed=seed,
             group_by_length=group_by_length,
             chat_template=chat_template,
+            chat_template_kwargs=chat_template_kwargs,
             trust_remote_code=trust_remote_code,
         )
         if max_prompt_length is not None and max_prompt_length < 1:
@@ -158,12 +164,22 @@ class PreferenceDataModule(PostTrainingDataModule):
 
     def preprocess(self, source: str, index: int, row: dict[str, Any]) -> dict:
         pair = validate_preference_row(source, index, row, identical_pairs=self.identical_pairs)
-        with template_refusals_named(source, index, "prompt"):
-            prompt_ids = encode_prompt(self.tokenizer, pair.prompt)  # as generation sees it
-        with template_refusals_named(source, index, "chosen"):
-            chosen_ids = self.completion_ids(prompt_ids, pair.prompt, pair.chosen, source, index, "chosen")
-        with template_refusals_named(source, index, "rejected"):
-            rejected_ids = self.completion_ids(prompt_ids, pair.prompt, pair.rejected, source, index, "rejected")
+        if isinstance(pair.prompt, str):
+            prompt_ids = encode_prompt(self.template, pair.prompt)  # as generation sees it
+            chosen_ids, rejected_ids = (
+                completion_after_text(self.tokenizer, pair.prompt, completion) for completion in (pair.chosen, pair.rejected)
+            )
+        else:
+            prompt_ids, chosen_ids = self.split_rendering(pair.prompt, pair.chosen, pair.tools, source, index, "chosen")
+            rejected_prompt_ids, rejected_ids = self.split_rendering(
+                pair.prompt, pair.rejected, pair.tools, source, index, "rejected"
+            )
+            if rejected_prompt_ids != prompt_ids:
+                raise DataValidationError(
+                    source, index, "rejected",
+                    "the chat template renders the prompt differently before rejected than before chosen, so the "
+                    "pair has no shared prompt to compare the completions on",
+                )
         truncated = self.max_prompt_length is not None and len(prompt_ids) > self.max_prompt_length
         if truncated:
             prompt_ids = prompt_ids[-self.max_prompt_length :]
@@ -181,40 +197,28 @@ class PreferenceDataModule(PostTrainingDataModule):
             completions[name], truncated = completion[: max(0, self.max_length - len(prompt_ids))], True
             if not completions[name]:
                 raise SkipRecord("skipped (a completion has no token left after truncation)")
+        refuse_identical(
+            RecordChecker(source, index, row), completions["chosen"], completions["rejected"], self.identical_pairs,
+            "as tokens (after rendering and truncation)",
+        )
         return {
             "prompt_ids": prompt_ids, "chosen_ids": completions["chosen"], "rejected_ids": completions["rejected"],
             "margin": pair.margin, "pair_index": index, "truncated": truncated,
         }
 
-    def completion_ids(
-        self, prompt_ids: list[int], prompt: list[Message] | str, completion: list[Message] | str,
-        source: str, index: int, field: str,
-    ) -> list[int]:
-        """The tokens that follow the prompt's tokens when the completion is appended to it."""
-        if isinstance(prompt, str):
-            ids, supervised = text_mask(self.tokenizer, prompt, completion)  # completion tokens + EOS
-            return [token for token, is_completion in zip(ids, supervised) if is_completion]
-        ids = chat_ids(self.tokenizer, prompt + completion, add_generation_prompt=False)
-        if ids[: len(prompt_ids)] != prompt_ids:
-            raise DataValidationError(
-                source, index, field,
-                "the chat template does not render the prompt (with its generation prompt) as a token prefix of "
-                f"prompt + {field}, so the completion tokens cannot be located; pass a `chat_template` that does",
-            )
-        completion_ids = ids[len(prompt_ids) :]
-        if not self.end_of_turn_ids & set(completion_ids):
-            raise DataValidationError(
-                source, index, field,
-                "the chat template ends this completion without an end-of-turn token "
-                f"(any of {sorted(self.end_of_turn_ids)}), so the model could not learn where answers stop",
-            )
-        return completion_ids
-
-    @property
-    def end_of_turn_ids(self) -> set[int]:
-        if not hasattr(self, "_end_of_turn_ids"):
-            self._end_of_turn_ids = end_of_turn_ids(self.tokenizer)
-        return self._end_of_turn_ids
+    def split_rendering(
+        self, prompt: list[Message], completion: list[Message], tools: list | None, source: str, index: int, field: str,
+    ) -> tuple[list[int], list[int]]:
+        """(prompt tokens, completion tokens) of one rendering of prompt + completion: the completion runs
+        from its first assistant turn's first generated token to its last turn's end-of-turn token."""
+        messages = prompt + completion
+        with template_refusals_named(source, index, message_fields("prompt", prompt) + message_fields(field, completion)):
+            self.template.check_fields_rendered(messages, tools)
+            rendered = self.template.locate(messages, first=len(prompt), tools=tools)
+        if not rendered.turn_spans:
+            raise DataValidationError(source, index, field, "has no supervised assistant turn")
+        start, end = rendered.turn_spans[0].start, rendered.turn_spans[-1].end
+        return rendered.input_ids[:start], rendered.input_ids[start:end]
 
     def examples_from(self, source: SourceLike, split: str) -> list[dict]:
         examples = super().examples_from(source, split)

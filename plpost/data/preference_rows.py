@@ -1,12 +1,13 @@
 """Validation of preference records: a prompt and two different completions of it.
 
 Rows are {prompt, chosen, rejected} (explicit prompt) or {chosen, rejected} full conversations
-sharing a prefix (implicit prompt), as strings or message lists, with an optional `margin`.
+sharing a prefix (implicit prompt), as strings or message lists, with an optional `margin` and
+`tools`. The UltraFeedback-binarized layout (a string prompt with chosen and rejected as whole
+conversations that open with it) is read as the conversations' shared prompt.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any, Literal, NamedTuple
 
@@ -23,6 +24,7 @@ class PreferenceRow(NamedTuple):
     chosen: list[Message] | str
     rejected: list[Message] | str
     margin: float | None
+    tools: list[dict[str, Any]] | None
 
 
 def validate_preference_row(source: str, index: int, row: Any, *, identical_pairs: IdenticalPairs) -> PreferenceRow:
@@ -33,10 +35,15 @@ def validate_preference_row(source: str, index: int, row: Any, *, identical_pair
     Implicit prompt: ``{"chosen", "rejected"}``, two whole conversations. Message lists are
     split after their longest run of equal leading messages, so the prompt always ends at a
     message boundary; strings after their longest common leading text (which must not be empty).
+    A string prompt with message-list completions is a user turn: the conversations' shared
+    prompt, which must end with it (UltraFeedback), or, for completions of assistant turns only,
+    the one turn before them.
     """
     checker = RecordChecker(source, index, row)
     chosen, rejected = checker.field("chosen"), checker.field("rejected")
     prompt = row.get("prompt")
+    if isinstance(prompt, str) and isinstance(chosen, list) and isinstance(rejected, list):
+        prompt, chosen, rejected = conversations_after_text_prompt(checker, prompt, chosen, rejected, identical_pairs)
     if prompt is None:
         if type(chosen) is not type(rejected) or not isinstance(chosen, (str, list)):
             checker.fail("rejected", "chosen and rejected must both be strings or both be message lists")
@@ -53,6 +60,11 @@ def validate_preference_row(source: str, index: int, row: Any, *, identical_pair
     if as_text:
         prompt = checker.text(prompt, "prompt")
         chosen, rejected = checker.text(chosen, "chosen"), checker.text(rejected, "rejected")
+        if all(len(completion) > len(prompt) and completion.startswith(prompt) for completion in (chosen, rejected)):
+            checker.fail(
+                "chosen", "and rejected both repeat the prompt at their start, so the prompt would be read twice; "
+                "give the completions without it, or leave out `prompt` to take the shared text as the prompt",
+            )
     else:
         prompt = checker.messages(prompt, "prompt")
         if prompt[-1]["role"] == "assistant":
@@ -60,16 +72,37 @@ def validate_preference_row(source: str, index: int, row: Any, *, identical_pair
         chosen = checker.messages(chosen, "chosen", allowed_roles=("assistant",))
         rejected = checker.messages(rejected, "rejected", allowed_roles=("assistant",))
     refuse_identical(checker, chosen, rejected, identical_pairs)
-    return PreferenceRow(prompt, chosen, rejected, read_margin(checker))
+    return PreferenceRow(prompt, chosen, rejected, checker.number("margin"), None if as_text else checker.tools())
 
 
-def refuse_identical(checker: RecordChecker, chosen: Any, rejected: Any, identical_pairs: IdenticalPairs) -> None:
+def conversations_after_text_prompt(
+    checker: RecordChecker, prompt: str, chosen: list, rejected: list, identical_pairs: IdenticalPairs
+) -> tuple[list[Message], list[Message], list[Message]]:
+    """(prompt messages, chosen, rejected) of a string prompt given with message-list completions."""
+    prompt = checker.text(prompt, "prompt")
+    chosen, rejected = checker.messages(chosen, "chosen"), checker.messages(rejected, "rejected")
+    if chosen[0]["role"] == "assistant" and rejected[0]["role"] == "assistant":
+        return [{"role": "user", "content": prompt}], chosen, rejected
+    refuse_identical(checker, chosen, rejected, identical_pairs)
+    shared, chosen, rejected = split_shared_prompt(checker, chosen, rejected)
+    if shared[-1]["role"] != "user" or shared[-1].get("content") != prompt:
+        checker.fail(
+            "prompt", f"is a string, but the conversations in chosen and rejected share messages 0..{len(shared) - 1}, "
+            "which do not end with a user turn holding this text; give the prompt as those messages or leave it out",
+        )
+    return shared, chosen, rejected
+
+
+def refuse_identical(
+    checker: RecordChecker, chosen: Any, rejected: Any, identical_pairs: IdenticalPairs, when: str = ""
+) -> None:
     if chosen != rejected:
         return
     if identical_pairs == "skip":
         raise SkipRecord("skipped (chosen identical to rejected)")
     checker.fail(
-        "rejected", "is identical to chosen, so the pair prefers nothing (identical_pairs: skip drops such pairs)"
+        "rejected", f"is identical to chosen{' ' + when if when else ''}, so the pair prefers nothing "
+        "(identical_pairs: skip drops such pairs)",
     )
 
 
@@ -99,14 +132,3 @@ def split_shared_prompt(
         if not completion[shared:] or (isinstance(completion, str) and not completion[shared:].strip()):
             checker.fail(name, "has nothing after the prompt it shares with the other completion")
     return chosen[:shared], chosen[shared:], rejected[shared:]
-
-
-def read_margin(checker: RecordChecker) -> float | None:
-    margin = checker.row.get("margin")
-    if margin is None:
-        return None
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)):
-        checker.fail("margin", f"expected a number, got {type(margin).__name__}")
-    if not math.isfinite(margin):
-        checker.fail("margin", f"{margin} is not a finite number")
-    return float(margin)

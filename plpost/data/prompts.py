@@ -12,7 +12,7 @@ from plpost.data.base import PostTrainingDataModule, SkipRecord
 from plpost.data.collate import pad_rows
 from plpost.data.formats import DataValidationError, Message, validate_prompt_row
 from plpost.data.sources import SourceLike
-from plpost.data.tokenize import Overflow, prompt_ids
+from plpost.data.tokenize import Overflow, encode_prompt, message_fields, template_refusals_named
 
 
 class PromptBatch(NamedTuple):
@@ -44,8 +44,8 @@ class PromptDataModule(PostTrainingDataModule):
     """Prompt rows for PPO: ``{"prompt": ..., <any other columns>}``.
 
     The prompt is a string (tokenized as it is, with the tokenizer's special tokens) or a message
-    list ending in a user or tool turn (rendered with the chat template and the generation
-    prompt). Every other column of a row (e.g. the reference ``answer`` of a verifiable task) is
+    list ending in a user or tool turn (rendered with the chat template, the row's ``tools`` if
+    any, and the generation prompt). Every other column of a row (e.g. the reference ``answer`` of a verifiable task) is
     kept and handed to reward functions as a keyword argument holding one value per prompt.
     Every record is validated and tokenized in `setup`, before training.
 
@@ -72,6 +72,9 @@ class PromptDataModule(PostTrainingDataModule):
             while each group still draws from the whole shuffled epoch. Hugging Face's
             LengthGroupedSampler uses groups of 50; None keeps the shuffled order.
         chat_template: a Jinja template (string or .jinja file) replacing the tokenizer's.
+        chat_template_kwargs: variables every rendering of the template gets, e.g.
+            ``{enable_thinking: false}`` (Qwen3) or ``{date_string: "26 Jul 2024"}`` (Llama 3.x,
+            whose templates otherwise render today's date into the system header).
         trust_remote_code: allow a tokenizer that runs code from its repository.
     """
 
@@ -91,6 +94,7 @@ class PromptDataModule(PostTrainingDataModule):
         seed: int = 0,
         group_by_length: int | None = None,
         chat_template: str | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
         trust_remote_code: bool = False,
     ) -> None:
         super().__init__(
@@ -106,6 +110,7 @@ class PromptDataModule(PostTrainingDataModule):
             seed=seed,
             group_by_length=group_by_length,
             chat_template=chat_template,
+            chat_template_kwargs=chat_template_kwargs,
             trust_remote_code=trust_remote_code,
         )
         if max_prompt_length < 1:
@@ -114,8 +119,11 @@ class PromptDataModule(PostTrainingDataModule):
         self.overflow = overflow
 
     def preprocess(self, source: str, index: int, row: dict[str, Any]) -> dict:
-        prompt = validate_prompt_row(source, index, row)
-        ids = prompt_ids(self.tokenizer, prompt)
+        prompt, tools = validate_prompt_row(source, index, row)
+        with template_refusals_named(source, index, "prompt" if isinstance(prompt, str) else message_fields("prompt", prompt)):
+            if not isinstance(prompt, str):
+                self.template.check_fields_rendered(prompt, tools)
+            ids = encode_prompt(self.template, prompt, tools)
         if not ids:
             raise DataValidationError(source, index, "prompt", "renders to no tokens")
         truncated = len(ids) > self.max_prompt_length

@@ -1,27 +1,34 @@
 """Where rows come from: a Hub dataset, local JSONL/JSON/Parquet/CSV files, or an in-memory list.
 
 Hub datasets and Parquet files (typed by their schema) are read by `datasets`. JSON, JSON Lines
-and CSV files and in-memory lists stay Python objects (CSV cells are strings): Arrow would give every row one schema, silently turning a mistyped
-field into another type (a number answer into a string, or the reverse) or into null, which
-validation must see as the user wrote it. JSON Lines are read line by line so that a line that
-is not UTF-8 or not JSON is reported with its file and line number.
+and CSV files and in-memory lists stay Python objects (CSV cells are strings): Arrow would give
+every row one schema, silently turning a mistyped field into another type (a number answer into
+a string, or the reverse) or into null, which validation must see as the user wrote it. The
+local readers also refuse what a generic reader lets through: a key written twice in one object
+(JSON keeps the last silently), a CSV row with more or fewer cells than the header, text that is
+not UTF-8; each error names the file, the record and, for JSON Lines and CSV, the line. A byte
+order mark (as Excel writes) is skipped, `.gz` files are decompressed, and extensions are read
+case-insensitively.
 """
 
 from __future__ import annotations
 
 import csv
+import gzip
+import io
 import json
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Mapping, Sequence
 from typing import Any, Union
 
 import datasets
 
 from plpost.assets import resolve_pretrained
-from plpost.data.formats import DataValidationError
+from plpost.data.formats import CsvRow, DataValidationError
 
-LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+LOCAL_FORMATS = (".jsonl", ".json", ".parquet", ".csv")
 
 
 @dataclass
@@ -29,11 +36,13 @@ class DataSource:
     """A dataset to read.
 
     Args:
-        path: a local file (``.jsonl``, ``.json``, ``.parquet``, ``.csv``), a bundled file
-            (``plpost:data/addition/sft.jsonl``), or a Hugging Face Hub dataset name.
-        split: the split of a Hub dataset (``train``, ``test[:5%]``, ...); local files have one.
+        path: a local file (``.jsonl``, ``.json``, ``.parquet``, ``.csv``, or any of these with
+            ``.gz``), a bundled file (``plpost:data/addition/sft.jsonl``), or a Hugging Face Hub
+            dataset name.
+        split: the split to read, with an optional slice (``train``, ``test[:5%]``,
+            ``train[100:200]``). A local file is one split, ``train``, and takes slices too.
         name: the configuration name of a Hub dataset, if it has several.
-        limit: read only the first `limit` rows (for quick runs); None reads everything.
+        limit: read only the first `limit` rows of the split (for quick runs); None reads everything.
     """
 
     path: str
@@ -41,17 +50,19 @@ class DataSource:
     name: str | None = None
     limit: int | None = None
 
+    def __post_init__(self) -> None:
+        if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1):
+            raise ValueError(f"{self.path}: limit={self.limit!r} must be a whole number of rows, at least 1 (or None: all)")
+
 
 SourceLike = Union[str, DataSource, list[dict[str, Any]]]
+Rows = Sequence[Mapping[str, Any]]
 
 
 def describe(source: SourceLike) -> str:
     if isinstance(source, list):
         return "in-memory rows"
     return source if isinstance(source, str) else source.path
-
-
-Rows = Sequence[Mapping[str, Any]]
 
 
 def load_source(source: SourceLike) -> Rows:
@@ -63,11 +74,11 @@ def load_source(source: SourceLike) -> Rows:
     if isinstance(source, str):
         source = DataSource(path=source)
     path = resolve_pretrained(source.path)
-    local = Path(path)
-    if local.suffix in LOCAL_BUILDERS or local.exists():
-        rows = _load_local(local)
+    local = Path(path).expanduser()
+    if local_format(local) is not None or local.exists() or looks_like_a_path(source.path):
+        rows = select_split(read_local(local), source.split, source.path)
     else:
-        rows = datasets.load_dataset(path, source.name, split=source.split)
+        rows = load_hub_dataset(path, source)
     if len(rows) == 0:
         raise DataValidationError(source.path, None, None, "the dataset has no rows")
     if source.limit is not None and source.limit < len(rows):
@@ -75,63 +86,182 @@ def load_source(source: SourceLike) -> Rows:
     return rows
 
 
-def _load_local(path: Path) -> Rows:
-    if not path.is_file():
-        raise DataValidationError(str(path), None, None, "no such file")
-    builder = LOCAL_BUILDERS.get(path.suffix)
-    if builder is None:
+def looks_like_a_path(name: str) -> bool:
+    """A name no Hub dataset can have: relative or absolute paths, home folders, Windows drives."""
+    return name.startswith((".", "/", "~", "\\")) or name.count("/") > 1 or (len(name) > 1 and name[1] == ":")
+
+
+def local_format(path: Path) -> str | None:
+    """".jsonl", ".json", ".parquet" or ".csv" for such a file (optionally gzipped, any case), else None."""
+    suffixes = [suffix.lower() for suffix in path.suffixes]
+    if suffixes[-1:] == [".gz"]:
+        suffixes = suffixes[:-1]
+    return suffixes[-1] if suffixes and suffixes[-1] in LOCAL_FORMATS else None
+
+
+def load_hub_dataset(path: str, source: DataSource) -> Rows:
+    try:
+        return datasets.load_dataset(path, source.name, split=source.split)
+    except Exception as error:  # datasets raises many types (offline, not found, bad split, auth)
         raise DataValidationError(
-            str(path), None, None, f"unknown file type {path.suffix!r} (expected one of: {', '.join(LOCAL_BUILDERS)})"
+            source.path, None, None,
+            f"is not a local file, and no Hub dataset by that name could be loaded: {type(error).__name__}: {error}",
+        ) from None
+
+
+def select_split(rows: Rows, split: str, name: str) -> Rows:
+    """The split of a one-split local file: all of it for "train", or the slices "train[...]" names."""
+    if split == "train":
+        return rows
+    try:
+        instructions = datasets.ReadInstruction.from_spec(split).to_absolute({"train": len(rows)})
+    except (ValueError, KeyError, AssertionError) as error:
+        raise DataValidationError(
+            name, None, None,
+            f"split {split!r} cannot be read from a local file, which is one split, 'train' (slices such as "
+            f"'train[:100]' or 'train[10%:]' work): {error}",
+        ) from None
+    indices = [index for part in instructions for index in range(part.from_, part.to)]
+    return rows.select(indices) if isinstance(rows, datasets.Dataset) else [rows[index] for index in indices]
+
+
+def read_local(path: Path) -> Rows:
+    name = str(path)
+    if path.is_dir():
+        raise DataValidationError(name, None, None, f"is a folder; name a data file in it ({', '.join(LOCAL_FORMATS)})")
+    if not path.is_file():
+        raise DataValidationError(name, None, None, "no such file")
+    data_format = local_format(path)
+    if data_format is None:
+        raise DataValidationError(
+            name, None, None,
+            f"unknown file type {''.join(path.suffixes)!r} (expected one of: {', '.join(LOCAL_FORMATS)}, optionally .gz)",
         )
-    if path.stat().st_size == 0:
-        raise DataValidationError(str(path), None, None, "the file is empty")
-    if path.suffix == ".jsonl":
-        return _read_json_lines(path)
-    if path.suffix == ".json":
-        return _read_json(path)
-    if path.suffix == ".csv":
-        return _read_csv(path)
-    return datasets.load_dataset(builder, data_files=str(path), split="train")
+    if data_format == ".parquet":
+        return read_parquet(path)
+    raw = read_bytes(path)
+    if not raw.strip():
+        raise DataValidationError(name, None, None, "the file is empty")
+    if data_format == ".jsonl":
+        return read_json_lines(name, raw)
+    text = decode(name, raw)
+    return read_json(name, text) if data_format == ".json" else read_csv(name, text)
 
 
-def _read_csv(path: Path) -> list:
+def read_bytes(path: Path) -> bytes:
+    if path.suffix.lower() != ".gz":
+        return path.read_bytes()
     try:
-        with path.open(newline="", encoding="utf-8") as handle:
-            return list(csv.DictReader(handle))
-    except UnicodeDecodeError as error:
-        raise DataValidationError(str(path), None, None, f"not valid UTF-8 ({error.reason} at byte {error.start})") from None
+        return gzip.decompress(path.read_bytes())
+    except (OSError, EOFError, zlib.error) as error:
+        raise DataValidationError(str(path), None, None, f"is not a readable gzip file ({error})") from None
 
 
-def _read_json(path: Path) -> list:
+def decode(name: str, raw: bytes, *, line: int | None = None, record: int | None = None) -> str:
+    """UTF-8 text without a leading byte order mark; an error names the line of the bad byte."""
     try:
-        rows = json.loads(path.read_bytes().decode("utf-8"))
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as error:
-        raise DataValidationError(str(path), None, None, f"not valid UTF-8 ({error.reason} at byte {error.start})") from None
+        where = line if line is not None else raw.count(b"\n", 0, error.start) + 1
+        raise DataValidationError(
+            name, record, None, f"line {where} is not valid UTF-8 ({error.reason}: byte {raw[error.start]:#04x})"
+        ) from None
+
+
+class DuplicateKeys(dict):
+    """A JSON object that had a key more than once; `key` is the first repeated key."""
+
+    key: str
+
+
+def object_with_duplicates_marked(pairs: list[tuple[str, Any]]) -> dict:
+    keys = [key for key, _ in pairs]
+    repeated = next((key for position, key in enumerate(keys) if key in keys[:position]), None)
+    if repeated is None:
+        return dict(pairs)
+    marked = DuplicateKeys(pairs)
+    marked.key = repeated
+    return marked
+
+
+def refuse_duplicate_keys(name: str, record: int, row: Any, line: int | None = None) -> None:
+    """Raises for the first object in `row` (searched without recursion) that repeated a key."""
+    stack: list[tuple[str, Any]] = [("", row)]
+    while stack:
+        field, value = stack.pop()
+        if isinstance(value, DuplicateKeys):
+            where = f"{field}.{value.key}" if field else value.key
+            at_line = f" (line {line})" if line is not None else ""
+            raise DataValidationError(
+                name, record, where, f"is written more than once in one object{at_line}; JSON readers keep only the last"
+            )
+        if isinstance(value, dict):
+            stack += [(f"{field}.{key}" if field else key, child) for key, child in value.items()]
+        elif isinstance(value, list):
+            stack += [(f"{field}[{position}]", child) for position, child in enumerate(value)]
+
+
+def parse_json(name: str, text: str, record: int | None, line: int | None) -> Any:
+    try:
+        return json.loads(text, object_pairs_hook=object_with_duplicates_marked)
     except json.JSONDecodeError as error:
-        raise DataValidationError(str(path), None, None, f"not valid JSON ({error.msg}, line {error.lineno})") from None
-    if not isinstance(rows, list):
-        raise DataValidationError(str(path), None, None, "expected a JSON array of records (or use .jsonl)")
-    return rows
+        at = f"line {line}" if line is not None else f"line {error.lineno}"
+        raise DataValidationError(name, record, None, f"{at} is not valid JSON ({error.msg}, column {error.colno})") from None
+    except RecursionError:
+        at = f"line {line}" if line is not None else "the file"
+        raise DataValidationError(name, record, None, f"{at} nests objects or lists too deeply to read") from None
 
 
-def _read_json_lines(path: Path) -> list:
+def read_json_lines(name: str, raw: bytes) -> list:
     rows = []
-    record = 0
-    with path.open("rb") as handle:
-        for line_number, raw in enumerate(handle, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as error:
-                raise DataValidationError(
-                    str(path), record, None, f"line {line_number} is not valid UTF-8 ({error.reason} at byte {error.start})"
-                ) from None
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise DataValidationError(
-                    str(path), record, None, f"line {line_number} is not valid JSON ({error.msg})"
-                ) from None
-            record += 1
+    for line_number, line in enumerate(raw.split(b"\n"), start=1):
+        text = decode(name, line, line=line_number, record=len(rows))
+        if not text.strip():
+            continue
+        row = parse_json(name, text, len(rows), line_number)
+        refuse_duplicate_keys(name, len(rows), row, line_number)
+        rows.append(row)
     return rows
+
+
+def read_json(name: str, text: str) -> list:
+    rows = parse_json(name, text, None, None)
+    if not isinstance(rows, list):
+        raise DataValidationError(name, None, None, "expected a JSON array of records (or use .jsonl)")
+    for record, row in enumerate(rows):
+        refuse_duplicate_keys(name, record, row)
+    return rows
+
+
+def read_csv(name: str, text: str) -> list[CsvRow]:
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader)
+        repeated = next((column for position, column in enumerate(header) if column in header[:position]), None)
+        if repeated is not None:
+            raise DataValidationError(name, None, repeated, "is a column name used twice in the header (line 1)")
+        return list(csv_rows(name, reader, header))
+    except csv.Error as error:
+        raise DataValidationError(name, None, None, f"line {reader.line_num} is not valid CSV ({error})") from None
+
+
+def csv_rows(name: str, reader: Iterator[list[str]], header: list[str]) -> Iterator[CsvRow]:
+    record = 0
+    for cells in reader:
+        if not any(cell.strip() for cell in cells):
+            continue
+        if len(cells) != len(header):
+            raise DataValidationError(
+                name, record, None,
+                f"line {reader.line_num} has {len(cells)} cells but the header has {len(header)} columns (a comma "
+                "inside a cell needs the cell in double quotes)",
+            )
+        yield CsvRow(zip(header, cells))
+        record += 1
+
+
+def read_parquet(path: Path) -> Rows:
+    try:
+        return datasets.load_dataset("parquet", data_files=str(path), split="train")
+    except Exception as error:  # pyarrow raises ArrowInvalid, OSError, and datasets wraps them in several types
+        raise DataValidationError(str(path), None, None, f"is not a readable Parquet file ({type(error).__name__}: {error})") from None

@@ -1,29 +1,25 @@
-"""Chat tokenization that supervises exactly the assistant tokens, end-of-turn token included.
+"""Tokenization that supervises exactly the assistant tokens, end-of-turn token included.
 
-Assistant spans come from the tokenizer's own chat template. A template with
-``{% generation %}`` markers gives them directly (`return_assistant_tokens_mask`). Templates
-without markers (many instruct models ship none) use the documented fallback: the span of
-assistant turn i is the difference between the rendering of messages[:i] with the generation
-prompt and the rendering of messages[:i+1], which holds whenever the template renders a
-conversation as the concatenation of its turns; that is checked, and a template that breaks it
-gets an error naming the fix.
+Conversations are rendered by the tokenizer's own chat template, once, and each assistant turn
+is located in that rendering (see plpost.data.chat_template): no template has to render a
+conversation as the concatenation of its turns, and none needs ``{% generation %}`` markers.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Literal, NamedTuple
 
 from jinja2.exceptions import TemplateError
 from transformers import PreTrainedTokenizerBase
 
+from plpost.data.chat_template import ChatTemplate, TemplateMismatch
 from plpost.data.formats import DataValidationError, Message
 
 IGNORE_INDEX = -100
 Overflow = Literal["truncate", "drop", "error"]
-GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
+Prompt = str | list[Message]
 
 
 class TokenizedExample(NamedTuple):
@@ -38,92 +34,66 @@ class Overflowed(Exception):
 
 
 @contextmanager
-def template_refusals_named(source: str, index: int, field: str) -> Iterator[None]:
-    """Turns an error the chat template raises on purpose (``raise_exception('...')``, e.g.
-    "roles must alternate") into a DataValidationError naming the record and field."""
+def template_refusals_named(source: str, index: int, fields: Sequence[str] | str) -> Iterator[None]:
+    """Turns an error the chat template raises on purpose (``raise_exception('...')``, e.g. "roles must
+    alternate"), or a conversation it cannot render as written, into a DataValidationError naming the
+    record and field. `fields`: the field name of each message of the conversation in order (a
+    TemplateMismatch names its message by position), or one name for the whole record."""
     try:
         yield
     except TemplateError as error:
+        field = fields if isinstance(fields, str) else fields[0].split("[")[0]
         raise DataValidationError(source, index, field, f"the chat template refuses it: {error}") from None
+    except TemplateMismatch as error:
+        if isinstance(fields, str):
+            field = fields
+        elif error.message is None:
+            field = error.field or fields[0].split("[")[0]
+        else:
+            field = fields[error.message] + (f".{error.field}" if error.field else "")
+        raise DataValidationError(source, index, field, error.problem) from None
+
+
+def message_fields(name: str, messages: Sequence[Message]) -> list[str]:
+    """["messages[0]", "messages[1]", ...]: how errors name each message of a field."""
+    return [f"{name}[{position}]" for position in range(len(messages))]
 
 
 def chat_ids(tokenizer: PreTrainedTokenizerBase, messages: list[Message], *, add_generation_prompt: bool) -> list[int]:
-    encoded = tokenizer.apply_chat_template(
-        messages, tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=True
-    )
-    return list(encoded["input_ids"])
-
-
-Prompt = str | list[Message]
+    template = ChatTemplate(tokenizer)
+    return template.encode(template.render(messages, add_generation_prompt=add_generation_prompt))[0]
 
 
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: Prompt) -> list[int]:
     """A message list is rendered with the chat template and the generation prompt; a string as is."""
+    return encode_prompt(ChatTemplate(tokenizer), prompt)
+
+
+def encode_prompt(template: ChatTemplate, prompt: Prompt, tools: list | None = None) -> list[int]:
+    """A string prompt's tokens (with the tokenizer's special tokens), or a message prompt as generation
+    sees it: rendered with `tools` and the generation prompt."""
     if isinstance(prompt, str):
-        return list(tokenizer(prompt)["input_ids"])
-    return chat_ids(tokenizer, prompt, add_generation_prompt=True)
-
-
-def has_generation_markers(tokenizer: PreTrainedTokenizerBase) -> bool:
-    template = tokenizer.chat_template
-    return isinstance(template, str) and GENERATION_MARKER.search(template) is not None
+        return list(template.tokenizer(prompt)["input_ids"])
+    return template.prompt_ids(prompt, tools)
 
 
 def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
     """Token ids that close an assistant turn; they are always supervised so generation stops."""
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    for token in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
-        token_id = tokenizer.convert_tokens_to_ids(token)
-        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
-            ids.add(token_id)
-    return ids
-
-
-def _require_prefix(prefix: list[int], full: list[int], what: str) -> None:
-    if full[: len(prefix)] != prefix:
-        raise ValueError(
-            f"the chat template does not render {what} as a token prefix of the whole conversation, so assistant "
-            "tokens cannot be located; pass a `chat_template` whose assistant turns are wrapped in "
-            "{% generation %}...{% endgeneration %}"
-        )
+    return ChatTemplate(tokenizer).end_of_turn_ids
 
 
 def conversation_mask(
-    tokenizer: PreTrainedTokenizerBase, context: list[Message], supervised: list[Message]
+    template: ChatTemplate, context: list[Message], supervised: list[Message], tools: list | None = None
 ) -> tuple[list[int], list[bool]]:
-    """Token ids of context + supervised and a mask that is True on the assistant turns of `supervised`."""
+    """Token ids of context + supervised and a mask that is True on the assistant turns of `supervised`
+    (those not given ``weight: 0``), from each turn's first generated token to its end-of-turn token."""
     messages = context + supervised
-    if has_generation_markers(tokenizer):
-        encoded = tokenizer.apply_chat_template(
-            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-        )
-        ids, mask = list(encoded["input_ids"]), [bool(m) for m in encoded["assistant_masks"]]
-        if context:
-            prompt = chat_ids(tokenizer, context, add_generation_prompt=True)
-            _require_prefix(prompt, ids, "the prompt")
-            mask[: len(prompt)] = [False] * len(prompt)
-    else:
-        ids = chat_ids(tokenizer, messages, add_generation_prompt=False)
-        mask = [False] * len(ids)
-        for position in range(len(context), len(messages)):
-            if messages[position]["role"] != "assistant":
-                continue
-            if position == 0:  # transformers renders no empty conversation, so the header has no prefix to diff
-                raise TemplateError(
-                    "an assistant turn opens the conversation, and without {% generation %} markers in the template "
-                    "its role header cannot be told from its content; start with another turn, or pass a "
-                    "`chat_template` whose assistant turns are wrapped in {% generation %}...{% endgeneration %}"
-                )
-            start = chat_ids(tokenizer, messages[:position], add_generation_prompt=True)
-            end = chat_ids(tokenizer, messages[: position + 1], add_generation_prompt=False)
-            _require_prefix(start, end, f"the conversation before message {position}")
-            _require_prefix(end, ids, f"the conversation up to message {position}")
-            mask[len(start) : len(end)] = [True] * (len(end) - len(start))
-    closers = end_of_turn_ids(tokenizer)
-    for position in range(1, len(ids)):
-        if mask[position - 1] and not mask[position] and ids[position] in closers:
-            mask[position] = True
-    return ids, mask
+    template.check_fields_rendered(messages, tools)
+    rendered = template.locate(messages, first=len(context), tools=tools)
+    mask = [False] * len(rendered.input_ids)
+    for start, end in rendered.turn_spans:
+        mask[start:end] = [True] * (end - start)
+    return rendered.input_ids, mask
 
 
 def text_mask(tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str) -> tuple[list[int], list[bool]]:
@@ -139,26 +109,48 @@ def text_mask(tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str) 
     return prompt_ids + completion_ids, [False] * len(prompt_ids) + [True] * len(completion_ids)
 
 
+def completion_after_text(tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str) -> list[int]:
+    """The completion's tokens and EOS, as they follow a text prompt (see `text_mask`)."""
+    ids, supervised = text_mask(tokenizer, prompt, completion)
+    return [token for token, is_completion in zip(ids, supervised) if is_completion]
+
+
+def language_model_mask(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[list[int], list[bool]]:
+    """A plain-text row for language modelling: every token (with the tokenizer's special tokens) and EOS."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos_token, so a text cannot be ended; set tokenizer.eos_token")
+    ids = list(tokenizer(text)["input_ids"])
+    if not ids or ids[-1] != tokenizer.eos_token_id:
+        ids.append(tokenizer.eos_token_id)
+    return ids, [True] * len(ids)
+
+
 def tokenize_supervised(
-    tokenizer: PreTrainedTokenizerBase,
-    context: list[Message] | str,
+    template: ChatTemplate,
+    context: list[Message] | str | None,
     supervised: list[Message] | str,
     *,
     max_length: int,
     overflow: Overflow,
     source: str,
     index: int,
+    tools: list | None = None,
 ) -> TokenizedExample:
     """Tokenizes one validated record; the overflow policy decides what happens past max_length.
+
+    context None with a string: a language-modelling text (every token supervised); two strings:
+    prompt and completion as text; message lists: a conversation through the chat template.
 
     "truncate" keeps the first max_length tokens (what was cut is reported by `truncated`),
     "drop" raises Overflowed so the caller counts and skips the record, "error" raises a
     DataValidationError naming the record.
     """
-    if isinstance(supervised, str):
-        ids, mask = text_mask(tokenizer, context, supervised)
+    if context is None:
+        ids, mask = language_model_mask(template.tokenizer, supervised)
+    elif isinstance(supervised, str):
+        ids, mask = text_mask(template.tokenizer, context, supervised)
     else:
-        ids, mask = conversation_mask(tokenizer, context, supervised)
+        ids, mask = conversation_mask(template, context, supervised, tools)
     truncated = len(ids) > max_length
     if truncated:
         if overflow == "error":

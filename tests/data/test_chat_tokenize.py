@@ -1,17 +1,23 @@
 """Golden masking tests: the supervised tokens are exactly the assistant text plus its end token."""
 
+import re
+
 import pytest
 import torch
 from conftest import chat, supervised_spans
 
+from plpost.data.chat_template import ChatTemplate, TemplateMismatch
 from plpost.data.collate import collate_chat
-from plpost.data.tokenize import IGNORE_INDEX, GENERATION_MARKER, tokenize_supervised
+from plpost.data.tokenize import IGNORE_INDEX, tokenize_supervised
 from plpost.hf import load_tokenizer
 
+GENERATION_BLOCK = re.compile(r"\{%-?\s*(end)?generation\s*-?%\}")
 
-def tokenize(tokenizer, context, supervised, max_length=256, overflow="truncate"):
+
+def tokenize(tokenizer, context, supervised, max_length=256, overflow="truncate", **template_kwargs):
     return tokenize_supervised(
-        tokenizer, context, supervised, max_length=max_length, overflow=overflow, source="test", index=0
+        ChatTemplate(tokenizer, template_kwargs), context, supervised, max_length=max_length, overflow=overflow,
+        source="test", index=0,
     )
 
 
@@ -31,22 +37,51 @@ def test_every_assistant_turn_of_a_multi_turn_chat_is_supervised(tokenizer):
     assert decoded_spans(tokenizer, example) == ["3<|end|>", "8 ✓<|end|>"]
 
 
-def test_fallback_without_generation_markers_gives_the_same_mask(tokenizer):
-    """Templates without {% generation %} use the prefix-difference fallback; it must agree."""
+def test_generation_markers_do_not_change_the_mask(tokenizer):
+    """The mask comes from where each turn lands in the rendering, so a template with
+    {% generation %} markers and the same template without them give the same tokens and labels."""
     plain = load_tokenizer("plpost:tiny")
-    plain.chat_template = GENERATION_MARKER.sub("", plain.chat_template).replace("{% endgeneration %}", "")
-    plain.chat_template = plain.chat_template.replace("{%- endgeneration %}", "").replace("{% endgeneration -%}", "")
-    assert "generation %" not in plain.chat_template.replace("add_generation_prompt", "")
+    plain.chat_template = GENERATION_BLOCK.sub("", plain.chat_template)
+    assert "generation %" not in plain.chat_template
     messages = chat("12+13", "25", "30+41", "71")
     assert tokenize(plain, [], messages) == tokenize(tokenizer, [], messages)
 
 
-def test_template_that_is_not_prefix_stable_is_refused_with_the_fix(tokenizer):
+def test_a_template_that_drops_a_turn_is_refused_naming_it(tokenizer):
+    dropping = load_tokenizer("plpost:tiny")
+    # Renders only the last message: the first assistant turn is nowhere in the text.
+    dropping.chat_template = "{{ messages[-1]['content'] }}<|end|>{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    with pytest.raises(TemplateMismatch, match="does not render this assistant turn") as refused:
+        tokenize(dropping, [], chat("1+1", "2", "2+2", "4"))
+    assert refused.value.message == 1
+
+
+def test_a_template_that_is_not_prefix_stable_is_located(tokenizer):
+    """This template writes a marker before the LAST assistant turn only (as Qwen3 writes its
+    <think> block), so the conversation up to turn 1 is not a token prefix of the whole one. Each
+    turn is still located in the one rendering: turn 1 supervises "2<|end|>", and the final turn
+    everything after its header, the template's marker included."""
     unstable = load_tokenizer("plpost:tiny")
-    # Renders only the last message: earlier turns vanish once another is added.
-    unstable.chat_template = "{{ messages[-1]['content'] }}{% if add_generation_prompt %}<|assistant|>{% endif %}"
-    with pytest.raises(ValueError, match="generation"):
-        tokenize(unstable, [], chat("1+1", "2", "2+2", "4"))
+    unstable.chat_template = (
+        "{%- for m in messages -%}{{ '<|' + m['role'] + '|>' }}{%- if m['role'] == 'assistant' and loop.last -%}"
+        "{{ '<|system|>' }}{%- endif -%}{{ m['content'] }}<|end|>{%- endfor -%}"
+        "{%- if add_generation_prompt -%}<|assistant|>{%- endif -%}"
+    )
+    example = tokenize(unstable, [], chat("1+1", "2", "2+2", "4"))
+    assert decoded_spans(unstable, example) == ["2<|end|>", "<|system|>4<|end|>"]
+
+
+def test_an_opening_assistant_turn_is_located(tokenizer):
+    example = tokenize(tokenizer, [], [{"role": "assistant", "content": "Hi"}, *chat("1+1", "2")])
+    assert decoded_spans(tokenizer, example) == ["Hi<|end|>", "2<|end|>"]
+
+
+def test_weight_zero_turns_are_context_only(tokenizer):
+    messages = chat("1+1", "3", "1+1", "2")
+    messages[1]["weight"] = 0
+    example = tokenize(tokenizer, [], messages)
+    assert decoded_spans(tokenizer, example) == ["2<|end|>"]
+    assert tokenizer.decode(example.input_ids).count("3<|end|>") == 1  # still rendered, as context
 
 
 def test_prompt_completion_messages_supervise_only_the_completion(tokenizer):

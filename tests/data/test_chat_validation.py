@@ -20,7 +20,7 @@ MALFORMED = [
     ({"messages": [{"role": "user", "content": "1+1"}, {"role": "assistant"}]}, "messages[1].content", "is missing"),
     ({"messages": "hello"}, "messages", "expected a list of messages"),
     ({"messages": []}, "messages", "empty list"),
-    ({"messages": [{"role": "user", "content": "1+1"}]}, "messages", "no assistant turn"),
+    ({"messages": [{"role": "user", "content": "1+1"}]}, "messages", "no supervised assistant turn"),
     ({"messages": [{"role": "user", "content": "a\x00b"}, {"role": "assistant", "content": "2"}]},
      "messages[0].content", "NUL"),
     ({"messages": ["hi"]}, "messages[0]", "expected a message object"),
@@ -29,7 +29,7 @@ MALFORMED = [
     ({"prompt": "1+1", "completion": [{"role": "assistant", "content": "2"}]}, "completion", "both be strings"),
     ({"prompt": [{"role": "user", "content": "1+1"}], "completion": [{"role": "user", "content": "2"}]},
      "completion[0].role", "'user' is not a role"),
-    ({"text": "1+1=2"}, None, "expected a 'messages' field"),
+    ({"answer": "1+1=2"}, None, "expected a 'messages' field"),
 ]
 
 

@@ -175,15 +175,21 @@ def test_margin_given_for_some_records_only_is_refused():
         PreferenceDataModule(TINY, train=[{**EXPLICIT, "margin": 1.0}, EXPLICIT]).setup("fit")
 
 
-def test_template_whose_prompt_is_not_a_token_prefix_is_refused():
-    """A template that renders the last user turn differently when an answer follows it."""
+def test_template_whose_prompt_is_not_a_token_prefix_is_located(tokenizer):
+    """A template that renders the last user turn differently (with a "?") when no answer follows
+    it: the pair's prompt is the prompt as rendered before its completions, not as generation would
+    render it alone, and each completion is exactly its answer and end token."""
     template = (
         "{% for m in messages %}{% if loop.last and m['role'] == 'user' %}<|user|>{{ m['content'] }}?<|end|>"
         "{% else %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endif %}{% endfor %}"
         "{% if add_generation_prompt %}<|assistant|>{% endif %}"
     )
-    with pytest.raises(DataValidationError, match=r'record 0, field "chosen": .* not render the prompt .* as a token prefix'):
-        PreferenceDataModule(TINY, train=[EXPLICIT], chat_template=template).setup("fit")
+    data = PreferenceDataModule(TINY, train=[EXPLICIT], chat_template=template)
+    data.setup("fit")
+    (pair,) = data.train_examples
+    assert tokenizer.decode(pair["prompt_ids"]) == "<|user|>37+48<|end|><|assistant|>"
+    assert tokenizer.decode(pair["chosen_ids"]) == "85<|end|>"
+    assert tokenizer.decode(pair["rejected_ids"]) == "75<|end|>"
 
 
 def long_row(answer_digits: int) -> dict:

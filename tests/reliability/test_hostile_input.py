@@ -118,15 +118,15 @@ HOSTILE_CHATS = [
      "'bot' is not a role"),
     ("role-not-a-string", {"messages": [{"role": ["user"], "content": "hi"}, ASSISTANT]}, "messages[0].role",
      "is not a role"),
-    ("no-assistant-turn", {"messages": [SYSTEM, USER]}, "messages", "no assistant turn"),
+    ("no-assistant-turn", {"messages": [SYSTEM, USER]}, "messages", "no supervised assistant turn"),
     ("nul", {"messages": [USER, {"role": "assistant", "content": "2\x00"}]}, "messages[1].content", "NUL"),
     ("unpaired-surrogate", {"messages": [{"role": "user", "content": "1+1\ud800"}, ASSISTANT]}, "messages[0].content",
      "unpaired surrogate"),
-    ("content-parts-list", {"messages": [{"role": "user", "content": [{"type": "text", "text": "1+1"}]}, ASSISTANT]},
-     "messages[0].content", "expected a string, got list"),
+    ("content-image-part", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]},
+                                          ASSISTANT]}, "messages[0].content[0].type", "cannot be trained on"),
     ("row-is-a-list", [USER, ASSISTANT], None, "expected an object"),
     ("row-is-a-string", "1+1=2", None, "expected an object"),
-    ("no-known-field", {"text": "1+1=2"}, "messages", "expected a 'messages' field"),
+    ("no-known-field", {"answer": "1+1=2"}, "messages", "expected a 'messages' field"),
     ("completion-role-not-assistant", {"prompt": [USER], "completion": [USER]}, "completion[0].role", "not a role"),
     ("prompt-string-completion-list", {"prompt": "1+1", "completion": [ASSISTANT]}, "completion", "both be strings"),
 ]
@@ -294,20 +294,16 @@ def test_a_template_that_refuses_the_turn_order_names_the_record(tmp_path):
     assert_names_record_2(error.value, pairs, "prompt")
 
 
-def test_an_opening_assistant_turn_needs_generation_markers_and_is_named_without_them(tmp_path, tokenizer):
-    """With markers the template says where the turn starts; without them plpost locates a turn by
-    rendering what precedes it, and nothing precedes an opening turn (transformers renders no
-    empty conversation), so the record is refused rather than its role header supervised."""
+def test_an_opening_assistant_turn_is_supervised_without_generation_markers(tmp_path, tokenizer):
+    """Each turn is located in the one rendering of the conversation, so an opening assistant turn
+    needs nothing before it: its content and end token are supervised, its role header is not."""
     plain = load_tokenizer(TINY).chat_template.replace("{% generation %}", "").replace("{% endgeneration %}", "")
-    path = write_jsonl(tmp_path / "chat.jsonl", [CHAT, CHAT, {"messages": [ASSISTANT, USER, ASSISTANT]}])
-    with pytest.raises(DataValidationError, match="an assistant turn opens the conversation") as error:
-        ChatDataModule(TINY, train=str(path), chat_template=plain).setup("fit")
-    assert_names_record_2(error.value, path, "messages")
-    data = ChatDataModule(TINY, train=str(path))
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [ASSISTANT, USER, ASSISTANT]}])
+    data = ChatDataModule(TINY, train=str(path), chat_template=plain)
     data.setup("fit")
-    opening = data.train_examples[2]
-    supervised = [t for t, label in zip(opening["input_ids"], opening["labels"]) if label != -100]
-    assert tokenizer.decode(supervised) == "2<|end|>2<|end|>"
+    (example,) = data.train_examples
+    supervised = [tokenizer.decode([t]) for t, label in zip(example["input_ids"], example["labels"]) if label != -100]
+    assert supervised == ["2", "<|end|>", "2", "<|end|>"]
 
 
 # -- unusual text is accepted and round-trips ---------------------------------------------------

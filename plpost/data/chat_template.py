@@ -1,0 +1,325 @@
+"""Where each assistant turn lies in one rendering of the whole conversation.
+
+The conversation is rendered once, as the model will see it in training, and each assistant turn
+is located in that text by a second rendering, the probe, in which short markers are inserted
+around the turn's text fields (content, reasoning, tool-call names). Removing the markers from
+the probe must give the first rendering back, character for character; then the markers say
+exactly where each field landed, whatever the template does around them (trimming, folding a
+system prompt into a user turn, stripping reasoning from earlier turns, splitting a ``<think>``
+block off the content). No template has to be prefix-stable, and none needs ``{% generation %}``
+markers, which are not trusted either (some put the role header inside the generation block).
+
+A turn's supervised span then runs from the end of its role header to the end of the first
+end-of-turn token after its last field. The role header is the template's own generation prompt
+(what the model is given before it answers): the longest prefix of it, cut at its token
+boundaries, that opens the turn. So what is supervised is exactly what the model must generate
+after the generation prompt, including text the template adds inside the turn (a ``<think>``
+block, tool-call syntax), and never the header.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+from collections.abc import Mapping, Sequence
+from functools import cached_property
+from typing import Any, NamedTuple
+
+from jinja2.exceptions import TemplateError
+from transformers import PreTrainedTokenizerBase
+
+Message = dict[str, Any]
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+FIELD_READ = re.compile(r"""(?:\.|\[['"])(reasoning_content|thinking|reasoning)\b""")
+RESERVED = "PLPOSTMARK"
+MARKER = RESERVED + "{}Q"
+PLPOST_FIELDS = ("weight",)  # read by plpost, never rendered
+RENDERED_FIELDS = ("reasoning_content", "tool_calls", "name")
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<turn|>")
+
+
+class TemplateMismatch(ValueError):
+    """The chat template cannot render a conversation as written, or its assistant turns cannot be located.
+
+    `message` and `field` (when known) say where: message index in the conversation, and its field.
+    """
+
+    def __init__(self, problem: str, *, message: int | None = None, field: str | None = None) -> None:
+        super().__init__(problem)
+        self.problem, self.message, self.field = problem, message, field
+
+
+class Span(NamedTuple):
+    start: int
+    end: int
+
+
+class RenderedChat(NamedTuple):
+    """One conversation as the model sees it: the token ids and, per located assistant turn, its token span."""
+
+    input_ids: list[int]
+    turn_spans: list[Span]
+    """[start, end) token positions of each located assistant turn, in order."""
+    turn_messages: list[int]
+    """The message index of each span."""
+
+
+class ChatTemplate:
+    """A tokenizer's chat template, rendered with fixed keyword arguments (``enable_thinking``,
+    ``date_string``, ...), and the assistant turns located in what it renders."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, template_kwargs: Mapping[str, Any] | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.template_kwargs = dict(template_kwargs or {})
+
+    def render(self, messages: Sequence[Message], *, add_generation_prompt: bool = False, tools: list | None = None) -> str:
+        """The template's text for `messages`; a reasoning trace goes under the field this template reads."""
+        if not self.tokenizer.chat_template:
+            raise ValueError("the tokenizer has no chat template; pass `chat_template` (a Jinja string or .jinja file)")
+        rendered = []
+        for message in messages:
+            message = {key: value for key, value in message.items() if key not in PLPOST_FIELDS}
+            if "reasoning_content" in message and self.reasoning_field not in (None, "reasoning_content"):
+                message[self.reasoning_field] = message.pop("reasoning_content")
+            rendered.append(message)
+        return self.tokenizer.apply_chat_template(
+            rendered, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt, **self.template_kwargs
+        )
+
+    def check_fields_rendered(self, messages: Sequence[Message], tools: list | None = None) -> None:
+        """Raises TemplateMismatch naming a field the user wrote that this template does not render.
+
+        A field counts as rendered when removing it changes the text, or, for a template that drops it from
+        earlier turns on purpose (Qwen3 keeps reasoning only after the last user turn), when it changes the
+        text of the conversation that ends with its message. `name` on a tool message (the function it
+        answers) and tool-call ids are links, which templates may leave implicit in the order of turns.
+        """
+        text = self.render(messages, tools=tools)
+        if tools and not self.renders_otherwise(messages, None, text):
+            raise TemplateMismatch("the chat template does not render tools, so the model would never see them", field="tools")
+        for position, message in enumerate(messages):
+            for field in RENDERED_FIELDS:
+                if field not in message or (field == "name" and message["role"] == "tool"):
+                    continue
+                without = {key: value for key, value in message.items() if key != field}
+                if self.renders_otherwise([*messages[:position], without, *messages[position + 1 :]], tools, text):
+                    continue
+                ending_here = messages[: position + 1]
+                if self.renders_otherwise([*messages[:position], without], tools, self.render(ending_here, tools=tools)):
+                    continue
+                raise TemplateMismatch(
+                    f"the chat template does not render `{field}`, so training would silently drop it; remove the field "
+                    "or pass a `chat_template` that renders it", message=position, field=field,
+                )
+
+    def renders_otherwise(self, messages: Sequence[Message], tools: list | None, text: str) -> bool:
+        try:
+            return self.render(messages, tools=tools) != text
+        except TemplateError:  # the template needs the field to render at all
+            return True
+
+    def encode(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids of rendered text and their character offsets, tokenized as apply_chat_template does."""
+        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(encoded["input_ids"]), [tuple(offset) for offset in encoded["offset_mapping"]]
+
+    def prompt_ids(self, messages: Sequence[Message], tools: list | None = None) -> list[int]:
+        """A prompt as generation sees it: rendered with the generation prompt."""
+        return self.encode(self.render(messages, add_generation_prompt=True, tools=tools))[0]
+
+    @cached_property
+    def reasoning_field(self) -> str | None:
+        """The message field this template reads a reasoning trace from, if any."""
+        read = set(FIELD_READ.findall(self.tokenizer.chat_template))
+        return next((name for name in REASONING_FIELDS if name in read), None)
+
+    @cached_property
+    def header_prefixes(self) -> list[str]:
+        """The generation prompt's prefixes at its token boundaries, longest first ([] if it adds none)."""
+        probe = [{"role": "user", "content": MARKER.format("user")}]
+        try:
+            bare, prompted = self.render(probe), self.render(probe, add_generation_prompt=True)
+        except TemplateError:  # a template that refuses a lone user turn gives no header to match
+            return []
+        header = prompted[len(os.path.commonprefix([bare, prompted])) :]
+        if not header:
+            return []
+        _, offsets = self.encode(header)
+        ends = sorted({end for _, end in offsets if end > 0} | {len(header)}, reverse=True)
+        return [header[:end] for end in ends]
+
+    @cached_property
+    def end_of_turn_ids(self) -> set[int]:
+        """Tokens that close an assistant turn: EOS, the usual end-of-turn tokens, and the special token
+        this template writes right after an answer."""
+        tokenizer = self.tokenizer
+        ids = end_of_turn_tokens(tokenizer)
+        if not tokenizer.chat_template:
+            return ids
+        answer = MARKER.format("answer")
+        try:
+            text = self.render([{"role": "user", "content": MARKER.format("user")}, {"role": "assistant", "content": answer}])
+        except TemplateError:
+            return ids
+        token_ids, offsets = self.encode(text)
+        special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+        after = text.find(answer) + len(answer)
+        following = [t for t, (start, _) in zip(token_ids, offsets) if start >= after and t in special]
+        return ids | set(following[:1])
+
+    def check_offsets(self) -> None:
+        if not self.tokenizer.is_fast:
+            raise ValueError(
+                f"{type(self.tokenizer).__name__} is not a fast tokenizer: locating assistant turns needs the token "
+                "offsets only fast (Rust) tokenizers give; load the model's tokenizer.json"
+            )
+
+    def locate(self, messages: Sequence[Message], *, first: int = 0, tools: list | None = None) -> RenderedChat:
+        """Token ids of the whole conversation and the spans of its assistant turns from message `first` on
+        (turns with ``weight: 0`` are rendered but not located).
+
+        Raises TemplateMismatch, naming the message, when a turn's text is not in the rendering, changes
+        the rendering around it when it changes, or is not followed by an end-of-turn token.
+        """
+        self.check_offsets()
+        text = self.render(messages, tools=tools)
+        turns = [
+            position for position in range(first, len(messages))
+            if messages[position]["role"] == "assistant" and messages[position].get("weight", 1) != 0
+        ]
+        anchors = self.anchors(messages, turns, text, tools)
+        token_ids, offsets = self.encode(text)
+        closers = self.end_of_turn_ids
+        spans, lower = [], 0
+        bounds = [anchor.start for anchor in anchors[1:]] + [len(text)]
+        for position, (anchor_start, anchor_end), bound in zip(turns, anchors, bounds):
+            start = self.header_end(text, lower, anchor_start)
+            closer = next(
+                (index for index, (token_start, _) in enumerate(offsets)
+                 if token_start >= anchor_end and token_ids[index] in closers),
+                None,
+            )
+            if closer is None or offsets[closer][0] >= bound:
+                raise TemplateMismatch(
+                    f"the chat template ends this assistant turn without an end-of-turn token (any of "
+                    f"{sorted(closers)}), so the model could not learn where its answers stop", message=position,
+                )
+            first_token = next(index for index, (token_start, token_end) in enumerate(offsets)
+                               if token_end > start or (token_start == token_end and token_start >= start))
+            spans.append(Span(first_token, closer + 1))
+            lower = offsets[closer][1]
+        return RenderedChat(token_ids, spans, turns)
+
+    def header_end(self, text: str, lower: int, anchor_start: int) -> int:
+        """Where the turn's role header ends: after the latest occurrence, within text[lower:], of the longest
+        generation-prompt prefix that starts before the turn's first field (it may end inside it: DeepSeek-R1's
+        generation prompt opens the <think> block that the content holds)."""
+        for prefix in self.header_prefixes:
+            found = text.rfind(prefix, lower, anchor_start + len(prefix) - 1)
+            if found != -1:
+                return found + len(prefix)
+        return anchor_start
+
+    def anchors(self, messages: Sequence[Message], turns: list[int], text: str, tools: list | None) -> list[Span]:
+        """Per turn, the character span in `text` from its first to its last rendered text field."""
+        if not turns:
+            return []
+        if RESERVED in text:
+            raise TemplateMismatch(f"the conversation contains the text {RESERVED!r}, which plpost reserves")
+        for around in (True, False):  # markers on both sides of each field, then (if that changes the rendering) after it
+            probe, markers = with_markers(messages, turns, around=around)
+            rendered = self.render(probe, tools=tools)
+            positions, unmarked = marker_positions(rendered, markers)
+            if unmarked == text:
+                break
+        else:
+            raise TemplateMismatch(
+                "the chat template renders the conversation differently when the text of its assistant turns "
+                "changes, so their tokens cannot be located in the rendering", message=turns[0],
+            )
+        anchors = []
+        for turn in turns:
+            found = [positions[marker] for marker in markers[turn] if marker in positions]
+            if not found:
+                raise TemplateMismatch(
+                    "the chat template does not render this assistant turn's text at all (not its content, "
+                    "reasoning or tool calls), so there is nothing to learn from it", message=turn,
+                )
+            anchors.append(Span(min(found), max(found)))
+        return anchors
+
+
+def end_of_turn_tokens(tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """EOS and the end-of-turn tokens of the common chat formats that this vocabulary has."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    for token in END_OF_TURN_TOKENS:
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
+            ids.add(token_id)
+    return ids
+
+
+def with_markers(messages: Sequence[Message], turns: list[int], *, around: bool) -> tuple[list[Message], dict[int, list[str]]]:
+    """A copy of `messages` with a unique marker inside the leading and trailing whitespace of each text field
+    of each turn (content, reasoning, tool-call names), or only after it when not `around`."""
+    counter = itertools.count()
+    markers: dict[int, list[str]] = {}
+    probe = [dict(message) for message in messages]
+
+    def marked(value: str, turn: int) -> str:
+        core = value.strip()
+        if not core:
+            return value
+        start = value.find(core)
+        pieces = [value[:start]]
+        if around:
+            pieces.append(MARKER.format(next(counter)))
+        pieces += [core, MARKER.format(next(counter)), value[start + len(core) :]]
+        markers[turn] += [piece for piece in pieces if piece.startswith(RESERVED)]
+        return "".join(pieces)
+
+    for turn in turns:
+        markers[turn] = []
+        message = probe[turn]
+        for field in ("content", *REASONING_FIELDS):
+            if isinstance(message.get(field), str):
+                message[field] = marked(message[field], turn)
+        if message.get("tool_calls"):
+            message["tool_calls"] = [marked_tool_call(call, lambda name: marked(name, turn)) for call in message["tool_calls"]]
+    return probe, markers
+
+
+def marked_tool_call(call: Mapping[str, Any], mark) -> dict[str, Any]:
+    call = dict(call)
+    if isinstance(call.get("function"), Mapping):
+        function = dict(call["function"])
+        function["name"] = mark(function["name"])
+        call["function"] = function
+    elif isinstance(call.get("name"), str):
+        call["name"] = mark(call["name"])
+    return call
+
+
+def marker_positions(rendered: str, markers: Mapping[int, list[str]]) -> tuple[dict[str, int], str]:
+    """Where each marker found in `rendered` stands once every marker is removed, and the text without them.
+    A marker the template rendered more than once is not a position (it is left out of the result)."""
+    wanted = {marker for turn_markers in markers.values() for marker in turn_markers}
+    positions: dict[str, int] = {}
+    repeated: set[str] = set()
+    pieces, cursor, removed = [], 0, 0
+    while (found := rendered.find(RESERVED, cursor)) != -1:
+        end = rendered.find("Q", found)
+        marker = rendered[found : end + 1]
+        if end == -1 or marker not in wanted:
+            break
+        pieces.append(rendered[cursor:found])
+        if marker in positions:
+            repeated.add(marker)
+        positions[marker] = found - removed
+        removed += len(marker)
+        cursor = end + 1
+    pieces.append(rendered[cursor:])
+    for marker in repeated:
+        del positions[marker]
+    return positions, "".join(pieces)
