@@ -23,11 +23,12 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 
 from plpost import ChatDataModule, DPOModule, PPOModule, PreferenceDataModule, PromptDataModule, RewardModule, SFTModule
-from plpost.callbacks import HFExport
+from plpost.callbacks import HFExport, StageProgressBar
 from plpost.data.sources import DataSource, load_source
 from plpost.evaluation import greedy_report, learned_rewards, sampled_kl
 from plpost.hf import load_causal_lm, load_tokenizer
 from plpost.optim import WarmupCosineLR
+from plpost.quiet import lightning_notices_hidden
 from plpost.rewards import RewardFunction
 from plpost.tasks.addition import AdditionProblem, exact_match_reward
 
@@ -61,36 +62,42 @@ def cosine(warmup_steps: int):
     return lambda optimizer: WarmupCosineLR(optimizer, warmup_steps=warmup_steps, min_lr_ratio=0.1)
 
 
-def fit(module: L.LightningModule, data: L.LightningDataModule, out: Path, stage: str, **trainer) -> float:
-    """Trains one stage, exports it to out/stage, and returns the seconds it took."""
+STAGE_LABELS = {"sft": "[1/4] SFT", "reward": "[2/4] reward model", "dpo": "[3/4] DPO", "ppo": "[4/4] PPO"}
+
+
+def fit(module: L.LightningModule, data: L.LightningDataModule, out: Path, stage: str, *, quiet: bool = False,
+        **trainer) -> float:
+    """Trains one stage (with a bar for it unless `quiet`), exports it to out/stage, and returns the seconds it took."""
     L.seed_everything(0, verbose=False)
     started = time.perf_counter()
+    progress = [] if quiet else [StageProgressBar(STAGE_LABELS[stage])]
     L.Trainer(
-        logger=CSVLogger(out / "logs", name=stage), callbacks=[HFExport(str(out / stage))], enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=10, **trainer,
+        logger=CSVLogger(out / "logs", name=stage), callbacks=[HFExport(str(out / stage)), *progress],
+        enable_checkpointing=False, enable_progress_bar=not quiet, enable_model_summary=False, log_every_n_steps=10,
+        **trainer,
     ).fit(module, data)
     return time.perf_counter() - started
 
 
-def run_stages(out: Path, scale: DemoScale) -> dict[str, float]:
+def run_stages(out: Path, scale: DemoScale, quiet: bool = False) -> dict[str, float]:
     seconds = {}
     sft_data = ChatDataModule(BASE, train=DataSource(DATA + "sft.jsonl", limit=scale.sft_limit), batch_size=16,
                               max_length=32)
     seconds["sft"] = fit(SFTModule(BASE, optimizer=adamw(1e-3), scheduler=cosine(50)), sft_data, out, "sft",
-                         max_epochs=scale.sft_epochs)
+                         quiet=quiet, max_epochs=scale.sft_epochs)
     sft = str(out / "sft")
     preferences = DataSource(DATA + "preference.jsonl", limit=scale.preference_limit)
     reward_data = PreferenceDataModule(sft, train=preferences, val_size=200 if not scale.preference_limit else 100,
                                        batch_size=128, max_length=32)
     reward = RewardModule(sft, optimizer=adamw(5e-4), scheduler=cosine(10))
-    seconds["reward"] = fit(reward, reward_data, out, "reward", max_epochs=scale.reward_epochs)
+    seconds["reward"] = fit(reward, reward_data, out, "reward", quiet=quiet, max_epochs=scale.reward_epochs)
     dpo_data = PreferenceDataModule(sft, train=preferences, batch_size=32, max_length=32)
     seconds["dpo"] = fit(DPOModule(sft, beta=0.1, rpo_alpha=1.0, optimizer=adamw(3e-4), scheduler=cosine(10)),
-                         dpo_data, out, "dpo", max_epochs=scale.dpo_epochs)
+                         dpo_data, out, "dpo", quiet=quiet, max_epochs=scale.dpo_epochs)
     ppo_data = PromptDataModule(sft, train=DATA + "prompts.jsonl", batch_size=64)
     ppo = PPOModule(sft, rewards=[RewardFunction(exact_match_reward)], missing_eos_penalty=1.0, max_new_tokens=6, kl_coef=0.05,
                     ppo_epochs=4, optimizer=adamw(3e-4))
-    seconds["ppo"] = fit(ppo, ppo_data, out, "ppo", max_steps=scale.ppo_steps)
+    seconds["ppo"] = fit(ppo, ppo_data, out, "ppo", quiet=quiet, max_steps=scale.ppo_steps)
     return seconds
 
 
@@ -197,13 +204,19 @@ def machine_description() -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
-def run_demo(out: str | Path = "outputs/demo", *, quick: bool = False) -> dict:
-    """Runs every stage, measures every policy, writes report.md, report.json and report.png."""
+def run_demo(out: str | Path = "outputs/demo", *, quick: bool = False, quiet: bool = False) -> dict:
+    """Runs every stage, measures every policy, writes report.md, report.json and report.png.
+
+    The console shows a bar per stage (none with `quiet`) and the report; Lightning's notices
+    (devices, why a fit stopped, exports) stay in the stages' logs."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     scale = QUICK if quick else DemoScale()
     started = time.perf_counter()
-    seconds = run_stages(out, scale)
+    with lightning_notices_hidden():
+        seconds = run_stages(out, scale, quiet)
+    if not quiet:
+        print(f"measuring base, SFT, DPO and PPO on {scale.eval_limit or 300} held-out problems ...", flush=True)
     table = measure(out, scale)
     seconds["total"] = time.perf_counter() - started
     report = markdown_table(table, seconds, machine_description())
@@ -219,5 +232,6 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="plpost demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="outputs/demo", help="folder for the models, logs and the report")
     parser.add_argument("--quick", action="store_true", help="a shortened run (about a minute) that checks the pipeline")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars: print only the report (for scripts)")
     args = parser.parse_args(argv)
-    run_demo(args.out, quick=args.quick)
+    run_demo(args.out, quick=args.quick, quiet=args.quiet)

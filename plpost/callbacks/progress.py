@@ -49,11 +49,12 @@ class Throughput(L.Callback):
         self.window = window
         self._points: deque[tuple[float, float]] = deque(maxlen=window + 1)
         self._total = 0.0
+        self._clock = time.perf_counter
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._total = 0.0
         self._points.clear()
-        self._points.append((time.perf_counter(), self.count(trainer, pl_module, None)))
+        self._points.append((self._clock(), self.count(trainer, pl_module, None)))
 
     def count(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any) -> float:
         """Episodes so far (the module's own count), or tokens so far (summed here over processes)."""
@@ -72,7 +73,7 @@ class Throughput(L.Callback):
         episodes = isinstance(getattr(pl_module, "episodes", None), Tensor)
         if not episodes and real_tokens(batch) is None:
             return
-        self._points.append((time.perf_counter(), self.count(trainer, pl_module, batch)))
+        self._points.append((self._clock(), self.count(trainer, pl_module, batch)))
         (start, first), (now, last) = self._points[0], self._points[-1]
         rate = (last - first) / max(now - start, 1e-9)
         log = dict(on_step=True, on_epoch=False, batch_size=1)
@@ -101,6 +102,10 @@ class StageProgressBar(TQDMProgressBar):
         self.label = label
         self._batches = 0
 
+    @property
+    def train_description(self) -> str:
+        return self.label
+
     def init_validation_tqdm(self) -> Tqdm:
         return Tqdm(disable=True)
 
@@ -120,7 +125,6 @@ class StageProgressBar(TQDMProgressBar):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         self._batches = 0
-        self.train_progress_bar.set_description(self.label)
         self.train_progress_bar.reset(self.stage_total(trainer))
 
     def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
@@ -136,8 +140,8 @@ class StageProgressBar(TQDMProgressBar):
             bar.total = total
         bar.n = self._batches
         if self._should_update(self._batches, bar.total):
+            bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
             bar.refresh()
-            bar.set_postfix(self.get_metrics(trainer, pl_module))
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
