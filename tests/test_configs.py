@@ -19,8 +19,8 @@ PRESETS = [c for c in CONFIGS if c.parent.name != "tiny"]
 
 def test_configs_are_counted():
     """Adding a config without it being exercised here is impossible: this is the census."""
-    assert len(TINY_CONFIGS) == 4, [c.name for c in TINY_CONFIGS]
-    assert len(PRESETS) == 4, [c.name for c in PRESETS]
+    assert len(TINY_CONFIGS) == 5, [c.name for c in TINY_CONFIGS]
+    assert len(PRESETS) == 5, [c.name for c in PRESETS]
 
 
 def short_run_args(config: Path) -> list[str]:
@@ -67,6 +67,8 @@ def test_preset_parses_and_runs_on_the_tiny_model(config, tmp_path, monkeypatch,
     for reward in raw["model"]["init_args"].get("rewards", []):
         if "path" in reward.get("init_args", {}):
             reward["init_args"]["path"] = tiny_reward_model
+        if "answer_column" in reward.get("init_args", {}):
+            reward["init_args"]["answer_column"] = "answer"  # the bundled prompts' column
     if raw["model"]["init_args"].get("critic_model"):
         raw["model"]["init_args"]["critic_model"] = tiny_reward_model
     lengths = {"max_length": 64, "max_prompt_length": 32}

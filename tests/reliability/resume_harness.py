@@ -23,9 +23,11 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from plpost import ChatDataModule, DPOModule, PreferenceDataModule, RewardModule, SFTModule
+from plpost import ChatDataModule, DPOModule, GRPOModule, PreferenceDataModule, PromptDataModule, RewardModule, SFTModule
 from plpost.callbacks.guards import batch_records
+from plpost.data.prompts import PromptBatch
 from plpost.optim import WarmupCosineLR
+from plpost.rewards import RewardFunction
 
 TINY = "plpost:tiny"
 RECORDS = 12  # batch_size 2 x accumulate 2: 3 optimizer steps per epoch
@@ -90,8 +92,22 @@ def dpo(run: Run) -> tuple[L.LightningModule, L.LightningDataModule]:
     return module, PreferenceDataModule(TINY, train=pair_rows(), batch_size=run.batch_size, max_length=64)
 
 
+def completion_length(prompts, completions, **columns) -> torch.Tensor:
+    """Differs between completions, so every group has advantages to train on."""
+    return torch.tensor([float(len(completion)) for completion in completions])
+
+
+def grpo(run: Run) -> tuple[L.LightningModule, L.LightningDataModule]:
+    # Manual optimization: the accumulation is the module's own, and sampling draws random numbers
+    # every step, so the generators must be restored for the completions to be the same.
+    module = GRPOModule(run.model, rewards=[RewardFunction(completion_length)], num_generations=4, max_new_tokens=4,
+                        gradient_accumulation_steps=run.accumulate, optimizer=adamw, scheduler=warmup_cosine)
+    rows = [{"prompt": [{"role": "user", "content": f"{i}+{i * 3}"}]} for i in range(RECORDS)]
+    return module, PromptDataModule(TINY, train=rows, batch_size=run.batch_size)
+
+
 STAGES: dict[str, Callable[[Run], tuple[L.LightningModule, L.LightningDataModule]]] = {
-    "sft": sft, "reward": reward, "dpo": dpo,
+    "sft": sft, "reward": reward, "dpo": dpo, "grpo": grpo,
 }
 
 
@@ -104,8 +120,10 @@ class RecordAndKill(L.Callback):
         first_micro_batch = batch_idx % trainer.accumulate_grad_batches == 0
         if first_micro_batch and trainer.global_step == self.run.kill_after_step:
             os.kill(os.getpid(), signal.SIGKILL)
-        records = batch_records(batch)  # None for batches without record indices (PromptBatch, for now)
-        records = records.tolist() if records is not None else None
+        if isinstance(batch, PromptBatch):  # no record indices: the prompts themselves
+            records = batch.prompts
+        else:
+            records = batch_records(batch).tolist()
         self.seen.write(json.dumps({"step": trainer.global_step, "records": records}) + "\n")
         self.seen.flush()  # into the kernel: it outlives a SIGKILL of this process
 
@@ -141,8 +159,9 @@ def train(run: Run) -> dict[str, Any]:
     L.seed_everything(0, workers=True, verbose=False)
     module, data = STAGES[run.stage](run)
     checkpoints = ModelCheckpoint(dirpath=run.folder / "checkpoints", save_last=True, every_n_train_steps=1)
+    accumulate = run.accumulate if module.automatic_optimization else 1
     trainer = L.Trainer(
-        max_steps=run.max_steps, accumulate_grad_batches=run.accumulate, callbacks=[RecordAndKill(run), checkpoints],
+        max_steps=run.max_steps, accumulate_grad_batches=accumulate, callbacks=[RecordAndKill(run), checkpoints],
         logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=run.folder,
         num_sanity_val_steps=0,
     )

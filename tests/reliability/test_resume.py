@@ -7,7 +7,9 @@ warmup-cosine schedule, and (SFT, reward) train with attention dropout 0.1, so t
 the epoch's shuffle and the random generators all have to be restored for the results to agree.
 The negative controls remove one of those from the checkpoint and show the same comparison fails.
 
-Adding a stage (PPO) takes an entry in `resume_harness.STAGES` and in STAGES below.
+Adding a stage takes an entry in `resume_harness.STAGES` and in STAGES below. GRPO samples its own
+completions every step, so its resumed run must also draw the same samples: the random generators
+and the data position decide them.
 """
 
 import multiprocessing
@@ -23,7 +25,7 @@ from resume_harness import Run, differences, seen, train
 from plpost.checkpointing import RNG_STATES_KEY
 from plpost.hf import load_causal_lm, load_tokenizer
 
-STAGES = ["sft", "reward", "dpo"]
+STAGES = ["sft", "reward", "dpo", "grpo"]
 KILL_AFTER = 4  # one step into the second epoch (3 steps per epoch)
 
 
@@ -76,9 +78,10 @@ def resume(killed_folder: Path, into: Path, stage: str, model: str) -> dict:
 @pytest.mark.parametrize("stage", STAGES)
 def test_killed_and_resumed_run_ends_exactly_as_the_uninterrupted_run(stage, runs, dropout_model, tmp_path):
     expected, expected_seen, killed_folder = runs(stage)
-    assert expected["global_step"] == 7 and len(expected_seen) == 14  # 7 steps x 2 micro-batches
+    batches_per_step = 1 if stage == "grpo" else 2  # GRPO accumulates inside its training step
+    assert expected["global_step"] == 7 and len(expected_seen) == 7 * batches_per_step
     assert expected["optimizers"][0]["state"] and expected["schedulers"]  # moments and a schedule to compare
-    assert len(seen(killed_folder)) == 2 * KILL_AFTER  # it did die where it should
+    assert len(seen(killed_folder)) == batches_per_step * KILL_AFTER  # it did die where it should
     resumed = resume(killed_folder, tmp_path / "resumed", stage, dropout_model)
     assert differences(expected, resumed) == []
     assert seen(tmp_path / "resumed") == expected_seen
