@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from plpost.data.formats import validate_prompt_row
+from plpost.data.formats import DataValidationError, validate_prompt_row
 from plpost.data.sources import SourceLike, describe, load_source
 from plpost.generation import generate_texts
 
@@ -49,7 +49,12 @@ class GenerationEval(L.Callback):
     ) -> None:
         source = describe(prompts)
         rows = [dict(row) for row in load_source(prompts)][:limit]
-        self.prompts = [validate_prompt_row(source, index, row) for index, row in enumerate(rows)]
+        self.prompts = []
+        for index, row in enumerate(rows):
+            prompt, tools = validate_prompt_row(source, index, row)
+            if tools is not None:
+                raise DataValidationError(source, index, "tools", "GenerationEval renders prompts without tools; remove them")
+            self.prompts.append(prompt)
         self.columns = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
         self.score_fn = score_fn
         self.every_n_steps = every_n_steps
