@@ -2,11 +2,12 @@
 
     bundled base model -> SFT -> reward model -> PPO
                               \\-> DPO
+                              \\-> GRPO (no reward model: exact match, G samples per prompt)
 
 The SFT demonstrations forget the carry on 65% of the problems that need one, as real
 demonstrations hold plausible mistakes; SFT imitates them. The preference pairs prefer the
-correct answer to the plausible mistake, and PPO is rewarded by exact match; both should lift
-accuracy above SFT. Every number in the report is measured by the run, with fixed seeds.
+correct answer to the plausible mistake, and PPO and GRPO are rewarded by exact match; all should
+lift accuracy above SFT. Every number in the report is measured by the run, with fixed seeds.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import CSVLogger
 
-from plpost import ChatDataModule, DPOModule, PPOModule, PreferenceDataModule, PromptDataModule, RewardModule, SFTModule
+from plpost import ChatDataModule, DPOModule, GRPOModule, PPOModule, PreferenceDataModule, PromptDataModule, RewardModule
+from plpost import SFTModule
 from plpost.callbacks import HFExport, StageProgressBar
 from plpost.data.sources import DataSource, load_source
 from plpost.evaluation import greedy_report, learned_rewards, sampled_kl
@@ -47,10 +49,11 @@ class DemoScale:
     preference_limit: int | None = None
     dpo_epochs: int = 1
     ppo_steps: int = 120
+    grpo_steps: int = 40
     eval_limit: int | None = None
 
 
-QUICK = DemoScale(sft_epochs=1, sft_limit=1500, reward_epochs=1, preference_limit=600, dpo_epochs=1, ppo_steps=3,
+QUICK = DemoScale(sft_epochs=1, sft_limit=1500, reward_epochs=1, preference_limit=600, dpo_epochs=1, ppo_steps=3, grpo_steps=2,
                   eval_limit=40)
 
 
@@ -62,7 +65,8 @@ def cosine(warmup_steps: int):
     return lambda optimizer: WarmupCosineLR(optimizer, warmup_steps=warmup_steps, min_lr_ratio=0.1)
 
 
-STAGE_LABELS = {"sft": "[1/4] SFT", "reward": "[2/4] reward model", "dpo": "[3/4] DPO", "ppo": "[4/4] PPO"}
+STAGE_LABELS = {"sft": "[1/5] SFT", "reward": "[2/5] reward model", "dpo": "[3/5] DPO", "ppo": "[4/5] PPO",
+                "grpo": "[5/5] GRPO"}
 
 
 def fit(module: L.LightningModule, data: L.LightningDataModule, out: Path, stage: str, *, quiet: bool = False,
@@ -98,6 +102,12 @@ def run_stages(out: Path, scale: DemoScale, quiet: bool = False) -> dict[str, fl
     ppo = PPOModule(sft, rewards=[RewardFunction(exact_match_reward)], missing_eos_penalty=1.0, max_new_tokens=6, kl_coef=0.05,
                     ppo_epochs=4, optimizer=adamw(3e-4))
     seconds["ppo"] = fit(ppo, ppo_data, out, "ppo", quiet=quiet, max_steps=scale.ppo_steps)
+    # 16 prompts x 8 completions per step, each compared with the 7 others of its prompt: no value
+    # model, no reward model, and (beta 0) no reference.
+    grpo_data = PromptDataModule(sft, train=DATA + "prompts.jsonl", batch_size=16)
+    grpo = GRPOModule(sft, rewards=[RewardFunction(exact_match_reward)], num_generations=8, max_new_tokens=6,
+                      epsilon_high=0.28, mask_truncated_completions=True, optimizer=adamw(2e-4))
+    seconds["grpo"] = fit(grpo, grpo_data, out, "grpo", quiet=quiet, max_steps=scale.grpo_steps)
     return seconds
 
 
@@ -126,7 +136,7 @@ def measure(out: Path, scale: DemoScale) -> dict[str, dict[str, float]]:
     carry = torch.tensor([row["has_carry"] for row in rows])
     reference = load_causal_lm(str(out / "sft"))
     table = {}
-    for name, path in [("base", BASE), ("sft", out / "sft"), ("dpo", out / "dpo"), ("ppo", out / "ppo")]:
+    for name, path in [("base", BASE), *((stage, out / stage) for stage in ("sft", "dpo", "ppo", "grpo"))]:
         policy = load_causal_lm(str(path))
         report = greedy_report(policy, tokenizer, prompts, exact_match_reward, columns, answer_format=ANSWER_FORMAT)
         row = {
@@ -136,7 +146,7 @@ def measure(out: Path, scale: DemoScale) -> dict[str, dict[str, float]]:
             "accuracy_no_carry": float(report.scores[~carry].mean()),
             "mean_reward": float(learned_rewards(str(out / "reward"), tokenizer, prompts, report.completions).mean()),
         }
-        if name in ("dpo", "ppo"):
+        if name in ("dpo", "ppo", "grpo"):
             row["kl_to_sft"] = sampled_kl(policy, reference, tokenizer, prompts)
         table[name] = row
     table["reward_model"] = {"pairwise_accuracy": held_out_pairwise_accuracy(out / "reward", scale.eval_limit)}
@@ -152,12 +162,12 @@ def markdown_table(table: dict, seconds: dict[str, float], machine: str) -> str:
     lines = [
         f"Measured {date.today().isoformat()} on {machine}; {seconds['total']:.0f} s in all "
         f"(SFT {seconds['sft']:.0f} s, reward model {seconds['reward']:.0f} s, DPO {seconds['dpo']:.0f} s, "
-        f"PPO {seconds['ppo']:.0f} s).",
+        f"PPO {seconds['ppo']:.0f} s, GRPO {seconds['grpo']:.0f} s).",
         "",
         "| policy | chat format | accuracy | with carry | without carry | reward-model score | KL to SFT (nats) |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for name in ("base", "sft", "dpo", "ppo"):
+    for name in ("base", "sft", "dpo", "ppo", "grpo"):
         row = table[name]
         kl = f"{row['kl_to_sft']:.2f}" if "kl_to_sft" in row else "-"
         lines.append(
@@ -174,7 +184,7 @@ def plot(table: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = ["base", "sft", "dpo", "ppo"]
+    names = ["base", "sft", "dpo", "ppo", "grpo"]
     metrics = [("format", "chat format"), ("accuracy", "accuracy"), ("accuracy_carry", "accuracy, carry problems")]
     figure, axis = plt.subplots(figsize=(7, 3.5))
     width = 0.8 / len(metrics)
@@ -216,7 +226,7 @@ def run_demo(out: str | Path = "outputs/demo", *, quick: bool = False, quiet: bo
     with lightning_notices_hidden():
         seconds = run_stages(out, scale, quiet)
     if not quiet:
-        print(f"measuring base, SFT, DPO and PPO on {scale.eval_limit or 300} held-out problems ...", flush=True)
+        print(f"measuring base, SFT, DPO, PPO and GRPO on {scale.eval_limit or 300} held-out problems ...", flush=True)
     table = measure(out, scale)
     seconds["total"] = time.perf_counter() - started
     report = markdown_table(table, seconds, machine_description())
