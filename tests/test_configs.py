@@ -73,6 +73,8 @@ def test_preset_parses_and_runs_on_the_tiny_model(config, tmp_path, monkeypatch,
         raw["model"]["init_args"]["critic_model"] = tiny_reward_model
     lengths = {"max_length": 64, "max_prompt_length": 32}
     raw["data"]["init_args"].update({k: v for k, v in lengths.items() if k in raw["data"]["init_args"]})
+    if raw["model"]["init_args"].get("max_new_tokens", 0) > 32:  # a real model's budget, on the tiny one
+        raw["model"]["init_args"]["max_new_tokens"] = 32
     raw["trainer"].update(precision="32-true", accelerator="cpu", devices=1, strategy="auto")
     swapped = tmp_path / config.name
     swapped.write_text(yaml.safe_dump(raw))

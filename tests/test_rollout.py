@@ -125,3 +125,24 @@ def test_kl_is_zero_up_to_rounding_when_the_reference_is_a_frozen_copy(first_rol
     kernel for the LM head's (non-contiguous) input, which rounds differently (~1e-6 nats)."""
     _, metrics = first_rollout
     assert abs(float(metrics["objective/kl"])) < 1e-5
+
+
+def test_resampled_rows_replace_a_group_and_responses_are_padded_to_the_wider():
+    """Rows 2-3 (a group) are sampled again with 3 response positions where the batch had 2: every
+    row is padded to 3 (pad id 0, masked, positions held at the last real one) and rows 2-3 are
+    the new ones."""
+    from plpost.rollout import Samples, replace_rows
+
+    def samples(prompt, response, mask):
+        attention = torch.cat([torch.ones_like(prompt), mask.long()], dim=1)
+        return Samples(torch.cat([prompt, response], 1), attention, position_ids_from(attention), mask.bool(),
+                       mask.all(1))
+
+    prompt = torch.tensor([[5], [6], [7], [8]])
+    old = samples(prompt, torch.tensor([[1, 2], [3, 0], [4, 4], [9, 9]]), torch.tensor([[1, 1], [1, 0], [1, 1], [1, 1]]))
+    new = samples(prompt[2:], torch.tensor([[7, 7, 7], [8, 0, 0]]), torch.tensor([[1, 1, 1], [1, 0, 0]]))
+    merged = replace_rows(old, torch.tensor([2, 3]), new, pad_token_id=0)
+    assert merged.input_ids.tolist() == [[5, 1, 2, 0], [6, 3, 0, 0], [7, 7, 7, 7], [8, 8, 0, 0]]
+    assert merged.response_mask.tolist() == [[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 0, 0]]
+    assert merged.position_ids.tolist() == [[0, 1, 2, 2], [0, 1, 1, 1], [0, 1, 2, 3], [0, 1, 1, 1]]
+    assert merged.stopped.tolist() == [True, False, True, False]
