@@ -114,5 +114,5 @@ def test_a_checkpoint_that_does_not_name_its_stage_needs_stage(tmp_path, capsys)
     assert exited.value.code == 2 and "pass --stage" in capsys.readouterr().err
     main(["export", str(tmp_path / "anonymous.ckpt"), str(tmp_path / "out"), "--stage", "SFTModule", "--quiet"])
     assert same_files(tmp_path / "hf-export", tmp_path / "out") == []
-    with pytest.raises(CheckpointError, match="pass --stage"):
+    with pytest.raises(CheckpointError, match="does not fit the policy.*pass the --stage that saved it"):
         module_from_checkpoint(tmp_path / "anonymous.ckpt", stage="RewardModule")  # weights of another shape
