@@ -11,6 +11,9 @@ reward (the completion's length against a target), so the time is the model's. A
 policy rarely stops early: completions run to the limit in both. Each framework runs in its own
 process; the first step is warmup and not counted. TRL's generation time is the time spent in
 its `_generate_and_score_completions` (sampling, the old-log-prob pass it needs, scoring).
+TRL's GRPOConfig turns gradient checkpointing on by default and the benchmark model is saved with
+use_cache=False (for training, see benchmarks/run.py); both are set here as plpost runs
+(checkpointing off, KV cache on while sampling), so each framework does the same work.
 """
 
 from __future__ import annotations
@@ -111,6 +114,7 @@ def run_trl(preset: Preset, settings: dict, model_dir: str, prompts: list[dict])
         learning_rate=LR, weight_decay=0.0, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0,
         max_steps=settings["steps"] + 1, logging_steps=1, report_to=[], save_strategy="no", shuffle_dataset=False,
         disable_dropout=True, seed=preset.seed, dataloader_num_workers=0,
+        gradient_checkpointing=False, generation_kwargs={"use_cache": True},
     )
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     trainer = TimedGRPOTrainer(model=model, reward_funcs=length_reward, args=config, callbacks=[StepTimes()],
