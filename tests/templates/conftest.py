@@ -1,8 +1,8 @@
 """Session fixtures for the real-template tests: one cache and one data module per template for the whole run.
 
 Loading a real tokenizer takes seconds, so every case of a template goes through one
-ChatDataModule (one row per case). When that module refuses a record, each case gets a module
-of its own, so every case reports its own outcome.
+ChatDataModule (one row per case). When that module refuses a record, the record's case keeps
+the error and the other cases are set up again without it, so every case reports its own outcome.
 """
 
 from __future__ import annotations
@@ -68,11 +68,15 @@ class ChatExamples:
         try:
             module = self.setup(template, cases[0], [rows[case] for case in cases])
         except Exception as error:
+            refused = getattr(error, "record", None)  # a DataValidationError names the record
             if len(cases) == 1:
                 self.outcomes[(template.name, cases[0])] = error
-                return
-            for case in cases:  # so each case reports its own outcome
-                self._build(template, [case])
+            elif isinstance(refused, int) and 0 <= refused < len(cases):
+                self.outcomes[(template.name, cases[refused])] = error
+                self._build(template, cases[:refused] + cases[refused + 1 :])
+            else:  # the error names no record: each case on its own
+                for case in cases:
+                    self._build(template, [case])
             return
         examples = examples_by_record(module)
         for index, case in enumerate(cases):

@@ -14,8 +14,9 @@ from .cases import ANSWER, FOLLOW_UP, QUESTION, SECOND_ANSWER, SYSTEM, TEMPLATES
 from .conftest import data_module_options, span_texts
 
 # One template of each family whose prompt layout differs: reasoning blocks, a date header, the
-# system prompt folded into a user turn or moved into the last one, a trailing EOS.
-FAMILIES = ["qwen3", "llama3.2", "gemma3", "gemma4", "mistral-nemo", "phi3.5", "smollm3"]
+# system prompt folded into a user turn or moved into the last one, a trailing EOS. (Each data
+# module loads its tokenizer, seconds for these vocabularies, so the list stays short.)
+FAMILIES = ["qwen3", "llama3.2", "gemma3", "mistral-nemo", "phi3.5"]
 WRONG, SECOND_WRONG = "Lyon is the capital of France.", "Milan is the capital of Italy."
 PROMPTS = {
     "system": ([{"role": "system", "content": SYSTEM}, user(QUESTION)], "prompt_completion", ANSWER, WRONG),
