@@ -36,7 +36,8 @@ RESERVED = "PLPOSTMARK"
 MARKER = RESERVED + "{}Q"
 PLPOST_FIELDS = ("weight",)  # read by plpost, never rendered
 RENDERED_FIELDS = ("reasoning_content", "tool_calls", "name")
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<turn|>")
+# <|tool_response> is where Gemma 4 hands a tool call over to the tool, as its template writes after every call.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<turn|>", "<|tool_response>")
 
 
 class TemplateMismatch(ValueError):
@@ -88,7 +89,8 @@ class ChatTemplate:
         )
 
     def check_fields_rendered(self, messages: Sequence[Message], tools: list | None = None) -> None:
-        """Raises TemplateMismatch naming a field the user wrote that this template does not render.
+        """Raises TemplateMismatch naming a field the user wrote that this template does not render:
+        the content of a system, user or tool message, a reasoning trace, tool calls, a name, tools.
 
         A field counts as rendered when removing it changes the text, or, for a template that drops it from
         earlier turns on purpose (Qwen3 keeps reasoning only after the last user turn), when it changes the
@@ -96,6 +98,15 @@ class ChatTemplate:
         answers) and tool-call ids are links, which templates may leave implicit in the order of turns.
         """
         text = self.render(messages, tools=tools)
+        for position, message in enumerate(messages):
+            content = message.get("content")
+            if message["role"] != "assistant" and isinstance(content, str) and content.strip() not in text:
+                raise TemplateMismatch(
+                    "the chat template does not render this message's content in this conversation, so training "
+                    "would silently drop it (Mistral's templates keep the system prompt only when the conversation "
+                    "ends with a user turn: render it into the last user turn instead); pass a `chat_template` "
+                    "that renders it", message=position, field="content",
+                )
         if tools and not self.renders_otherwise(messages, None, text):
             raise TemplateMismatch("the chat template does not render tools, so the model would never see them", field="tools")
         for position, message in enumerate(messages):
@@ -136,13 +147,18 @@ class ChatTemplate:
 
     @cached_property
     def header_prefixes(self) -> list[str]:
-        """The generation prompt's prefixes at its token boundaries, longest first ([] if it adds none)."""
-        probe = [{"role": "user", "content": MARKER.format("user")}]
+        """The generation prompt's prefixes at its token boundaries, longest first. A template whose
+        generation prompt is empty (Mistral's) opens an answer right after the user turn's closing text
+        (``[/INST]``), so that text is the header then; [] if there is neither."""
+        user = MARKER.format("user")
+        probe = [{"role": "user", "content": user}]
         try:
             bare, prompted = self.render(probe), self.render(probe, add_generation_prompt=True)
         except TemplateError:  # a template that refuses a lone user turn gives no header to match
             return []
         header = prompted[len(os.path.commonprefix([bare, prompted])) :]
+        if not header and user in bare:
+            header = bare[bare.index(user) + len(user) :]
         if not header:
             return []
         _, offsets = self.encode(header)
@@ -303,10 +319,10 @@ def marked_tool_call(call: Mapping[str, Any], mark) -> dict[str, Any]:
 
 def marker_positions(rendered: str, markers: Mapping[int, list[str]]) -> tuple[dict[str, int], str]:
     """Where each marker found in `rendered` stands once every marker is removed, and the text without them.
-    A marker the template rendered more than once is not a position (it is left out of the result)."""
+    A marker the template renders more than once stands where it is first rendered: a turn's own text comes
+    before any later echo of it (Gemma 4 names each tool result after the call it answers)."""
     wanted = {marker for turn_markers in markers.values() for marker in turn_markers}
     positions: dict[str, int] = {}
-    repeated: set[str] = set()
     pieces, cursor, removed = [], 0, 0
     while (found := rendered.find(RESERVED, cursor)) != -1:
         end = rendered.find("Q", found)
@@ -314,12 +330,8 @@ def marker_positions(rendered: str, markers: Mapping[int, list[str]]) -> tuple[d
         if end == -1 or marker not in wanted:
             break
         pieces.append(rendered[cursor:found])
-        if marker in positions:
-            repeated.add(marker)
-        positions[marker] = found - removed
+        positions.setdefault(marker, found - removed)
         removed += len(marker)
         cursor = end + 1
     pieces.append(rendered[cursor:])
-    for marker in repeated:
-        del positions[marker]
     return positions, "".join(pieces)

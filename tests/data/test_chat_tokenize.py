@@ -49,11 +49,27 @@ def test_generation_markers_do_not_change_the_mask(tokenizer):
 
 def test_a_template_that_drops_a_turn_is_refused_naming_it(tokenizer):
     dropping = load_tokenizer("plpost:tiny")
-    # Renders only the last message: the first assistant turn is nowhere in the text.
-    dropping.chat_template = "{{ messages[-1]['content'] }}<|end|>{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    # Renders the user turns and only the last assistant turn: the first is nowhere in the text.
+    dropping.chat_template = (
+        "{%- for m in messages -%}{%- if m['role'] != 'assistant' or loop.last -%}{{ '<|' + m['role'] + '|>' }}"
+        "{{ m['content'] }}<|end|>{%- endif -%}{%- endfor -%}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
     with pytest.raises(TemplateMismatch, match="does not render this assistant turn") as refused:
         tokenize(dropping, [], chat("1+1", "2", "2+2", "4"))
     assert refused.value.message == 1
+
+
+def test_a_template_that_drops_a_system_prompt_is_refused_naming_it(tokenizer):
+    """Mistral's templates keep the system prompt only when the conversation ends with a user turn."""
+    dropping = load_tokenizer("plpost:tiny")
+    dropping.chat_template = (
+        "{%- for m in messages -%}{%- if m['role'] != 'system' or messages[-1]['role'] == 'user' -%}"
+        "{{ '<|' + m['role'] + '|>' }}{{ m['content'] }}<|end|>{%- endif -%}{%- endfor -%}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    with pytest.raises(TemplateMismatch, match="does not render this message's content") as refused:
+        tokenize(dropping, [], [{"role": "system", "content": "Add."}, *chat("1+1", "2")])
+    assert (refused.value.message, refused.value.field) == (0, "content")
 
 
 def test_a_template_that_is_not_prefix_stable_is_located(tokenizer):

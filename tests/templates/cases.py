@@ -152,14 +152,15 @@ GEMMA4_TOOL_CALL = '<|tool_call>call:get_weather{city:<|"|>Paris<|"|>}<tool_call
 
 def gemma4(case: str) -> list[str]:
     """Content and <turn|>. The tool call, the tool's response and the answer share one model turn:
-    the call and the answer are supervised, the response between them is not."""
+    the call up to <|tool_response> (where the model hands over to the tool) and the answer are
+    supervised, the response between them is not."""
     end = "<turn|>"
     return {
         "single": [ANSWER + end],
         "multi_turn": [ANSWER + end, SECOND_ANSWER + end],
         "system": [ANSWER + end, SECOND_ANSWER + end],
         "prompt_completion": [ANSWER + end],
-        "tool_call": [GEMMA4_TOOL_CALL, WEATHER_ANSWER + end],
+        "tool_call": [GEMMA4_TOOL_CALL + "<|tool_response>", WEATHER_ANSWER + end],
     }[case]
 
 
