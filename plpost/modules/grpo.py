@@ -175,7 +175,10 @@ class GRPOModule(OnlineModule):
         self.policy = self.prepare_trainable(initial)
         disable_dropout(self.policy)
         self.reward_scorer.setup(self.tokenizer)
-        self.compile_models()
+        self.finish_models()
+
+    def sharded_modules(self) -> list[torch.nn.Module | None]:
+        return [self.policy, self.reference.model if self.reference is not None else None]
 
     def compiled_modules(self) -> list[torch.nn.Module | None]:
         return [self.policy, self.reference.model if self.reference is not None else None]
@@ -258,8 +261,13 @@ class GRPOModule(OnlineModule):
         if rows < hp.num_mini_batches * hp.gradient_accumulation_steps:
             raise ValueError(f"{rows} completions cannot fill num_mini_batches * gradient_accumulation_steps = "
                              f"{hp.num_mini_batches * hp.gradient_accumulation_steps} micro-batches")
-        order = torch.arange(rows, device=self.device)
-        return [list(mini.tensor_split(hp.gradient_accumulation_steps)) for mini in order.tensor_split(hp.num_mini_batches)]
+        return self.layout_of(torch.arange(rows, device=self.device))
+
+    def layout_of(self, order: Tensor) -> list[list[Tensor]]:
+        """Rows `order` as num_mini_batches optimizer steps of gradient_accumulation_steps micro-batches."""
+        hp = self.hparams
+        minis = order.tensor_split(hp.num_mini_batches)
+        return [list(mini.tensor_split(hp.gradient_accumulation_steps)) for mini in minis]
 
     @torch.no_grad()
     def old_and_reference_logprobs(self, samples: Samples, layout: list[list[Tensor]]):
@@ -296,8 +304,7 @@ class GRPOModule(OnlineModule):
             # The first pass keeps the layout the old log-probs were computed in: same rows, same
             # shapes, so the ratio is exactly 1 until the first optimizer step.
             if iteration > 0:
-                order = torch.randperm(len(mask)).to(mask.device)
-                layout = [list(m.tensor_split(hp.gradient_accumulation_steps)) for m in order.tensor_split(hp.num_mini_batches)]
+                layout = self.layout_of(torch.randperm(len(mask)).to(mask.device))
             for mini in layout:
                 if loss_scope(hp.loss_type) == "generation_batch":
                     denominator = batch_denominator
@@ -311,7 +318,8 @@ class GRPOModule(OnlineModule):
                     for name, value in stats.items():
                         sums[name] += value
                 if hp.gradient_clip_val is not None:
-                    self.clip_gradients(optimizer, gradient_clip_val=hp.gradient_clip_val, gradient_clip_algorithm="norm")
+                    self.clip_gradients(optimizer, gradient_clip_val=hp.gradient_clip_val,
+                                        gradient_clip_algorithm="norm")
                 optimizer.step()
                 optimizer.zero_grad()
                 if scheduler is not None:
@@ -323,9 +331,8 @@ class GRPOModule(OnlineModule):
         """(this micro-batch's numerator of the aggregated loss, summed token statistics)."""
         hp = self.hparams
         samples, mask = groups.samples, groups.loss_mask[rows]
-        logprobs = self.policy_logprobs(
-            samples.input_ids[rows], samples.attention_mask[rows], samples.position_ids[rows], samples.response_mask[rows]
-        )
+        logprobs = self.policy_logprobs(*(tensor[rows] for tensor in (
+            samples.input_ids, samples.attention_mask, samples.position_ids, samples.response_mask)))
         out = grpo_token_losses(
             logprobs, old[rows] if old is not None else logprobs.detach(), advantages[rows], mask,
             epsilon_low=hp.epsilon_low, epsilon_high=hp.epsilon_high,
