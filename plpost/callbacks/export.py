@@ -6,6 +6,7 @@ import copy
 from pathlib import Path
 
 import lightning as L
+from torch import Tensor, nn
 from lightning.pytorch.utilities import rank_zero_info
 
 from plpost.generation import stop_token_ids
@@ -37,26 +38,60 @@ class HFExport(L.Callback):
         self.export(trainer, pl_module)
 
     def export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        state = gathered_state(pl_module.export_model())  # every rank takes part in the gathering
         if trainer.is_global_zero:
-            write_hf_folder(pl_module, self.dirpath)
+            write_hf_folder(pl_module, self.dirpath, state)
             rank_zero_info(f"exported to {self.dirpath}")
         trainer.strategy.barrier("plpost-export")
 
 
-def write_hf_folder(pl_module: L.LightningModule, dirpath: Path) -> None:
+def gathered_state(model: nn.Module) -> dict[str, Tensor] | None:
+    """The full state dict of a model sharded with FSDP2, gathered onto rank 0 (the other ranks
+    get an empty dict); None for a model that is not sharded. A collective: every rank calls it."""
+    from plpost.sharding import full_state_dict, is_sharded
+
+    if not any(is_sharded(m) for m in model.modules()):
+        return None
+    state = full_state_dict(model)
+    # Tied weights (a head sharing the input embedding) arrive as separate copies, which
+    # save_pretrained would write twice; it writes one name for one shared tensor.
+    first_name: dict[int, str] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if first_name.setdefault(id(tensor), name) != name:
+            state.pop(name, None)
+    return state
+
+
+def unsharded_copy(model: nn.Module, state: dict[str, Tensor]) -> nn.Module:
+    """A plain (unsharded) model of `model`'s class and config, LoRA adapters included, holding the
+    gathered `state`: what LoRA merging works on, since a sharded model's weights are not whole."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    dtype = next(iter(state.values())).dtype
+    copy_ = type(base)._from_config(base.config, torch_dtype=dtype)
+    if hasattr(model, "peft_config"):
+        from peft import get_peft_model
+
+        copy_ = get_peft_model(copy_, model.peft_config[model.active_adapter])
+    copy_.load_state_dict(state, strict=True)
+    return copy_
+
+
+def write_hf_folder(pl_module: L.LightningModule, dirpath: Path, state: dict[str, Tensor] | None = None) -> None:
     """The module's `export_model()` and tokenizer as a Hugging Face folder (what `HFExport` and
     `plpost export` write): a PEFT adapter folder for a LoRA policy unless `lora.merge_on_export`,
-    and a generation config that stops at every end-of-turn token."""
+    and a generation config that stops at every end-of-turn token. `state`: the model's full state
+    dict when it is sharded (see `gathered_state`), written in place of its own shards."""
     model = pl_module.export_model()
     tokenizer = pl_module.tokenizer
     lora = getattr(pl_module, "lora", None)
     if lora is not None and lora.merge_on_export:
-        model = copy.deepcopy(model).merge_and_unload()
+        model = unsharded_copy(model, state) if state is not None else copy.deepcopy(model)
+        model, state = model.merge_and_unload(), None
     dirpath.mkdir(parents=True, exist_ok=True)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if getattr(base, "generation_config", None) is not None:
         base.generation_config.eos_token_id = stop_token_ids(tokenizer)
         base.generation_config.pad_token_id = tokenizer.pad_token_id
     with no_progress_bars_if_small(sum(p.numel() * p.element_size() for p in model.parameters())):
-        model.save_pretrained(dirpath, safe_serialization=True)
+        model.save_pretrained(dirpath, safe_serialization=True, state_dict=state)
     tokenizer.save_pretrained(dirpath)

@@ -66,9 +66,13 @@ class NonFiniteGuard(L.Callback):
         parameters = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         loss_here = bool(self._loss_not_finite) if self._loss_not_finite is not None else False
         gradients_here = False
-        if parameters and getattr(trainer.precision_plugin, "scaler", None) is None:
+        # A sharded gradient is checked on this rank's shard (the decision is reduced over ranks
+        # below), which may be empty: a small head split over more ranks than it has rows.
+        gradients = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in parameters]
+        gradients = [g for g in gradients if g.numel()]
+        if gradients and getattr(trainer.precision_plugin, "scaler", None) is None:
             # The largest |gradient|: NaN or inf exactly when some gradient is, and it cannot overflow.
-            largest = torch.nn.utils.get_total_norm([p.grad for p in parameters], norm_type=float("inf"))
+            largest = torch.nn.utils.get_total_norm(gradients, norm_type=float("inf"))
             gradients_here = not bool(torch.isfinite(largest))
         self._loss_not_finite, self._stepped = None, True
         if trainer.strategy.reduce_boolean_decision(loss_here or gradients_here, all=False):

@@ -202,7 +202,32 @@ class PostTrainingModule(L.LightningModule):
         # Built here, not in __init__, so sharded strategies can build it directly on their devices.
         if self.policy is None:
             self.policy = self.prepare_trainable(self.load_pretrained())
+        self.finish_models()
+
+    def finish_models(self) -> None:
+        """The last step of every stage's `configure_model`, once LoRA, gradient checkpointing and
+        the other changes are made: shards (under `ModelParallelStrategy`), then compiles, the order
+        FSDP2 and `torch.compile` compose in."""
+        self.shard_models()
         self.compile_models()
+
+    def sharded_modules(self) -> list[torch.nn.Module | None]:
+        """The models FSDP2 shards under `ModelParallelStrategy`, trained and frozen alike (see
+        `plpost.sharding`): the policy here; stages with a reference, a critic or a head list those too."""
+        return [self.policy]
+
+    def shard_models(self) -> None:
+        """Under `ModelParallelStrategy`, shards each of `sharded_modules()` over the data-parallel
+        mesh, and makes sure no trainable parameter is left out (it would never be synchronised)."""
+        from plpost.sharding import check_all_sharded, data_parallel_mesh, shard
+
+        mesh = data_parallel_mesh(self)
+        if mesh is None:
+            return
+        for module in self.sharded_modules():
+            if module is not None:
+                shard(module, mesh)
+        check_all_sharded(self)
 
     def compiled_modules(self) -> list[torch.nn.Module | None]:
         """The modules whose forward `torch_compile` compiles: those the steps call themselves.
@@ -281,6 +306,9 @@ class PostTrainingModule(L.LightningModule):
 
     # -- safe defaults --------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        from plpost.sharding import check_strategy
+
+        check_strategy(self.trainer)
         self.check_data_module(self.trainer.datamodule)
         use_atomic_checkpoints(self.trainer)  # a kill while saving leaves the previous checkpoint whole
         # Frozen models (references, reward models) are in eval mode on purpose.

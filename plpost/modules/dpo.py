@@ -174,7 +174,10 @@ class DPOModule(PostTrainingModule):
             disable_dropout(self.policy)
         if self.hparams.share_prompt:
             check_shared_prompt_attention(self.policy.config._attn_implementation)
-        self.compile_models()
+        self.finish_models()
+
+    def sharded_modules(self) -> list[torch.nn.Module | None]:
+        return [self.policy, self.reference.model if self.reference is not None else None]
 
     def compiled_modules(self) -> list[nn.Module | None]:
         # The frozen copy runs over the same rows as the policy at every step, a forward as long as

@@ -183,7 +183,10 @@ class PPOModule(OnlineModule):
             self.critic = self.prepare_trainable(critic, task_type="SEQ_CLS")
             disable_dropout(self.critic)
         self.reward_scorer.setup(self.tokenizer)
-        self.compile_models()
+        self.finish_models()
+
+    def sharded_modules(self) -> list[torch.nn.Module | None]:
+        return [self.policy, self.reference.model if self.reference is not None else None, self.critic, self.value_head]
 
     def compiled_modules(self) -> list[torch.nn.Module | None]:
         """The policy, the frozen reference and the critic's backbone (which `critic_values` calls).

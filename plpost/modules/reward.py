@@ -143,7 +143,7 @@ class RewardModule(PostTrainingModule):
             self.policy = self.prepare_trainable(self.load_pretrained(), task_type="SEQ_CLS")
         if self.share_prompt:
             check_shared_prompt_attention(backbone_and_head(self.policy)[0].config._attn_implementation)
-        self.compile_models()
+        self.finish_models()
 
     def compiled_modules(self) -> list[nn.Module]:
         # Rewards call the backbone and the head themselves (see `sequence_rewards`), never the

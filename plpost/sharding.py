@@ -1,0 +1,127 @@
+"""Sharded training: FSDP2 (`fully_shard`) under Lightning's `ModelParallelStrategy`, and a refusal,
+before any model loads, of every strategy or setting that plpost cannot run correctly.
+
+The supported form is data-parallel sharding: `ModelParallelStrategy(data_parallel_size=N,
+tensor_parallel_size=1)`. Each trained model (policy, critic) and each frozen copy (a DPO or PPO
+reference) is sharded over the data-parallel mesh, one FSDP unit per decoder layer, then the root;
+sharding a frozen model costs nothing but an all-gather per layer at each forward and keeps its
+memory divided like the policy's. Reward models scored from Python (`RewardScorer` sources) are
+not modules of the stage: each rank keeps its own whole copy (replicated).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from plpost.reward_head import SCORE_HEAD
+
+TENSOR_PARALLEL_REFUSAL = (
+    "plpost shards over data-parallel processes only: use ModelParallelStrategy(data_parallel_size={world}, "
+    "tensor_parallel_size=1) (its default tensor_parallel_size='auto' takes every device for tensor parallelism), "
+    "or strategy=ddp"
+)
+
+
+def check_strategy(trainer: L.Trainer) -> None:
+    """Refuses, with what to use instead, a strategy whose result plpost cannot vouch for.
+    (Lightning's FSDPStrategy refuses CPU itself.)"""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    strategy = trainer.strategy
+    if isinstance(strategy, ModelParallelStrategy) and strategy.device_mesh["tensor_parallel"].size() != 1:
+        raise ValueError(TENSOR_PARALLEL_REFUSAL.format(world=trainer.world_size))
+
+
+def data_parallel_mesh(module: L.LightningModule) -> Any | None:
+    """The data-parallel device mesh to shard over, or None when the strategy does not shard
+    through `configure_model` (single device, DDP, Lightning's own FSDP wrapping)."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    trainer = module._trainer
+    if trainer is None or not isinstance(trainer.strategy, ModelParallelStrategy):
+        return None
+    return module.device_mesh["data_parallel"]
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The blocks transformers keeps whole when it splits a model (`_no_split_modules`): the decoder
+    layers, each one FSDP unit, so only one layer's full weights exist at a time."""
+    names: set[str] = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or ())
+    return [module for module in model.modules() if type(module).__name__ in names]
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def shard(model: nn.Module, mesh: Any) -> nn.Module:
+    """`model` sharded in place with FSDP2 over `mesh`: each decoder layer, then the root (which
+    takes the embeddings, the final norm, the head and, for LoRA, the adapters outside the layers).
+
+    A sequence classifier (reward model, critic) is read as backbone and score head, each called
+    on its own (`plpost.reward_head`), never through the root's forward, whose hook is what gathers
+    a root unit: so the backbone and the head are the last two units there, and the root holds no
+    parameter. A model sharded already is left as it is.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    if any(is_sharded(m) for m in model.modules()):
+        return model
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh)
+    classifier = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = getattr(classifier, SCORE_HEAD, None)
+    if head is not None and classifier.base_model is not classifier:
+        fully_shard(classifier.base_model, mesh=mesh)
+        fully_shard(head, mesh=mesh)
+    else:
+        fully_shard(model, mesh=mesh)
+    return model
+
+
+def check_all_sharded(module: nn.Module) -> None:
+    """Every trainable parameter of `module` is sharded: one outside every FSDP unit would get no
+    gradient reduction, and the ranks would drift apart without an error."""
+    from torch.distributed.tensor import DTensor
+
+    loose = [name for name, p in module.named_parameters() if p.requires_grad and not isinstance(p, DTensor)]
+    if loose:
+        raise RuntimeError(f"{type(module).__name__} left trainable parameters out of its sharded modules "
+                           f"({', '.join(loose[:3])}): list their module in `sharded_modules()`")
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole, unsharded state dict of `model` on CPU, gathered from every rank; a collective:
+    every rank calls it, and only rank 0 receives the tensors (the others get an empty dict)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+@contextmanager
+def full_parameters(model: nn.Module) -> Iterator[nn.Module]:
+    """`model` with every FSDP unit's full parameters gathered, for the many small forwards of
+    `generate` (without it each forward gathers every layer again, and ranks that stop sampling
+    early would leave the others waiting in a collective). Resharded on exit. Every rank enters."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.unshard()
+        unit.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield model
+    finally:
+        for unit in units:
+            unit.set_reshard_after_forward(True, recurse=False)
+            unit.reshard()

@@ -1,0 +1,80 @@
+"""A few SGD steps of one stage on 2 CPU processes, DDP or FSDP2-sharded, exported with HFExport.
+
+    python tests/sharded_run.py OUT STRATEGY STAGE...     (STRATEGY: ddp, sharded or tensor-parallel)
+
+STAGE: sft, sft-packed, sft-lora, reward, dpo, dpo-adapter, one fit after the other in the same
+two processes. Run as a script because Lightning's launcher starts the other process by re-running
+the command line. Writes each stage's export to OUT/STAGE/model and, from rank 0, the sum of
+each rank's local policy parameters to OUT/STAGE/sums.pt.
+"""
+
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+
+from plpost import ChatDataModule, DPOModule, PreferenceDataModule, RewardModule, SFTModule
+from plpost.callbacks import HFExport
+from plpost.modules.base import LoraSettings
+
+STEPS = 3
+DEVICES = 2
+
+
+def chats() -> list[dict]:
+    return [
+        {"messages": [{"role": "user", "content": f"{i}+{i}"}, {"role": "assistant", "content": "4" * (i % 7 + 1)}]}
+        for i in range(8 * STEPS)
+    ]
+
+
+def pairs() -> list[dict]:
+    return [{"prompt": f"{i}+{i}=", "chosen": str(2 * i), "rejected": "4" * (i % 5 + 2)} for i in range(4 * STEPS)]
+
+
+def sgd(params):
+    return torch.optim.SGD(params, lr=0.5)
+
+
+def build(stage: str):
+    lora = LoraSettings(r=4, alpha=8, dropout=0.0) if stage in ("sft-lora", "dpo-adapter") else None
+    if stage.startswith("sft"):
+        data = ChatDataModule("plpost:tiny", train=chats(), batch_size=4, shuffle=False, packing=stage == "sft-packed")
+        return SFTModule("plpost:tiny", optimizer=sgd, lora=lora), data
+    data = PreferenceDataModule("plpost:tiny", train=pairs(), batch_size=2, shuffle=False)
+    if stage == "reward":
+        return RewardModule("plpost:tiny", optimizer=sgd), data
+    reference = "adapter" if stage == "dpo-adapter" else "copy"
+    return DPOModule("plpost:tiny", optimizer=sgd, reference=reference, lora=lora), data
+
+
+STRATEGIES = {
+    "ddp": lambda: "ddp",
+    "sharded": lambda: ModelParallelStrategy(data_parallel_size=DEVICES, tensor_parallel_size=1,
+                                             process_group_backend="gloo"),
+    # Lightning's defaults: every device for tensor parallelism, which plpost refuses.
+    "tensor-parallel": lambda: ModelParallelStrategy(process_group_backend="gloo"),
+}
+
+
+def fit(out: Path, stage: str, strategy: str) -> None:
+    L.seed_everything(0)
+    module, data = build(stage)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=DEVICES, max_steps=STEPS, logger=False, enable_checkpointing=False,
+        strategy=STRATEGIES[strategy](),
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[HFExport(str(out / "model"))],
+    )
+    trainer.fit(module, data)
+    local = torch.stack([p.detach().to_local().sum() if hasattr(p, "to_local") else p.detach().sum()
+                         for p in module.policy.parameters()]).sum()
+    sums = trainer.strategy.all_gather(local)
+    if trainer.is_global_zero:
+        torch.save(sums, out / "sums.pt")
+
+
+if __name__ == "__main__":
+    for name in sys.argv[3:]:
+        fit(Path(sys.argv[1]) / name, name, sys.argv[2])

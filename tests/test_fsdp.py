@@ -1,0 +1,65 @@
+"""FSDP2 sharding under ModelParallelStrategy on 2 CPU processes (gloo): every offline stage takes the
+same steps as under DDP, its export is gathered whole, and a setting plpost cannot honour is refused."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from plpost.hf import load_causal_lm
+
+SCRIPT = Path(__file__).with_name("sharded_run.py")
+STAGES = ["sft", "sft-packed", "sft-lora", "reward", "dpo", "dpo-adapter"]
+
+
+def run(out: Path, strategy: str, *stages: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(SCRIPT), str(out), strategy, *stages], env=env, timeout=600,
+                          capture_output=True, text=True)
+
+
+def exported(folder: Path) -> dict[str, torch.Tensor]:
+    (weights,) = [f for f in (folder / "model").iterdir() if f.suffix == ".safetensors"]
+    return load_file(weights)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("sharded")
+    for strategy in ("ddp", "sharded"):
+        done = run(root / strategy, strategy, *STAGES)
+        assert done.returncode == 0, done.stderr[-3000:]
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", STAGES)
+def test_sharded_run_exports_the_weights_of_a_ddp_run(runs, stage):
+    """Both runs see the same 2 x 2 rows per step and take 3 SGD steps. DDP all-reduces the full
+    gradients and averages them; FSDP2 reduce-scatters them with the same average, and each rank
+    steps its shard. Both sum the same two float32 gradients in the same order (gloo, CPU), and SGD
+    is elementwise, so the weights agree exactly: tolerance 0, measured 0.0 on every stage.
+    The ranks of the sharded run hold different halves (their local sums differ), so the export
+    is a gathering, not one rank's copy; the steps moved the weights, so equality is not trivial."""
+    ddp, sharded = exported(runs / "ddp" / stage), exported(runs / "sharded" / stage)
+    assert ddp.keys() == sharded.keys()
+    for name in ddp:
+        assert torch.equal(ddp[name], sharded[name]), name
+    local_sums = torch.load(runs / "sharded" / stage / "sums.pt", weights_only=True)
+    assert local_sums[0] != local_sums[1]
+    if stage.endswith(("lora", "adapter")):
+        assert any(name.endswith("lora_B.weight") and sharded[name].abs().sum() > 0 for name in sharded)
+    elif stage != "reward":
+        initial = load_causal_lm("plpost:tiny").state_dict()
+        assert any(not torch.equal(sharded[name], initial[name]) for name in sharded)
+
+
+@pytest.mark.slow
+def test_tensor_parallel_is_refused_with_what_to_use_instead(tmp_path):
+    done = run(tmp_path, "tensor-parallel", "sft")
+    assert done.returncode != 0
+    assert "use ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)" in done.stderr
