@@ -246,6 +246,13 @@ class Template:
     cases: tuple[str, ...]
     template_kwargs: dict = field(default_factory=dict)
     tool_call_content: str | None = None  # "" where the template cannot read a null content
+    fix: tuple[str, str] | None = None  # (text, replacement) applied to the file: a known fix users apply too
+
+
+# Mistral's templates put the system prompt into the user turn only when that turn ends the
+# conversation, so a training chat loses it (plpost refuses such a chat by name); in the last user
+# turn, where mistral-common's encoder puts it, is the fix the README gives.
+MISTRAL_SYSTEM_FIX = ("loop.last and system_message is defined", "message == user_messages[-1] and system_message is defined")
 
 
 BASIC = ("single", "multi_turn", "system", "prompt_completion")
@@ -273,9 +280,10 @@ TEMPLATES = [
     Template("gemma4", "trl", "gemma4.jinja", "gemma-4", gemma4, (*BASIC, "tool_call")),
     Template("gemma4-v2", "trl", "gemma4_v2.jinja", "gemma-4", gemma4_release, (*BASIC, "tool_call")),
     Template("gemma4-v5", "trl", "gemma4_v5.jinja", "gemma-4", gemma4_current, (*BASIC, "reasoning", "tool_call")),
-    Template("mistral-v3", "axolotl", "mistral_v2v3.jinja", "mistral-v3", mistral(" "), (*BASIC, "tool_call")),
+    Template("mistral-v3", "axolotl", "mistral_v2v3.jinja", "mistral-v3", mistral(" "), (*BASIC, "tool_call"),
+             fix=MISTRAL_SYSTEM_FIX),
     Template("mistral-nemo", "llama.cpp", "mistralai-Mistral-Nemo-Instruct-2407.jinja", "mistral-nemo", mistral(""),
-             (*BASIC, "tool_call")),
+             (*BASIC, "tool_call"), fix=MISTRAL_SYSTEM_FIX),
     Template("phi3.5", "llama.cpp", "microsoft-Phi-3.5-mini-instruct.jinja", "phi-3", phi3, BASIC),
     Template("phi3.5-training", "trl", "phi3_5_training.jinja", "phi-3", phi3, BASIC),
     Template("phi3", "trl", "phi3.jinja", "phi-3", phi3, BASIC),

@@ -7,13 +7,16 @@ the error and the other cases are set up again without it, so every case reports
 
 from __future__ import annotations
 
+import os
+import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from plpost import ChatDataModule
 
-from .assets import axolotl_templates, llama_cpp_models, tokenizer_folder, trl_templates
+from .assets import axolotl_templates, cache_root, llama_cpp_models, tokenizer_folder, trl_templates
 from .cases import CASE_TEMPLATE_KWARGS, Template, case_rows
 
 IGNORE_INDEX = -100
@@ -26,7 +29,22 @@ def template_file(template: Template) -> Path:
     path = folder / template.file
     if not path.is_file():
         raise FileNotFoundError(f"{template.source} ships no {template.file} (in {folder})")
-    return path
+    if template.fix is None:
+        return path
+    text, replacement = template.fix
+    original = path.read_text()
+    assert original.count(text) == 1, f"{template.file} no longer holds {text!r} once"
+    fixed = cache_root() / "fixed-templates" / f"{template.name}.jinja"
+    fixed.parent.mkdir(parents=True, exist_ok=True)
+    handle, partial = tempfile.mkstemp(dir=fixed.parent, suffix=".partial")  # parallel runs never read half a file
+    with os.fdopen(handle, "w") as out:
+        out.write(original.replace(text, replacement))
+    os.replace(partial, fixed)
+    return fixed
+
+
+def original_template_file(template: Template) -> Path:
+    return template_file(replace(template, fix=None))
 
 
 def template_kwargs(template: Template, case: str) -> dict:

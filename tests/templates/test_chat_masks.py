@@ -12,10 +12,6 @@ from .cases import TEMPLATES, case_rows
 from .conftest import supervised_texts, template_kwargs
 
 CASES = [pytest.param(template, case, id=f"{template.name}-{case}") for template in TEMPLATES for case in template.cases]
-# Mistral's templates drop the system prompt from a conversation that ends with an assistant turn;
-# their reference is mistral-common's encoder (test_mistral_reference.py), which keeps it.
-RENDERED_AS_THE_TEMPLATE = [case for case in CASES if not case.values[0].tokenizer.startswith("mistral")]
-
 
 @pytest.mark.parametrize(("template", "case"), CASES)
 def test_supervised_spans_are_exactly_the_assistant_turns(chat_examples, template, case):
@@ -23,7 +19,7 @@ def test_supervised_spans_are_exactly_the_assistant_turns(chat_examples, templat
     assert supervised_texts(module.tokenizer, example) == template.expected(case)
 
 
-@pytest.mark.parametrize(("template", "case"), RENDERED_AS_THE_TEMPLATE)
+@pytest.mark.parametrize(("template", "case"), CASES)
 def test_input_ids_are_the_template_rendering_of_the_whole_conversation(chat_examples, template, case):
     module, example = chat_examples.get(template, case)
     row = case_rows(template.tool_call_content)[case]

@@ -2,18 +2,25 @@
 
 mistral-common encodes a training conversation (`ValidationMode.finetuning`) with the system
 prompt in the last user turn, where Mistral's chat templates put it when they render a prompt;
-rendering a whole conversation, the templates drop it, so the templates are not the reference.
+rendering a whole conversation, the original templates drop it. plpost refuses such a chat by
+name, and with the one-line fix the README gives (cases.MISTRAL_SYSTEM_FIX) the ids are
+mistral-common's.
 """
 
 import json
+import re
 
 import pytest
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.protocol.instruct.validator import ValidationMode
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from .assets import mistral_common_file
+from plpost import ChatDataModule
+from plpost.data.formats import DataValidationError
+
+from .assets import mistral_common_file, tokenizer_folder
 from .cases import TEMPLATES_BY_NAME, case_rows
+from .conftest import original_template_file
 
 REFERENCE_FILES = {"mistral-v3": "mistral_instruct_tokenizer_240323.model.v3", "mistral-nemo": "tekken_240718.json"}
 
@@ -49,3 +56,15 @@ def test_token_ids_equal_mistral_commons_encoder(chat_examples, template_name, c
     template = TEMPLATES_BY_NAME[template_name]
     _, example = chat_examples.get(template, case)
     assert example["input_ids"] == reference_ids(template_name, case_rows(template.tool_call_content)[case])
+
+
+@pytest.mark.parametrize("template_name", list(REFERENCE_FILES))
+@pytest.mark.parametrize(("case", "field"), [("system", "messages[0].content"), ("prompt_completion", "prompt[0].content")])
+def test_the_original_templates_drop_the_system_prompt_and_are_refused_by_name(template_name, case, field):
+    template = TEMPLATES_BY_NAME[template_name]
+    data = ChatDataModule(
+        str(tokenizer_folder(template.tokenizer)), train=[case_rows(template.tool_call_content)[case]],
+        chat_template=str(original_template_file(template)),
+    )
+    with pytest.raises(DataValidationError, match=f'record 0, field "{re.escape(field)}": the chat template does not render'):
+        data.setup("fit")
