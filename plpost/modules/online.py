@@ -18,6 +18,7 @@ from plpost.modules.reference import FrozenCopy, adapter_disabled, model_fingerp
 from plpost.optim import WarmupCosineLR
 from plpost.rewards import RewardFunction, RewardScorer
 from plpost.rollout import Samples, response_forward, sample_responses
+from plpost.sharding import full_parameters
 
 
 def not_scored(prompts: list, completions: list[str], **columns: Any) -> Tensor:
@@ -92,10 +93,9 @@ class OnlineModule(PostTrainingModule):
         if num_samples > 1:
             input_ids = input_ids.repeat_interleave(num_samples, dim=0)
             attention_mask = attention_mask.repeat_interleave(num_samples, dim=0)
-        with eager_sampling():
-            return sample_responses(
-                self.generation_model(), input_ids, attention_mask, config, pad_token_id=self.tokenizer.pad_token_id
-            )
+        # Sharded (FSDP2), every rank gathers the full weights once for the whole generate.
+        with eager_sampling(), full_parameters(self.generation_model()) as model:
+            return sample_responses(model, input_ids, attention_mask, config, pad_token_id=self.tokenizer.pad_token_id)
 
     # -- optimizer steps ------------------------------------------------------------------
     def configure_optimizers(self):
