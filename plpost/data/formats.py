@@ -12,11 +12,11 @@ Policies for inputs that are unusual but not wrong:
   unpaired surrogates (which JSON can encode but are not text a tokenizer can take).
 - Every message field a chat template can render reaches it as written: `content` (a string, or
   a list of text parts, joined), `tool_calls` (content may then be null or empty; arguments as an
-  object or a JSON string, as given), `tool_call_id`, `name`, and a reasoning trace
+  object or a JSON string, as given; the list itself may be a JSON string), `tool_call_id`, `name`, and a reasoning trace
   (`reasoning_content` or `thinking`, handed to the template under the name it reads). `weight`
   (0 or 1) on an assistant turn says whether it is supervised. A field plpost does not know is an
   error, and so is a field the template does not render (see plpost.data.chat_template); a field
-  that holds null counts as absent. Row fields that a format does not use are ignored.
+  that holds null (or, for a field plpost does not know, an empty list or object) counts as absent. Row fields that a format does not use are ignored.
 """
 
 from __future__ import annotations
@@ -93,9 +93,11 @@ class RecordChecker:
         if role not in allowed_roles:
             self.fail(f"{where}.role", f"{role!r} is not a role (expected one of: {', '.join(allowed_roles)})")
         for key, value in message.items():
-            if value is not None and key not in MESSAGE_FIELDS:
+            if value not in (None, [], {}) and key not in MESSAGE_FIELDS:  # an empty value holds nothing to drop
                 self.fail(f"{where}.{key}", f"is not a message field plpost knows ({', '.join(MESSAGE_FIELDS)}); remove it")
         checked: Message = {"role": role}
+        if isinstance(message.get("tool_calls"), str):  # as some exports store it
+            message = {**message, "tool_calls": self.json_text(message["tool_calls"], f"{where}.tool_calls")}
         if message.get("tool_calls"):
             if role != "assistant":
                 self.fail(f"{where}.tool_calls", f"only assistant turns make tool calls, not {role!r}")
@@ -149,13 +151,16 @@ class RecordChecker:
             self.text(function.get("name"), f"{where}.name")
             arguments = function.get("arguments")
             if isinstance(arguments, str):
-                try:
-                    json.loads(arguments)
-                except (json.JSONDecodeError, RecursionError) as error:
-                    self.fail(f"{where}.arguments", f"is a string that is not valid JSON ({error})")
+                self.json_text(arguments, f"{where}.arguments")
             elif not isinstance(arguments, Mapping):
                 self.fail(f"{where}.arguments", f"expected an object or a JSON string, got {type(arguments).__name__}")
         return [dict(call) for call in value]
+
+    def json_text(self, value: str, field: str) -> Any:
+        try:
+            return json.loads(value)
+        except (json.JSONDecodeError, RecursionError) as error:
+            self.fail(field, f"is a string that is not valid JSON ({error})")
 
     def weight(self, value: Any, field: str, role: str) -> int:
         if role != "assistant":
@@ -195,10 +200,7 @@ class RecordChecker:
         if tools is None:
             return None
         if isinstance(tools, str):
-            try:
-                tools = json.loads(tools)
-            except (json.JSONDecodeError, RecursionError) as error:
-                self.fail("tools", f"is a string that is not valid JSON ({error})")
+            tools = self.json_text(tools, "tools")
         if not isinstance(tools, list) or not all(isinstance(tool, Mapping) for tool in tools):
             self.fail("tools", "expected a list of tool schemas (objects)")
         return [dict(tool) for tool in tools] or None

@@ -59,10 +59,22 @@ SourceLike = Union[str, DataSource, list[dict[str, Any]]]
 Rows = Sequence[Mapping[str, Any]]
 
 
+def as_data_source(source: str | DataSource | Mapping[str, Any]) -> DataSource:
+    """A DataSource from a path, or from its fields as a mapping (``{"path": ..., "split": ...}``, as YAML writes it)."""
+    if isinstance(source, DataSource):
+        return source
+    if isinstance(source, str):
+        return DataSource(path=source)
+    unknown = sorted(set(source) - set(DataSource.__dataclass_fields__))
+    if unknown or "path" not in source:
+        raise ValueError(f"a data source takes path, split, name and limit; got {sorted(source)}")
+    return DataSource(**source)
+
+
 def describe(source: SourceLike) -> str:
     if isinstance(source, list):
         return "in-memory rows"
-    return source if isinstance(source, str) else source.path
+    return as_data_source(source).path
 
 
 def load_source(source: SourceLike) -> Rows:
@@ -71,8 +83,7 @@ def load_source(source: SourceLike) -> Rows:
         if not source:
             raise DataValidationError("in-memory rows", None, None, "the list of rows is empty")
         return source
-    if isinstance(source, str):
-        source = DataSource(path=source)
+    source = as_data_source(source)
     path = resolve_pretrained(source.path)
     local = Path(path).expanduser()
     if local_format(local) is not None or local.exists() or looks_like_a_path(source.path):

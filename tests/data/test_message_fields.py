@@ -50,6 +50,16 @@ def test_tool_calls_with_null_content_tool_results_and_tools_are_rendered_and_su
     assert spans == ['<call>add {"a": 1, "b": 2}</call><|end|>', "3<|end|>"]
 
 
+def test_tool_calls_stored_as_a_json_string_and_empty_export_fields_are_read(tokenizer):
+    """Some exports keep the list of calls as one JSON string, and write empty fields (OpenAI's
+    `annotations: []`, `refusal: null`) that hold nothing."""
+    import json
+
+    message = {"role": "assistant", "content": None, "tool_calls": json.dumps([CALL]), "annotations": [], "refusal": None}
+    (spans,) = supervised_texts(tokenizer, [{"messages": [USER, message]}])
+    assert spans == ['<call>add {"a": 1, "b": 2}</call><|end|>']
+
+
 def test_arguments_given_as_a_json_string_are_rendered_as_written(tokenizer):
     call = {"type": "function", "function": {"name": "add", "arguments": '{"a": 1}'}}
     row = {"messages": [USER, {"role": "assistant", "content": "", "tool_calls": [call]}]}

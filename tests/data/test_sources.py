@@ -158,3 +158,11 @@ def test_sft_reads_a_gzipped_file_end_to_end(tmp_path):
     data = ChatDataModule(TINY, train=str(path))
     data.setup("fit")
     assert len(data.train_examples) == 3
+
+
+def test_a_source_given_as_a_mapping_is_read_as_yaml_writes_it(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(jsonl([{"i": i} for i in range(4)]))
+    assert [row["i"] for row in load_source({"path": str(path), "split": "train[1:]", "limit": 2})] == [1, 2]
+    with pytest.raises(ValueError, match="path, split, name and limit"):
+        load_source({"path": str(path), "splits": "train"})
