@@ -2,7 +2,7 @@
 
     python tests/sharded_run.py OUT STRATEGY STAGE...     (STRATEGY: ddp, sharded or tensor-parallel)
 
-STAGE: sft, sft-packed, sft-lora, reward, dpo, dpo-adapter, one fit after the other in the same
+STAGE: sft, sft-packed, sft-lora, reward, dpo, dpo-adapter, ppo, ppo-critic, grpo, one fit after the other in the same
 two processes. Run as a script because Lightning's launcher starts the other process by re-running
 the command line. Writes each stage's export to OUT/STAGE/model and, from rank 0, the sum of
 each rank's local policy parameters to OUT/STAGE/sums.pt.
@@ -15,9 +15,10 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from plpost import ChatDataModule, DPOModule, PreferenceDataModule, RewardModule, SFTModule
+from plpost import ChatDataModule, DPOModule, GRPOModule, PPOModule, PreferenceDataModule, PromptDataModule, RewardModule, SFTModule
 from plpost.callbacks import HFExport
 from plpost.modules.base import LoraSettings
+from plpost.rewards import RewardFunction
 
 STEPS = 3
 DEVICES = 2
@@ -34,12 +35,26 @@ def pairs() -> list[dict]:
     return [{"prompt": f"{i}+{i}=", "chosen": str(2 * i), "rejected": "4" * (i % 5 + 2)} for i in range(4 * STEPS)]
 
 
+def prompts() -> list[dict]:
+    return [{"prompt": f"{i}+{i}="} for i in range(4 * STEPS)]
+
+
+def text_reward(prompts: list, completions: list[str], **columns) -> torch.Tensor:
+    return torch.tensor([float(sum(map(ord, c)) % 7) for c in completions])
+
+
 def sgd(params):
     return torch.optim.SGD(params, lr=0.5)
 
 
 def build(stage: str):
     lora = LoraSettings(r=4, alpha=8, dropout=0.0) if stage in ("sft-lora", "dpo-adapter") else None
+    if stage in ("ppo", "ppo-critic", "grpo"):
+        data = PromptDataModule("plpost:tiny", prompts(), batch_size=2, shuffle=False)
+        online = GRPOModule if stage == "grpo" else PPOModule
+        extra = {"grpo": {"num_generations": 2}, "ppo-critic": {"value_model": "critic", "critic_model": "plpost:tiny"}}
+        extra = extra.get(stage, {})
+        return online("plpost:tiny", rewards=[RewardFunction(text_reward)], max_new_tokens=6, optimizer=sgd, **extra), data
     if stage.startswith("sft"):
         data = ChatDataModule("plpost:tiny", train=chats(), batch_size=4, shuffle=False, packing=stage == "sft-packed")
         return SFTModule("plpost:tiny", optimizer=sgd, lora=lora), data
