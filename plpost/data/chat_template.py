@@ -88,7 +88,7 @@ class ChatTemplate:
             rendered, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt, **self.template_kwargs
         )
 
-    def check_fields_rendered(self, messages: Sequence[Message], tools: list | None = None) -> None:
+    def check_fields_rendered(self, messages: Sequence[Message], tools: list | None = None, text: str | None = None) -> None:
         """Raises TemplateMismatch naming a field the user wrote that this template does not render:
         the content of a system, user or tool message, a reasoning trace, tool calls, a name, tools.
 
@@ -97,7 +97,7 @@ class ChatTemplate:
         text of the conversation that ends with its message. `name` on a tool message (the function it
         answers) and tool-call ids are links, which templates may leave implicit in the order of turns.
         """
-        text = self.render(messages, tools=tools)
+        text = self.render(messages, tools=tools) if text is None else text
         for position, message in enumerate(messages):
             content = message.get("content")
             if message["role"] != "assistant" and isinstance(content, str) and content.strip() not in text:
@@ -195,11 +195,13 @@ class ChatTemplate:
         """Token ids of the whole conversation and the spans of its assistant turns from message `first` on
         (turns with ``weight: 0`` are rendered but not located).
 
-        Raises TemplateMismatch, naming the message, when a turn's text is not in the rendering, changes
-        the rendering around it when it changes, or is not followed by an end-of-turn token.
+        Raises TemplateMismatch, naming the message, when a field is not rendered (`check_fields_rendered`),
+        when a turn's text is not in the rendering, changes the rendering around it when it changes, or is
+        not followed by an end-of-turn token.
         """
         self.check_offsets()
         text = self.render(messages, tools=tools)
+        self.check_fields_rendered(messages, tools, text)
         turns = [
             position for position in range(first, len(messages))
             if messages[position]["role"] == "assistant" and messages[position].get("weight", 1) != 0

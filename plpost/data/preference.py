@@ -213,7 +213,6 @@ class PreferenceDataModule(PostTrainingDataModule):
         from its first assistant turn's first generated token to its last turn's end-of-turn token."""
         messages = prompt + completion
         with template_refusals_named(source, index, message_fields("prompt", prompt) + message_fields(field, completion)):
-            self.template.check_fields_rendered(messages, tools)
             rendered = self.template.locate(messages, first=len(prompt), tools=tools)
         if not rendered.turn_spans:
             raise DataValidationError(source, index, field, "has no supervised assistant turn")

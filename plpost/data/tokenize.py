@@ -88,7 +88,6 @@ def conversation_mask(
     """Token ids of context + supervised and a mask that is True on the assistant turns of `supervised`
     (those not given ``weight: 0``), from each turn's first generated token to its end-of-turn token."""
     messages = context + supervised
-    template.check_fields_rendered(messages, tools)
     rendered = template.locate(messages, first=len(context), tools=tools)
     mask = [False] * len(rendered.input_ids)
     for start, end in rendered.turn_spans:
