@@ -2,7 +2,7 @@
 
     python tests/sharded_run.py OUT STRATEGY STAGE...     (STRATEGY: ddp, sharded or tensor-parallel)
 
-STAGE: sft, sft-packed, sft-lora, reward, dpo, dpo-adapter, ppo, ppo-critic, grpo, one fit after the other in the same
+STAGE: sft, sft-packed, sft-lora, sft-merged, reward, dpo, dpo-adapter, ppo, ppo-critic, grpo, one fit after the other in the same
 two processes. Run as a script because Lightning's launcher starts the other process by re-running
 the command line. Writes each stage's export to OUT/STAGE/model and, from rank 0, the sum of
 each rank's local policy parameters to OUT/STAGE/sums.pt.
@@ -48,7 +48,8 @@ def sgd(params):
 
 
 def build(stage: str):
-    lora = LoraSettings(r=4, alpha=8, dropout=0.0) if stage in ("sft-lora", "dpo-adapter") else None
+    lora = LoraSettings(r=4, alpha=8, dropout=0.0, merge_on_export=stage == "sft-merged")
+    lora = lora if stage in ("sft-lora", "sft-merged", "dpo-adapter") else None
     if stage in ("ppo", "ppo-critic", "grpo"):
         data = PromptDataModule("plpost:tiny", prompts(), batch_size=2, shuffle=False)
         online = GRPOModule if stage == "grpo" else PPOModule

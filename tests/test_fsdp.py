@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from plpost.hf import load_causal_lm
 
 SCRIPT = Path(__file__).with_name("sharded_run.py")
-STAGES = ["sft", "sft-packed", "sft-lora", "reward", "dpo", "dpo-adapter", "ppo", "ppo-critic", "grpo"]
+STAGES = ["sft", "sft-packed", "sft-lora", "sft-merged", "reward", "dpo", "dpo-adapter", "ppo", "ppo-critic", "grpo"]
 CLIPPED = {"ppo", "ppo-critic", "grpo"}
 """Stages that clip the gradient norm (see the tolerance in the test below)."""
 
@@ -59,7 +59,7 @@ def test_sharded_run_exports_the_weights_of_a_ddp_run(runs, stage):
         torch.testing.assert_close(sharded[name], ddp[name], rtol=0.0, atol=tolerance, msg=name)
     local_sums = torch.load(runs / "sharded" / stage / "sums.pt", weights_only=True)
     assert local_sums[0] != local_sums[1]
-    if stage.endswith(("lora", "adapter")):
+    if stage.endswith(("lora", "adapter")):  # adapter folders; a merged export is compared as a full model
         assert any(name.endswith("lora_B.weight") and sharded[name].abs().sum() > 0 for name in sharded)
     elif stage != "reward":
         initial = load_causal_lm("plpost:tiny").state_dict()

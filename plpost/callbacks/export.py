@@ -55,11 +55,16 @@ def gathered_state(model: nn.Module) -> dict[str, Tensor] | None:
     state = full_state_dict(model)
     # Tied weights (a head sharing the input embedding) arrive as separate copies, which
     # save_pretrained would write twice; it writes one name for one shared tensor.
-    first_name: dict[int, str] = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if first_name.setdefault(id(tensor), name) != name:
-            state.pop(name, None)
+    for name in tied_aliases(model):
+        state.pop(name, None)
     return state
+
+
+def tied_aliases(model: nn.Module) -> set[str]:
+    """The state dict names of `model` that name a tensor an earlier name holds already (tied weights)."""
+    first_name: dict[int, str] = {}
+    return {name for name, tensor in model.state_dict(keep_vars=True).items()
+            if first_name.setdefault(id(tensor), name) != name}
 
 
 def unsharded_copy(model: nn.Module, state: dict[str, Tensor]) -> nn.Module:
@@ -72,7 +77,10 @@ def unsharded_copy(model: nn.Module, state: dict[str, Tensor]) -> nn.Module:
         from peft import get_peft_model
 
         copy_ = get_peft_model(copy_, model.peft_config[model.active_adapter])
-    copy_.load_state_dict(state, strict=True)
+    loaded = copy_.load_state_dict(state, strict=False)
+    if set(loaded.missing_keys) - tied_aliases(copy_) or loaded.unexpected_keys:
+        raise RuntimeError(f"the gathered weights do not fit {type(copy_).__name__}: missing "
+                           f"{loaded.missing_keys[:5]}, unexpected {loaded.unexpected_keys[:5]}")
     return copy_
 
 
