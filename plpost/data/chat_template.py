@@ -20,6 +20,7 @@ block, tool-call syntax), and never the header.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -100,7 +101,7 @@ class ChatTemplate:
         text = self.render(messages, tools=tools) if text is None else text
         for position, message in enumerate(messages):
             content = message.get("content")
-            if message["role"] != "assistant" and isinstance(content, str) and content.strip() not in text:
+            if message["role"] != "assistant" and isinstance(content, str) and not renders_text(content, text):
                 raise TemplateMismatch(
                     "the chat template does not render this message's content in this conversation, so training "
                     "would silently drop it (Mistral's templates keep the system prompt only when the conversation "
@@ -266,6 +267,12 @@ class ChatTemplate:
                 )
             anchors.append(Span(min(found), max(found)))
         return anchors
+
+
+def renders_text(content: str, text: str) -> bool:
+    """Whether `text` holds `content` (trimmed), as written or JSON-escaped (Llama 3.1 writes tool results with tojson)."""
+    core = content.strip()
+    return core in text or json.dumps(core, ensure_ascii=False)[1:-1] in text or json.dumps(core)[1:-1] in text
 
 
 def end_of_turn_tokens(tokenizer: PreTrainedTokenizerBase) -> set[int]:
