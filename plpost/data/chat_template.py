@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 from jinja2.exceptions import TemplateError
 from transformers import PreTrainedTokenizerBase
 
-Message = dict[str, Any]
+from plpost.data.formats import Message
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 FIELD_READ = re.compile(r"""(?:\.|\[['"])(reasoning_content|thinking|reasoning)\b""")
 RESERVED = "PLPOSTMARK"
