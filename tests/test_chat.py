@@ -115,9 +115,10 @@ def test_console_script_one_shot_and_interactive_in_a_terminal(trained, tmp_path
     subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "120", "-y", "30",
                     f"{sys.executable} -m plpost.cli chat {trained / 'model'} --temperature 0; sleep 30"], check=True)
     try:
-        screen = wait_for(session, ">>> ")
+        # capture-pane drops trailing spaces, so the prompt ">>> " reads ">>>" on screen
+        screen = wait_for(session, ">>>")
         subprocess.run(["tmux", "send-keys", "-t", session, "12+30", "Enter"], check=True)
-        screen = wait_for(session, ">>> ", count=2)
+        screen = wait_for(session, ">>>", count=2)
         assert done.stdout.strip() in screen  # the same greedy answer as the one-shot
         subprocess.run(["tmux", "send-keys", "-t", session, "/quit", "Enter"], check=True)
         wait_for(session, "/quit")

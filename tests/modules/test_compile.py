@@ -18,6 +18,7 @@ import torch
 from conftest import TINY, GradientCapture
 from torch._dynamo.utils import counters
 
+import plpost.modules.online as online_module
 import plpost.modules.ppo as ppo_module
 from plpost import ChatDataModule, SFTModule
 from plpost.data.preference import PreferenceDataModule
@@ -284,7 +285,7 @@ def test_ppo_samples_eagerly_and_scores_and_updates_compiled(monkeypatch):
     rollout and the update run the same compiled forward on the same rows."""
     phase = ["score"]
     ratios, samples = [], []
-    original_sample, original_loss = ppo_module.sample_responses, ppo_module.ppo_policy_loss
+    original_sample, original_loss = online_module.sample_responses, ppo_module.ppo_policy_loss
 
     def sampling(*args, **kwargs):
         phase[0] = "sample"
@@ -300,7 +301,7 @@ def test_ppo_samples_eagerly_and_scores_and_updates_compiled(monkeypatch):
         ratios.append(out.ratio[mask].detach())
         return out
 
-    monkeypatch.setattr(ppo_module, "sample_responses", sampling)
+    monkeypatch.setattr(online_module, "sample_responses", sampling)  # the sampling path PPO and GRPO share
     monkeypatch.setattr(ppo_module, "ppo_policy_loss", recording)
 
     def run(**settings):
