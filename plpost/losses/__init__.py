@@ -1,7 +1,8 @@
-"""Pure loss functions of tensors: log-probs, SFT, reward modelling, DPO, PPO, GRPO, advantages."""
+"""Pure loss functions of tensors: log-probs, SFT, reward modelling, DPO, PPO, GRPO, advantages, distillation."""
 
 from plpost.losses.advantages import GroupStatistics, gae, group_advantages, group_statistics, leave_one_out_advantages
-from plpost.losses.dpo import DPO_LOSS_TYPES, DPOLoss, chosen_nll, dpo_loss
+from plpost.losses.distillation import DIVERGENCES, Divergence, token_divergence
+from plpost.losses.dpo import DPO_LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES, DPOLoss, chosen_nll, dpo_loss, log1mexp
 from plpost.losses.grpo import (
     GRPO_LOSS_TYPES,
     GRPOTokenLosses,
@@ -11,6 +12,7 @@ from plpost.losses.grpo import (
     grpo_token_losses,
     loss_scope,
 )
+from plpost.losses.kto import KTOLoss, kto_loss, kto_reference_point
 from plpost.losses.logprobs import next_token_targets, sequence_logprobs, token_entropy, token_logprobs
 from plpost.losses.masked import masked_mean, masked_sum, masked_var, masked_whiten
 from plpost.losses.ppo import (
@@ -27,14 +29,18 @@ from plpost.losses.reward import RewardLoss, bradley_terry_loss, reward_centerin
 from plpost.losses.sft import SFTTokenLosses, sft_token_losses
 
 __all__ = [
+    "DIVERGENCES",
     "DPO_LOSS_TYPES",
+    "Divergence",
     "DPOLoss",
     "GRPO_LOSS_TYPES",
     "GRPOTokenLosses",
     "GroupStatistics",
     "KL_ESTIMATORS",
+    "KTOLoss",
     "LossTerms",
     "PolicyLoss",
+    "REFERENCE_FREE_LOSS_TYPES",
     "RewardLoss",
     "SFTTokenLosses",
     "ValueLoss",
@@ -51,7 +57,10 @@ __all__ = [
     "grpo_loss_terms",
     "grpo_token_losses",
     "kl_penalty",
+    "kto_loss",
+    "kto_reference_point",
     "leave_one_out_advantages",
+    "log1mexp",
     "loss_scope",
     "masked_mean",
     "masked_sum",
@@ -61,6 +70,7 @@ __all__ = [
     "ppo_policy_loss",
     "reward_centering_penalty",
     "sequence_logprobs",
+    "token_divergence",
     "sft_token_losses",
     "token_entropy",
     "token_logprobs",

@@ -24,6 +24,10 @@ def reference_pair(pc, pr, rc, rr, lc, lr, beta, loss_type, ls, gamma):
     if loss_type == "simpo":
         u = beta * (pc / lc - pr / lr) - gamma
         return (1 - ls) * log1pexp(-u) + ls * log1pexp(u)
+    if loss_type == "orpo":
+        c, r = pc / lc, pr / lr
+        log_odds = (c - math.log(-math.expm1(c))) - (r - math.log(-math.expm1(r)))
+        return beta * log1pexp(-log_odds)
     if loss_type == "ipo":
         z = (pc - rc) / lc - (pr - rr) / lr
         return (z - 1 / (2 * beta)) ** 2
@@ -77,13 +81,13 @@ def test_hinge_by_hand():
 def test_ipo_by_hand():
     """Chosen: (pc - rc) / len = (-4 + 6) / 2 = 1; rejected: (-6 + 3) / 3 = -1; z_norm = 2.
     beta = 0.5 so the target 1/(2 beta) = 1 and the loss is (2 - 1)^2 = 1. Rewards use the same
-    length-normalised log-ratios: 0.5 and -0.5."""
+    summed log-ratios, as TRL 1.16 logs them: 0.5 * 2 = 1 and 0.5 * -3 = -1.5."""
     out = dpo_loss(
         t(-4.0), t(-6.0), t(-6.0), t(-3.0), beta=0.5, loss_type="ipo", chosen_lengths=t(2.0), rejected_lengths=t(3.0)
     )
     torch.testing.assert_close(out.losses, t(1.0))
-    torch.testing.assert_close(out.chosen_rewards, t(0.5))
-    torch.testing.assert_close(out.rejected_rewards, t(-0.5))
+    torch.testing.assert_close(out.chosen_rewards, t(1.0))
+    torch.testing.assert_close(out.rejected_rewards, t(-1.5))
 
 
 def test_ipo_minimum_is_at_half_inverse_beta():
@@ -123,11 +127,11 @@ def test_simpo_by_hand_and_gamma_beta_ratio():
 
 @pytest.mark.parametrize(
     "loss_type, ls",
-    [(lt, ls) for lt in DPO_LOSS_TYPES for ls in (0.0, 0.2) if not (ls and lt in ("hinge", "ipo"))],
+    [(lt, ls) for lt in DPO_LOSS_TYPES for ls in (0.0, 0.2) if not (ls and lt in ("hinge", "ipo", "orpo"))],
 )
 def test_against_scalar_reference(loss_type, ls):
-    """Vectorised losses equal the per-pair float reference for random inputs (hinge and ipo take
-    no label smoothing)."""
+    """Vectorised losses equal the per-pair float reference for random inputs (hinge, ipo and
+    orpo take no label smoothing)."""
     g = torch.Generator().manual_seed(0)
     pc, pr, rc, rr = (-torch.rand(8, generator=g, dtype=F64) * 30 for _ in range(4))
     lc, lr = (torch.randint(1, 20, (8,), generator=g) for _ in range(2))
@@ -171,7 +175,7 @@ def test_sigmoid_gradient_by_hand():
     torch.testing.assert_close(grad, torch.full((2,), -0.2, dtype=F64))
 
 
-@pytest.mark.parametrize("loss_type", DPO_LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", [lt for lt in DPO_LOSS_TYPES if lt != "orpo"])
 def test_extreme_log_ratios_are_finite(loss_type):
     """z = +-1e4 (a policy far from its reference) gives finite losses and gradients."""
     pc = t(1e4, -1e4).requires_grad_(True)
@@ -194,7 +198,7 @@ def test_extreme_log_ratios_are_finite(loss_type):
 
 def test_errors_name_what_to_fix():
     x = t(-1.0)
-    with pytest.raises(ValueError, match="sigmoid, robust, hinge, ipo, simpo"):
+    with pytest.raises(ValueError, match="sigmoid, robust, hinge, ipo, simpo, orpo"):
         dpo_loss(x, x, x, x, beta=0.1, loss_type="kto")
     with pytest.raises(ValueError, match="chosen_lengths and rejected_lengths"):
         dpo_loss(x, x, x, x, beta=0.1, loss_type="ipo")
@@ -208,8 +212,51 @@ def test_errors_name_what_to_fix():
         dpo_loss(x, x, x, x, beta=0.1, loss_type="hinge", label_smoothing=0.1)
     with pytest.raises(ValueError, match="beta"):
         dpo_loss(x, x, x, x, beta=0.0)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        dpo_loss(x, x, None, None, beta=0.1, loss_type="orpo", label_smoothing=0.1, chosen_lengths=x, rejected_lengths=x)
 
 
 def test_chosen_nll_by_hand():
     """-(-6) / 3 = 2 nats per token, and -(-1) / 4 = 0.25."""
     torch.testing.assert_close(chosen_nll(t(-6.0, -1.0), torch.tensor([3, 4])), t(2.0, 0.25))
+
+
+def test_orpo_by_hand():
+    """Average log-probs -ln 2 (chosen, 2 tokens summing to -2 ln 2) and -ln 4 (rejected, 3 tokens):
+    P = 1/2 and 1/4, odds 1 and 1/3, log odds ratio ln 3, and beta * -log sigmoid(ln 3) =
+    beta * ln(4/3). Rewards are beta times the average log-probs."""
+    beta = 0.1
+    out = dpo_loss(t(-2 * math.log(2)), t(-3 * math.log(4)), None, None, beta=beta, loss_type="orpo",
+                   chosen_lengths=t(2.0), rejected_lengths=t(3.0))
+    torch.testing.assert_close(out.losses, t(beta * math.log(4 / 3)))
+    torch.testing.assert_close(out.chosen_rewards, t(-beta * math.log(2)))
+    torch.testing.assert_close(out.rejected_rewards, t(-beta * math.log(4)))
+
+
+def test_orpo_equals_trls_odds_ratio_loss():
+    """TRL 1.16's `ORPOTrainer.odds_ratio_loss` (trl/experimental/orpo), called itself: it returns
+    beta * logsigmoid(log_odds), which its loss subtracts (`policy_nll_loss - losses.mean()`), so
+    plpost's per-pair losses are its losses negated, and the rewards are its rewards. It reads
+    only `self.beta` and `self.accelerator.device` of its trainer."""
+    from types import SimpleNamespace
+
+    orpo = pytest.importorskip("trl.experimental.orpo.orpo_trainer")
+    g = torch.Generator().manual_seed(3)
+    lc, lr = torch.randint(1, 30, (16,), generator=g), torch.randint(1, 30, (16,), generator=g)
+    pc, pr = -torch.rand(16, generator=g, dtype=F64) * 3 * lc, -torch.rand(16, generator=g, dtype=F64) * 3 * lr
+    trainer = SimpleNamespace(beta=0.25, accelerator=SimpleNamespace(device="cpu"))
+    losses, chosen_rewards, rejected_rewards, *_ = orpo.ORPOTrainer.odds_ratio_loss(trainer, pc / lc, pr / lr)
+    out = dpo_loss(pc, pr, None, None, beta=0.25, loss_type="orpo", chosen_lengths=lc, rejected_lengths=lr)
+    torch.testing.assert_close(out.losses, -losses.double(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(out.chosen_rewards, chosen_rewards.double(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(out.rejected_rewards, rejected_rewards.double(), rtol=1e-6, atol=1e-7)
+
+
+def test_orpo_gradient_pushes_the_odds_apart_and_is_finite_near_probability_one():
+    """Raising the chosen average log-prob lowers the loss (negative gradient), raising the rejected
+    one raises it; at an average log-prob of 0 (probability 1) the loss and gradient are finite."""
+    pc, pr = t(-2.0, 0.0).requires_grad_(True), t(-6.0, -3.0).requires_grad_(True)
+    out = dpo_loss(pc, pr, None, None, beta=0.1, loss_type="orpo", chosen_lengths=t(2, 2), rejected_lengths=t(3, 3))
+    grad_c, grad_r = torch.autograd.grad(out.losses.sum(), (pc, pr))
+    assert torch.isfinite(out.losses).all() and torch.isfinite(grad_c).all() and torch.isfinite(grad_r).all()
+    assert grad_c[0] < 0 < grad_r[0]
