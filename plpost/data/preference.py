@@ -29,6 +29,8 @@ class PreferenceBatch(NamedTuple):
     devices) when the sampler knows it, else N.
     margin: (N,) from the optional `margin` column, else None.
     pair_index: (N,) the record index of each pair in its source (a key for cached values).
+    chosen_token_normalizer: scalar, the predicted chosen-completion tokens of the same step
+    (else of this batch), for an NLL term averaged per token.
     """
 
     input_ids: Tensor
@@ -38,10 +40,44 @@ class PreferenceBatch(NamedTuple):
     pair_normalizer: Tensor
     margin: Tensor | None
     pair_index: Tensor
+    chosen_token_normalizer: Tensor
+
+
+class CompletionRows(NamedTuple):
+    """Prompt + completion rows, padded: input_ids, attention_mask, labels (completion tokens,
+    IGNORE_INDEX elsewhere) and position_ids, all (rows, T)."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    labels: Tensor
+    position_ids: Tensor
+
+
+def completion_rows(
+    prompts: Sequence[list[int]],
+    completions: Sequence[list[int]],
+    *,
+    pad_token_id: int,
+    padding_side: Literal["right", "left"] = "right",
+    pad_to_multiple_of: int = 1,
+) -> CompletionRows:
+    """One padded row per (prompt, completion) token lists; labels mark the completion."""
+    sequences = [prompt + completion for prompt, completion in zip(prompts, completions, strict=True)]
+    labels = [[IGNORE_INDEX] * len(prompt) + completion for prompt, completion in zip(prompts, completions)]
+    pad = partial(pad_rows, left=padding_side == "left", multiple_of=pad_to_multiple_of)
+    attention_mask = pad([[1] * len(sequence) for sequence in sequences], 0)
+    # Counted from the first real token, so a left-padded row sees the positions it has unpadded.
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return CompletionRows(pad(sequences, pad_token_id), attention_mask, pad(labels, IGNORE_INDEX), position_ids)
+
+
+def predicted_tokens(prompt_ids: list[int], completion_ids: list[int]) -> int:
+    """The completion tokens a forward predicts: all but the first when nothing precedes it."""
+    return len(completion_ids) - (0 if prompt_ids else 1)
 
 
 def collate_preference(
-    items: Sequence[tuple[dict, float | None]],
+    items: Sequence[tuple[dict, list[float] | None]],
     *,
     pad_token_id: int,
     padding_side: Literal["right", "left"] = "right",
@@ -49,23 +85,18 @@ def collate_preference(
 ) -> PreferenceBatch:
     examples = [example for example, _ in items]
     window_weight = items[0][1]
-    pair_normalizer = torch.tensor(float(len(examples) if window_weight is None else window_weight))
-    sequences, labels = [], []
-    for completion in ("chosen_ids", "rejected_ids"):
-        for example in examples:
-            sequences.append(example["prompt_ids"] + example[completion])
-            labels.append([IGNORE_INDEX] * len(example["prompt_ids"]) + example[completion])
-    pad = partial(pad_rows, left=padding_side == "left", multiple_of=pad_to_multiple_of)
-    attention_mask = pad([[1] * len(sequence) for sequence in sequences], 0)
-    # Counted from the first real token, so a left-padded row sees the positions it has unpadded.
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    if window_weight is None:
+        window_weight = [len(examples), sum(predicted_tokens(e["prompt_ids"], e["chosen_ids"]) for e in examples)]
+    pair_normalizer, chosen_token_normalizer = (torch.tensor(float(weight)) for weight in window_weight)
+    rows = completion_rows(
+        [example["prompt_ids"] for example in examples] * 2,
+        [example["chosen_ids"] for example in examples] + [example["rejected_ids"] for example in examples],
+        pad_token_id=pad_token_id, padding_side=padding_side, pad_to_multiple_of=pad_to_multiple_of,
+    )
     has_margin = examples[0]["margin"] is not None  # all or none: checked per split in `examples_from`
     margin = torch.tensor([example["margin"] for example in examples]) if has_margin else None
     pair_index = torch.tensor([example["pair_index"] for example in examples], dtype=torch.long)
-    return PreferenceBatch(
-        pad(sequences, pad_token_id), attention_mask, pad(labels, IGNORE_INDEX), position_ids, pair_normalizer,
-        margin, pair_index,
-    )
+    return PreferenceBatch(*rows, pair_normalizer, margin, pair_index, chosen_token_normalizer)
 
 
 class PreferenceDataModule(PostTrainingDataModule):
@@ -230,8 +261,9 @@ class PreferenceDataModule(PostTrainingDataModule):
             )
         return examples
 
-    def example_weight(self, example: dict) -> float:
-        return 1.0  # the loss is normalised per pair, whatever the lengths
+    def example_weight(self, example: dict) -> tuple[float, float]:
+        # Losses are normalised per pair, whatever the lengths; an NLL term may be per chosen token.
+        return 1.0, float(predicted_tokens(example["prompt_ids"], example["chosen_ids"]))
 
     def example_length(self, example: dict) -> int:
         return len(example["prompt_ids"]) + max(len(example["chosen_ids"]), len(example["rejected_ids"]))

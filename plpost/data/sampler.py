@@ -34,7 +34,9 @@ class DataPosition:
 class AccumulationWindowSampler(DistributedSampler):
     """Yields `(index, window_weight)` for this rank, in micro-batch order.
 
-    weights: per example, what the loss is normalised by (loss tokens, or 1 per pair).
+    weights: per example, what the loss is normalised by (loss tokens, or 1 per pair), or a
+    tuple of such numbers per example (pairs and chosen tokens), each summed on its own: the
+    window weight is then a list.
     Ranks interleave as in DistributedSampler (global position p belongs to rank p % replicas),
     and each optimizer step consumes batch_size * accumulate positions per rank. The last
     window of an epoch may be shorter; its weight is what it actually holds. When the example
@@ -104,10 +106,10 @@ class AccumulationWindowSampler(DistributedSampler):
             generator=generator,
         )
 
-    def __iter__(self) -> Iterator[tuple[int, float]]:
+    def __iter__(self) -> Iterator[tuple[int, float | list[float]]]:
         order = self.global_order()
         span = self.window * self.num_replicas
-        window_weights = [float(self.weights[order[start : start + span]].sum()) for start in range(0, len(order), span)]
+        window_weights = [self.weights[order[start : start + span]].sum(0).tolist() for start in range(0, len(order), span)]
         skipped = self.resume_position.batches * self.batch_size if self.epoch == self.resume_position.epoch else 0
         for position in range(skipped, self.num_samples):
             yield int(order[position * self.num_replicas + self.rank]), window_weights[position // self.window]

@@ -112,10 +112,15 @@ def test_padding_side(padding_side, tokenizer):
 
 
 def test_pair_normalizer_is_the_sampler_window_when_given():
+    """Each pair weighs 1 pair and its predicted chosen tokens (all of them: the prompt precedes
+    them); the sampler's window sums both, and a batch without a window counts its own."""
     batch, data = batch_of([EXPLICIT] * 3)
-    windowed = data.collate_fn()([(e, 12.0) for e in data.train_examples[:2]])
+    windowed = data.collate_fn()([(e, [12.0, 40.0]) for e in data.train_examples[:2]])
     assert float(windowed.pair_normalizer) == 12.0 and batch.margin is None
-    assert data.example_weight(data.train_examples[0]) == 1.0
+    assert float(windowed.chosen_token_normalizer) == 40.0
+    chosen_tokens = len(data.train_examples[0]["chosen_ids"])
+    assert data.example_weight(data.train_examples[0]) == (1.0, chosen_tokens)
+    assert float(batch.chosen_token_normalizer) == 3 * chosen_tokens
 
 
 def test_identical_pairs_are_refused_or_skipped_and_counted():
