@@ -259,9 +259,9 @@ def test_dpo_adapter_reference_runs_the_compiled_policy_with_its_adapter_off():
     data.setup("fit")
     batch = data.collate_fn()([(example, None) for example in data.train_examples])
     with torch.no_grad(), eager_calls(module.policy.get_base_model().lm_head) as calls:
-        policy, reference = module.pair_logps(module.policy, batch), module.reference_logps(batch, "train")
+        policy, reference = module.model_logps(module.policy, batch), module.reference_logps(batch, "train")
     with torch.no_grad():
-        expected = eager_module.pair_logps(eager_module.policy, batch), eager_module.reference_logps(batch, "train")
+        expected = eager_module.model_logps(eager_module.policy, batch), eager_module.reference_logps(batch, "train")
     for actual, wanted in zip((policy, reference), expected):
         torch.testing.assert_close(torch.stack(actual), torch.stack(wanted), rtol=1e-5, atol=1e-4)
     assert not torch.allclose(torch.stack(policy), torch.stack(reference), atol=1e-2)  # the adapter matters

@@ -58,12 +58,15 @@ def test_loss_types_are_the_loss_functions():
     ("settings", "message"),
     [
         (dict(reference="adapter"), "needs `lora`"),
-        (dict(reference="none"), "only for loss_type='simpo'"),
+        (dict(reference="none"), "only for the loss_types"),
         (dict(loss_type="simpo"), "reference-free"),
         (dict(loss_type="hinge", label_smoothing=0.1), "label_smoothing"),
         (dict(reference="precomputed", random_init=True), "cannot be reloaded"),
         (dict(reference="adapter", lora=LoraSettings(), reference_model="other"), "always compares against"),
         (dict(rpo_alpha=-1.0), "rpo_alpha"),
+        (dict(loss_type="orpo"), "reference-free"),
+        (dict(loss_type="orpo", reference="none", rpo_alpha=1.0), "add it twice"),
+        (dict(nll_normalization="token"), "set rpo_alpha"),
     ],
 )
 def test_contradictory_settings_fail_before_loading(settings, message):
@@ -99,7 +102,7 @@ def test_loss_is_log2_and_rewards_zero_when_the_policy_is_its_reference():
     module.train()
     batch = batch_of(varied_rows())
     reference = module.reference_logps(batch, "train")
-    losses, metrics = module.pair_losses(module.pair_logps(module.policy, batch), reference, batch)
+    losses, metrics = module.pair_losses(module.model_logps(module.policy, batch), reference, batch)
     torch.testing.assert_close(losses, torch.full((7,), math.log(2)))
     for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
         torch.testing.assert_close(metrics[name], torch.zeros(7), msg=name)
@@ -112,7 +115,7 @@ def test_adapter_reference_is_the_policy_at_init_and_the_base_model_after():
     module.configure_model()
     module.train()
     batch = batch_of(varied_rows())
-    policy = module.pair_logps(module.policy, batch)
+    policy = module.model_logps(module.policy, batch)
     reference = module.reference_logps(batch, "train")
     torch.testing.assert_close(reference, tuple(t.detach() for t in policy))
     for name, parameter in module.policy.named_parameters():
@@ -126,18 +129,24 @@ def test_adapter_reference_is_the_policy_at_init_and_the_base_model_after():
     assert module.reference is None  # no second copy
 
 
-def dpo_step_gradients(batch_size: int, accumulate: int) -> dict[str, torch.Tensor]:
-    module = DPOModule(TINY, rpo_alpha=0.5, optimizer=sgd_lr0)
+def dpo_step_gradients(batch_size: int, accumulate: int, **settings) -> dict[str, torch.Tensor]:
+    module = DPOModule(TINY, **{"rpo_alpha": 0.5, **settings}, optimizer=sgd_lr0)
     data = PreferenceDataModule(TINY, train=varied_rows(), batch_size=batch_size, shuffle=False)
     return first_step_gradients(module, data, accumulate)
 
 
-def test_gradients_are_the_same_for_7x1_and_2x4():
+@pytest.mark.parametrize(
+    "settings",
+    [{}, dict(nll_normalization="token"), dict(loss_type="orpo", reference="none", rpo_alpha=None)],
+    ids=["rpo-per-pair", "rpo-per-token", "orpo"],
+)
+def test_gradients_are_the_same_for_7x1_and_2x4(settings):
     """7 pairs as one micro-batch, or as micro-batches of 2, 2, 2, 1 accumulated: each pair's
-    loss (DPO + rpo_alpha * NLL) is divided by the 7 pairs of the step, so the gradients match.
-    A per-micro-batch mean would weigh the last, lone pair twice as much."""
-    whole = dpo_step_gradients(7, 1)
-    split = dpo_step_gradients(2, 4)
+    loss (DPO + rpo_alpha * NLL) is divided by the 7 pairs of the step, and a per-token NLL by
+    the chosen tokens of the step, so the gradients match. A per-micro-batch mean would weigh
+    the last, lone pair twice as much."""
+    whole = dpo_step_gradients(7, 1, **settings)
+    split = dpo_step_gradients(2, 4, **settings)
     assert whole.keys() == split.keys() and whole
     assert not any(name.startswith("reference.") for name in whole)
     for name in whole:
@@ -180,7 +189,7 @@ def test_precomputed_reference_equals_the_live_one_and_is_cached_once(tmp_path, 
     live = DPOModule(TINY, reference="copy", reference_model=other_reference)
     live.configure_model()
     batch = data.collate_fn()([(e, None) for e in data.train_examples[::2]])  # not a precompute batch
-    policy = live.pair_logps(live.policy, batch)
+    policy = live.model_logps(live.policy, batch)
     expected, _ = live.pair_losses(policy, live.reference_logps(batch, "train"), batch)
     for precomputed in (module, rerun):
         got, _ = precomputed.pair_losses(policy, precomputed.reference_logps(batch, "train"), batch)
@@ -196,7 +205,7 @@ def test_validation_metrics_are_means_over_every_pair(other_reference):
     result = L.Trainer(**QUIET).validate(module, data, verbose=False)[0]
     batch = data.collate_fn()([(e, None) for e in data.val_examples])
     with torch.no_grad():
-        policy = module.pair_logps(module.policy, batch)
+        policy = module.model_logps(module.policy, batch)
         _, metrics = module.pair_losses(policy, module.reference_logps(batch, "val"), batch)
     assert set(result) == {f"val/{name}" for name in metrics}
     for name, values in metrics.items():
@@ -236,8 +245,35 @@ def test_simpo_runs_without_a_reference():
     module.configure_model()
     batch = batch_of(bundled_rows(4))
     assert module.reference is None and module.reference_logps(batch, "train") is None
-    losses, _ = module.pair_losses(module.pair_logps(module.policy, batch), None, batch)
+    losses, _ = module.pair_losses(module.model_logps(module.policy, batch), None, batch)
     assert losses.shape == (4,) and torch.isfinite(losses).all()
+
+
+@pytest.mark.parametrize("nll_normalization", ["pair", "token"])
+def test_orpo_loss_is_the_odds_ratio_term_plus_the_chosen_nll(nll_normalization):
+    """ORPO has no reference; its batch loss (sum over pairs / pairs) is the mean odds-ratio term
+    plus the chosen NLL: per token of all chosen answers ("token", ORPO's default: the SFT loss),
+    or each answer's per-token NLL averaged over the pairs ("pair"). Written out from the
+    policy's summed log-probs and the chosen lengths."""
+    from plpost.losses import dpo_loss
+    from plpost.modules.preference_logps import completion_lengths
+
+    module = DPOModule(TINY, loss_type="orpo", reference="none", beta=0.2, nll_normalization=nll_normalization)
+    module.configure_model()
+    assert DPOModule(TINY, loss_type="orpo", reference="none").nll_normalization == "token"
+    batch = batch_of(varied_rows())
+    policy = module.model_logps(module.policy, batch)
+    assert module.reference is None and module.reference_logps(batch, "train") is None
+    losses, metrics = module.pair_losses(policy, None, batch)
+    lengths = completion_lengths(batch)
+    odds = dpo_loss(*policy, None, None, beta=0.2, loss_type="orpo", chosen_lengths=lengths.chosen,
+                    rejected_lengths=lengths.rejected).losses.mean()
+    if nll_normalization == "token":
+        nll = -policy.chosen.sum() / lengths.chosen.sum()
+    else:
+        nll = (-policy.chosen / lengths.chosen).mean()
+    torch.testing.assert_close(losses.sum() / batch.pair_normalizer, odds + nll)
+    torch.testing.assert_close(metrics["nll_loss"], (-policy.chosen / lengths.chosen).detach())
 
 
 class Accuracies(L.Callback):
