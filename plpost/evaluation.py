@@ -1,4 +1,5 @@
-"""Measuring a policy on held-out prompts: task score, chat format, KL to a reference, learned reward."""
+"""Measuring a policy on held-out prompts: task score, chat format, KL to a reference, learned reward,
+and the log-probability it gives a completion."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from plpost.data.collate import pad_rows
+from plpost.data.tokenize import chat_ids, prompt_ids
 from plpost.generation import Prompt, encode_prompts, generate_texts, generation_config
 from plpost.rewards import RewardModel, Responses
-from plpost.rollout import position_ids_from, response_forward, sample_responses
+from plpost.rollout import join_responses, position_ids_from, response_forward, sample_responses
 
 
 class GreedyReport(NamedTuple):
@@ -100,3 +103,39 @@ def learned_rewards(
     # from the texts with its own template.
     reward_model.shares_tokens = False
     return reward_model(responses)
+
+
+@torch.no_grad()
+def completion_logprobs(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[list], completions: Sequence[str],
+    *, batch_size: int = 256,
+) -> Tensor:
+    """(prompts,) log model(completion | prompt): the summed log-probability of the assistant turn's
+    tokens, its end-of-turn token included, as the chat template renders them after the prompt.
+
+    prompts: message lists; the template must render each prompt (with its generation prompt)
+    as a token prefix of the conversation that ends with the completion.
+    """
+    responses = []
+    for prompt, completion in zip(prompts, completions, strict=True):
+        head = prompt_ids(tokenizer, prompt)
+        full = chat_ids(tokenizer, [*prompt, {"role": "assistant", "content": completion}], add_generation_prompt=False)
+        if full[: len(head)] != head:
+            raise ValueError(f"the chat template does not render prompt {prompt!r} as a prefix of its answered conversation")
+        responses.append(full[len(head) :])
+    was_training = model.training
+    model.eval()
+    totals = []
+    try:
+        for start in range(0, len(responses), batch_size):
+            input_ids, attention_mask = encode_prompts(tokenizer, prompts[start : start + batch_size])
+            rows = responses[start : start + batch_size]
+            response_ids = pad_rows(rows, tokenizer.pad_token_id)
+            response_mask = pad_rows([[1] * len(row) for row in rows], 0).bool()
+            samples = join_responses(input_ids, attention_mask, response_ids, response_mask, response_mask.any(1))
+            device = next(model.parameters()).device
+            inputs = [t.to(device) for t in (samples.input_ids, samples.attention_mask, samples.position_ids, response_mask)]
+            totals.append(response_forward(model, *inputs, temperature=1.0).logprobs.sum(1).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(totals)

@@ -1,0 +1,28 @@
+"""plpost.evaluation's completion log-probabilities, against a naive per-example forward."""
+
+import torch
+
+from plpost.data.tokenize import chat_ids, prompt_ids
+from plpost.evaluation import completion_logprobs
+from plpost.hf import load_causal_lm
+
+
+def naive_completion_logprob(model, tokenizer, prompt, completion) -> float:
+    """log p(completion | prompt) from one unpadded forward: the sum over the assistant turn's tokens of
+    log softmax(logits at the position before each token)[token]."""
+    head = prompt_ids(tokenizer, prompt)
+    full = chat_ids(tokenizer, [*prompt, {"role": "assistant", "content": completion}], add_generation_prompt=False)
+    logits = model(input_ids=torch.tensor([full])).logits[0].log_softmax(-1)
+    return sum(float(logits[position - 1, full[position]]) for position in range(len(head), len(full)))
+
+
+@torch.no_grad()
+def test_completion_logprobs_match_one_unpadded_forward_per_example(tokenizer):
+    model = load_causal_lm("plpost:tiny").eval()
+    prompts = [[{"role": "user", "content": "37+48"}], [{"role": "user", "content": "1+2 and then much more text"}]]
+    completions = ["85", "a longer answer, padded against the short one"]
+    batched = completion_logprobs(model, tokenizer, prompts, completions, batch_size=2)
+    naive = torch.tensor([naive_completion_logprob(model, tokenizer, p, c) for p, c in zip(prompts, completions)])
+    assert torch.allclose(batched, naive, atol=1e-4), (batched, naive)
+    # The end-of-turn token is part of the completion: an empty answer still has one token to predict.
+    assert float(completion_logprobs(model, tokenizer, prompts[:1], [""])[0]) < 0
