@@ -49,7 +49,7 @@ class SkipRecord(Exception):
 class PostTrainingDataModule(L.LightningDataModule):
     """Loads, validates and tokenizes every record in `setup`, before the first training step.
 
-    Subclasses define `preprocess` (one raw row -> one example dict, or SkipRecord),
+    Subclasses define `preprocess` (one raw row -> one example dict, a list of them, or SkipRecord),
     `example_weight` (what the loss is normalised by), `example_length` (the tokens it occupies in
     a padded batch) and `collate_fn`.
     """
@@ -112,7 +112,7 @@ class PostTrainingDataModule(L.LightningDataModule):
             self._template = ChatTemplate(self.tokenizer, self.chat_template_kwargs)
         return self._template
 
-    def preprocess(self, source: str, index: int, row: dict[str, Any]) -> dict:
+    def preprocess(self, source: str, index: int, row: dict[str, Any]) -> dict | list[dict]:
         raise NotImplementedError
 
     def example_weight(self, example: dict) -> float:
@@ -154,14 +154,15 @@ class PostTrainingDataModule(L.LightningDataModule):
         examples, outcomes = [], Counter()
         for index, row in enumerate(dataset):
             try:
-                example = self.preprocess(name, index, row)
+                produced = self.preprocess(name, index, row)
             except SkipRecord as skip:
                 outcomes[skip.reason] += 1
                 continue
+            produced = produced if isinstance(produced, list) else [produced]
             outcomes[KEPT] += 1
-            if example.pop("truncated", False):
+            if any([example.pop("truncated", False) for example in produced]):  # a list: every flag is popped
                 outcomes["truncated"] += 1
-            examples.append(example)
+            examples.extend(produced)
         if not examples:
             # Every record cut to nothing or dropped by max_length: the limit is below the prompts.
             too_short = all("max_length" in reason or "truncation" in reason for reason in outcomes)

@@ -188,6 +188,15 @@ class RecordChecker:
             self.fail(name, f"{number:g} is not a finite number in float32, the dtype batches carry it in")
         return number
 
+    def boolean(self, name: str) -> bool:
+        """A required true/false field (in a CSV file, the text true or false, any case)."""
+        value = self.field(name)
+        if isinstance(value, str) and isinstance(self.row, CsvRow) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+        if not isinstance(value, bool):
+            self.fail(name, f"expected true or false, got {value!r} ({type(value).__name__})")
+        return value
+
     def parse_number(self, value: str, field: str) -> float:
         try:
             return float(value)

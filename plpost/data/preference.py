@@ -195,27 +195,44 @@ class PreferenceDataModule(PostTrainingDataModule):
 
     def preprocess(self, source: str, index: int, row: dict[str, Any]) -> dict:
         pair = validate_preference_row(source, index, row, identical_pairs=self.identical_pairs)
-        if isinstance(pair.prompt, str):
-            prompt_ids = encode_prompt(self.template, pair.prompt)  # as generation sees it
-            chosen_ids, rejected_ids = (
-                completion_after_text(self.tokenizer, pair.prompt, completion) for completion in (pair.chosen, pair.rejected)
-            )
+        prompt_ids, completions, truncated = self.tokenize_completions(
+            source, index, pair.prompt, {"chosen": pair.chosen, "rejected": pair.rejected}, pair.tools
+        )
+        refuse_identical(
+            RecordChecker(source, index, row), completions["chosen"], completions["rejected"], self.identical_pairs,
+            "as tokens (after rendering and truncation)",
+        )
+        return {
+            "prompt_ids": prompt_ids, "chosen_ids": completions["chosen"], "rejected_ids": completions["rejected"],
+            "margin": pair.margin, "pair_index": index, "truncated": truncated,
+        }
+
+    def tokenize_completions(
+        self, source: str, index: int, prompt: list[Message] | str, completions: dict[str, list[Message] | str],
+        tools: list | None,
+    ) -> tuple[list[int], dict[str, list[int]], bool]:
+        """(prompt tokens, field -> completion tokens, whether anything was cut) of one record's prompt
+        and its completions (all text or all messages), with max_prompt_length and the overflow
+        policy applied. Every completion must follow the same prompt tokens."""
+        if isinstance(prompt, str):
+            prompt_ids = encode_prompt(self.template, prompt)  # as generation sees it
+            tokens = {name: completion_after_text(self.tokenizer, prompt, text) for name, text in completions.items()}
         else:
-            prompt_ids, chosen_ids = self.split_rendering(pair.prompt, pair.chosen, pair.tools, source, index, "chosen")
-            rejected_prompt_ids, rejected_ids = self.split_rendering(
-                pair.prompt, pair.rejected, pair.tools, source, index, "rejected"
-            )
-            if rejected_prompt_ids != prompt_ids:
-                raise DataValidationError(
-                    source, index, "rejected",
-                    "the chat template renders the prompt differently before rejected than before chosen, so the "
-                    "pair has no shared prompt to compare the completions on",
-                )
+            tokens, first = {}, next(iter(completions))
+            for name, completion in completions.items():
+                rendered_prompt, tokens[name] = self.split_rendering(prompt, completion, tools, source, index, name)
+                if name == first:
+                    prompt_ids = rendered_prompt
+                elif rendered_prompt != prompt_ids:
+                    raise DataValidationError(
+                        source, index, name,
+                        f"the chat template renders the prompt differently before {name} than before {first}, so the "
+                        "pair has no shared prompt to compare the completions on",
+                    )
         truncated = self.max_prompt_length is not None and len(prompt_ids) > self.max_prompt_length
         if truncated:
             prompt_ids = prompt_ids[-self.max_prompt_length :]
-        completions = {"chosen": chosen_ids, "rejected": rejected_ids}
-        for name, completion in completions.items():
+        for name, completion in tokens.items():
             length = len(prompt_ids) + len(completion)
             if length <= self.max_length:
                 continue
@@ -225,17 +242,10 @@ class PreferenceDataModule(PostTrainingDataModule):
                 )
             if self.overflow == "drop":
                 raise SkipRecord("dropped (longer than max_length)")
-            completions[name], truncated = completion[: max(0, self.max_length - len(prompt_ids))], True
-            if not completions[name]:
+            tokens[name], truncated = completion[: max(0, self.max_length - len(prompt_ids))], True
+            if not tokens[name]:
                 raise SkipRecord("skipped (a completion has no token left after truncation)")
-        refuse_identical(
-            RecordChecker(source, index, row), completions["chosen"], completions["rejected"], self.identical_pairs,
-            "as tokens (after rendering and truncation)",
-        )
-        return {
-            "prompt_ids": prompt_ids, "chosen_ids": completions["chosen"], "rejected_ids": completions["rejected"],
-            "margin": pair.margin, "pair_index": index, "truncated": truncated,
-        }
+        return prompt_ids, tokens, truncated
 
     def split_rendering(
         self, prompt: list[Message], completion: list[Message], tools: list | None, source: str, index: int, field: str,

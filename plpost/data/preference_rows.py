@@ -1,9 +1,11 @@
-"""Validation of preference records: a prompt and two different completions of it.
+"""Validation of preference records: a prompt and two different completions of it, or one
+completion labelled desirable or not (unpaired feedback).
 
 Rows are {prompt, chosen, rejected} (explicit prompt) or {chosen, rejected} full conversations
 sharing a prefix (implicit prompt), as strings or message lists, with an optional `margin` and
 `tools`. The UltraFeedback-binarized layout (a string prompt with chosen and rejected as whole
-conversations that open with it) is read as the conversations' shared prompt.
+conversations that open with it) is read as the conversations' shared prompt. Unpaired rows
+are {prompt, completion, label} (TRL's unpaired preference format), label true or false.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import os
 from typing import Any, Literal, NamedTuple
 
 from plpost.data.base import SkipRecord
-from plpost.data.formats import Message, RecordChecker
+from plpost.data.formats import Message, RecordChecker, as_prompt_and_completion
 
 IdenticalPairs = Literal["error", "skip"]
 
@@ -73,6 +75,26 @@ def validate_preference_row(source: str, index: int, row: Any, *, identical_pair
         rejected = checker.messages(rejected, "rejected", allowed_roles=("assistant",))
     refuse_identical(checker, chosen, rejected, identical_pairs)
     return PreferenceRow(prompt, chosen, rejected, checker.number("margin"), None if as_text else checker.tools())
+
+
+class FeedbackRow(NamedTuple):
+    """A validated unpaired record: a prompt, one completion of it, and whether it is desirable."""
+
+    prompt: list[Message] | str
+    completion: list[Message] | str
+    desirable: bool
+    tools: list[dict[str, Any]] | None
+
+
+def validate_feedback_row(source: str, index: int, row: Any) -> FeedbackRow:
+    """Checks one ``{"prompt", "completion", "label"}`` record: prompt and completion both strings
+    or both message lists (the prompt does not end with an assistant turn, the completion is
+    assistant turns), label a boolean (true: desirable)."""
+    checker = RecordChecker(source, index, row)
+    prompt, completion = as_prompt_and_completion(checker)
+    if isinstance(prompt, list) and prompt[-1]["role"] == "assistant":
+        checker.fail("prompt", "ends with an assistant turn, so there is nothing left to answer")
+    return FeedbackRow(prompt, completion, checker.boolean("label"), None if isinstance(prompt, str) else checker.tools())
 
 
 def conversations_after_text_prompt(
