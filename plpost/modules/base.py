@@ -25,6 +25,18 @@ from plpost.quiet import ignore_eval_mode_notice, peft_reading_deprecated_attrib
 
 STAGE_KEY = "plpost_stage"
 """Checkpoint entry naming the stage class (`module.Class`), so `plpost export` and `plpost chat` rebuild it."""
+TRAINED_KEYS = "plpost_trained_keys"
+"""Checkpoint entry listing the state-dict keys saved (all but the frozen models')."""
+
+
+def check_keys_match(missing: list[str], unexpected: list[str]) -> None:
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def drop_frozen_keys(module: PostTrainingModule, state: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    for key in [k for k in state if k.startswith(prefix) and module.is_frozen_key(k[len(prefix):])]:
+        del state[key]
 
 
 @dataclass
@@ -137,6 +149,10 @@ class PostTrainingModule(L.LightningModule):
         self.policy: PreTrainedModel | None = None
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self._rng_states_to_restore: list[dict[str, Any]] | None = None
+        # Frozen models leave the state dict itself, not only the checkpoint file: sharded
+        # strategies read and write it through torch.distributed.checkpoint, which needs every
+        # key it is given in the checkpoint it loads.
+        self.register_state_dict_post_hook(drop_frozen_keys)
 
     # -- models ---------------------------------------------------------------------------
     @property
@@ -339,16 +355,36 @@ class PostTrainingModule(L.LightningModule):
     def is_frozen_key(self, key: str) -> bool:
         return any(key.startswith(f"{name}.") for name in self.frozen_modules)
 
+    @property
+    def strict_loading(self) -> bool:
+        """False under `ModelParallelStrategy` when frozen models exist: it loads a full-state checkpoint
+        parameter by parameter and would stop at the frozen ones, which checkpoints never hold.
+        Every other key is still checked (`check_trained_keys`)."""
+        from plpost.sharding import data_parallel_mesh
+
+        return not (self.frozen_modules and data_parallel_mesh(self) is not None) and self._strict_loading in (None, True)
+
+    @strict_loading.setter
+    def strict_loading(self, strict: bool) -> None:
+        self._strict_loading = strict
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("state_dict", {})
-        for key in [k for k in state if self.is_frozen_key(k)]:
-            del state[key]
+        checkpoint[TRAINED_KEYS] = sorted(self.state_dict().keys())
         checkpoint["plpost_frozen_sources"] = self.frozen_sources()
         checkpoint[STAGE_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
         checkpoint[RNG_STATES_KEY] = rng_states_of_all_ranks()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._rng_states_to_restore = checkpoint.get(RNG_STATES_KEY)
+        self.check_trained_keys(checkpoint.get(TRAINED_KEYS))
+
+    def check_trained_keys(self, saved: list[str] | None) -> None:
+        """The checkpoint holds what this module trains, no more and no less: what `load_state_dict`
+        checks where Lightning calls it, and sharded loading (which fills in parameters one by one) does not."""
+        if saved is None or self._strict_loading is False:
+            return
+        expected = set(self.state_dict().keys())
+        check_keys_match(sorted(expected - set(saved)), sorted(set(saved) - expected))
 
     def on_train_start(self) -> None:
         # Restored here, right before the first batch after a resume, not when the checkpoint is
@@ -367,9 +403,6 @@ class PostTrainingModule(L.LightningModule):
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         result = super().load_state_dict(state_dict, strict=False, assign=assign)
-        missing = [k for k in result.missing_keys if not self.is_frozen_key(k)]
-        if strict and (missing or result.unexpected_keys):
-            raise RuntimeError(
-                f"checkpoint does not match the model: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
-            )
+        if strict:
+            check_keys_match([k for k in result.missing_keys if not self.is_frozen_key(k)], result.unexpected_keys)
         return result

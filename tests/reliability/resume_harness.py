@@ -2,7 +2,16 @@
 
 `train(run)` is called in-process for uninterrupted and resumed runs, and in a spawned child for
 the run that is killed (SIGKILL ends it as abruptly as an out-of-memory kill would). Every micro-batch's
-records are appended to `seen.jsonl` before it is trained on, so what a killed run saw survives it.
+records are appended to `seen-RANK.jsonl` before it is trained on, so what a killed run saw survives it.
+
+On 2 processes (DDP or FSDP2-sharded) it runs as a script, since Lightning's launcher starts the
+other process by re-running the command line:
+
+    python tests/reliability/resume_harness.py FOLDER STRATEGY MODEL [--kill-after N] [--resume] STAGE...
+
+each stage in FOLDER/STAGE, one after the other in the same two processes; each rank writes the
+state it ends with to FOLDER/STAGE/result-RANK.pt. A killed 2-process run kills its whole process
+group (both ranks at once, as a node failure would): launch it in a session of its own.
 
 Adding a stage to the resume tests takes one entry in STAGES: a function that builds its
 module and data module from `Run`.
@@ -10,10 +19,12 @@ module and data module from `Run`.
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
 import signal
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +33,10 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import ModelParallelStrategy
 
-from plpost import ChatDataModule, DPOModule, GRPOModule, PreferenceDataModule, PromptDataModule, RewardModule, SFTModule
+from plpost import (ChatDataModule, DPOModule, GRPOModule, PPOModule, PreferenceDataModule, PromptDataModule,
+                    RewardModule, SFTModule)
 from plpost.callbacks.guards import batch_records
 from plpost.data.prompts import PromptBatch
 from plpost.optim import WarmupCosineLR
@@ -47,6 +60,34 @@ class Run:
     """SIGKILL halfway through writing the checkpoint of this optimizer step."""
     resume: bool = False
     """Resume from the last checkpoint in `folder` (ckpt_path="last")."""
+    strategy: str = "auto"
+    """A key of STRATEGIES: on 2 processes, "ddp", "sharded" (distributed checkpoint folders) or
+    "sharded-full" (full-state checkpoint files)."""
+
+
+def sharded(save_distributed_checkpoint: bool) -> Callable[[], ModelParallelStrategy]:
+    return lambda: ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, process_group_backend="gloo",
+                                         save_distributed_checkpoint=save_distributed_checkpoint)
+
+
+STRATEGIES: dict[str, Callable[[], Any]] = {
+    "auto": lambda: "auto", "ddp": lambda: "ddp", "sharded": sharded(True), "sharded-full": sharded(False),
+}
+
+
+def devices(run: Run) -> int:
+    return 1 if run.strategy == "auto" else 2
+
+
+def save_dropout_model(folder: Path) -> str:
+    """The bundled tiny model with attention dropout 0.1, so training draws random numbers."""
+    from plpost.hf import load_causal_lm, load_tokenizer
+
+    model = load_causal_lm(TINY)
+    model.config.attention_dropout = 0.1
+    model.save_pretrained(folder)
+    load_tokenizer(TINY).save_pretrained(folder)
+    return str(folder)
 
 
 def chat_rows() -> list[dict]:
@@ -97,6 +138,13 @@ def completion_length(prompts, completions, **columns) -> torch.Tensor:
     return torch.tensor([float(len(completion)) for completion in completions])
 
 
+def ppo(run: Run) -> tuple[L.LightningModule, L.LightningDataModule]:
+    module = PPOModule(run.model, rewards=[RewardFunction(completion_length)], max_new_tokens=4, ppo_epochs=1,
+                       gradient_accumulation_steps=run.accumulate, optimizer=adamw, scheduler=warmup_cosine)
+    rows = [{"prompt": [{"role": "user", "content": f"{i}+{i * 3}"}]} for i in range(RECORDS)]
+    return module, PromptDataModule(TINY, train=rows, batch_size=run.batch_size * run.accumulate)
+
+
 def grpo(run: Run) -> tuple[L.LightningModule, L.LightningDataModule]:
     # Manual optimization: the accumulation is the module's own, and sampling draws random numbers
     # every step, so the generators must be restored for the completions to be the same.
@@ -107,18 +155,22 @@ def grpo(run: Run) -> tuple[L.LightningModule, L.LightningDataModule]:
 
 
 STAGES: dict[str, Callable[[Run], tuple[L.LightningModule, L.LightningDataModule]]] = {
-    "sft": sft, "reward": reward, "dpo": dpo, "grpo": grpo,
+    "sft": sft, "reward": reward, "dpo": dpo, "ppo": ppo, "grpo": grpo,
 }
 
 
 class RecordAndKill(L.Callback):
     def __init__(self, run: Run) -> None:
         self.run = run
-        self.seen = (run.folder / "seen.jsonl").open("a")
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.seen = (self.run.folder / f"seen-{trainer.global_rank}.jsonl").open("a")
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         first_micro_batch = batch_idx % trainer.accumulate_grad_batches == 0
         if first_micro_batch and trainer.global_step == self.run.kill_after_step:
+            if trainer.world_size > 1:
+                os.killpg(0, signal.SIGKILL)  # every rank: the first to get here takes the others with it
             os.kill(os.getpid(), signal.SIGKILL)
         if isinstance(batch, PromptBatch):  # no record indices: the prompts themselves
             records = batch.prompts
@@ -163,20 +215,31 @@ def train(run: Run) -> dict[str, Any]:
     trainer = L.Trainer(
         max_steps=run.max_steps, accumulate_grad_batches=accumulate, callbacks=[RecordAndKill(run), checkpoints],
         logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=run.folder,
-        num_sanity_val_steps=0,
+        num_sanity_val_steps=0, accelerator="cpu", devices=devices(run), strategy=STRATEGIES[run.strategy](),
     )
     trainer.fit(module, data, ckpt_path="last" if run.resume else None)
-    return {
+    return local({
         "weights": {k: v.detach().clone() for k, v in module.state_dict().items()},
         "optimizers": [optimizer.state_dict() for optimizer in trainer.optimizers],
         "schedulers": [config.scheduler.state_dict() for config in trainer.lr_scheduler_configs],
         "global_step": trainer.global_step,
-    }
+    })
 
 
-def seen(folder: Path) -> list[dict]:
-    """(step, records) of every micro-batch trained on, in order, as written by RecordAndKill."""
-    return [json.loads(line) for line in (folder / "seen.jsonl").read_text().splitlines()]
+def local(state: Any) -> Any:
+    """`state` with each sharded tensor (DTensor) replaced by this rank's shard of it, bit for bit."""
+    if hasattr(state, "to_local"):
+        return state.to_local().clone()
+    if isinstance(state, dict):
+        return {key: local(value) for key, value in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(local(value) for value in state)
+    return state
+
+
+def seen(folder: Path, rank: int = 0) -> list[dict]:
+    """(step, records) of every micro-batch rank `rank` trained on, in order, as written by RecordAndKill."""
+    return [json.loads(line) for line in (folder / f"seen-{rank}.jsonl").read_text().splitlines()]
 
 
 def differences(expected: Any, actual: Any, where: str = "") -> list[str]:
@@ -194,3 +257,24 @@ def differences(expected: Any, actual: Any, where: str = "") -> list[str]:
             return [f"{where} length"]
         return [d for i, (e, a) in enumerate(zip(expected, actual)) for d in differences(e, a, f"{where}[{i}]")]
     return [] if expected == actual else [where]
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("strategy", choices=STRATEGIES)
+    parser.add_argument("model")
+    parser.add_argument("stages", nargs="+", choices=STAGES)
+    parser.add_argument("--kill-after", type=int)
+    parser.add_argument("--resume", action="store_true")
+    options = parser.parse_args(argv)
+    for stage in options.stages:
+        run = Run(stage, options.folder / stage, model=options.model, strategy=options.strategy,
+                  kill_after_step=options.kill_after, resume=options.resume, batch_size=1)
+        state = train(run)
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        torch.save(state, run.folder / f"result-{rank}.pt")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -19,11 +19,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY
-from resume_harness import Run, differences, seen, train
+from resume_harness import Run, differences, save_dropout_model, seen, train
 
 from plpost.checkpointing import RNG_STATES_KEY
-from plpost.hf import load_causal_lm, load_tokenizer
 
 STAGES = ["sft", "reward", "dpo", "grpo"]
 KILL_AFTER = 4  # one step into the second epoch (3 steps per epoch)
@@ -42,13 +40,7 @@ def killed(run: Run) -> int:
 
 @pytest.fixture(scope="module")
 def dropout_model(tmp_path_factory) -> str:
-    """The bundled tiny model with attention dropout 0.1, so training draws random numbers."""
-    folder = tmp_path_factory.mktemp("tiny-dropout")
-    model = load_causal_lm(TINY)
-    model.config.attention_dropout = 0.1
-    model.save_pretrained(folder)
-    load_tokenizer(TINY).save_pretrained(folder)
-    return str(folder)
+    return save_dropout_model(tmp_path_factory.mktemp("tiny-dropout"))
 
 
 @pytest.fixture(scope="module")
