@@ -21,7 +21,7 @@ from plpost.modules.base import STAGE_KEY, PostTrainingModule
 from plpost.reward_head import SCORE_HEAD
 
 POLICY_PREFIX = "policy."
-STAGES = ("SFTModule", "RewardModule", "DPOModule", "PPOModule", "GRPOModule")
+STAGES = ("SFTModule", "RewardModule", "DPOModule", "PPOModule", "GRPOModule", "DistillationModule")
 
 
 class CheckpointError(ValueError):

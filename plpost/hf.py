@@ -72,3 +72,21 @@ def check_vocabulary_fits(
             f"the tokenizer {tokenizer_name} has {len(tokenizer)} tokens but the model {model_name} embeds only "
             f"{rows}: give the model's own tokenizer (tokenizer: {model_name})"
         )
+
+
+def check_same_tokenizer(
+    tokenizer: PreTrainedTokenizerBase, tokenizer_name: str, other_name: str, *, trust_remote_code: bool = False
+) -> None:
+    """Raises ValueError unless the tokenizer of `other_name` (a model folder or Hub name) maps every
+    token to the same id as `tokenizer`: two models compared position by position over their
+    vocabularies (a distillation teacher and its student) must read the same ids as the same tokens."""
+    other = load_tokenizer(other_name, trust_remote_code=trust_remote_code)
+    if other.get_vocab() != tokenizer.get_vocab():
+        mine, theirs = tokenizer.get_vocab(), other.get_vocab()
+        differ = sorted(set(mine.items()) ^ set(theirs.items()), key=lambda item: item[1])[:3]
+        raise ValueError(
+            f"{other_name} has another tokenizer than {tokenizer_name} ({len(theirs)} against {len(mine)} tokens; "
+            f"e.g. {differ}): the teacher's and the student's distributions are compared token by token, so they "
+            f"need one vocabulary: take a teacher of the student's family, or train the student with SFT on the "
+            f"teacher's generated answers instead"
+        )

@@ -1,4 +1,4 @@
-"""Sampling for the online stages (PPO, GRPO): batched generation with a KV cache, responses cut after their stop token, and
+"""Sampling for the online stages (PPO, GRPO, distillation): batched generation with a KV cache, responses cut after their stop token, and
 the one forward pass over (prompt + response) that both the rollout and the PPO update use.
 
 Sharing `response_forward` is what makes PPO's ratio exactly 1 until the first optimizer step:
@@ -81,9 +81,17 @@ def sample_responses(
     lengths, stopped = completion_stats(response, config.eos_token_id)
     response_mask = torch.arange(response.shape[1], device=response.device) < lengths[:, None]
     response = torch.where(response_mask, response, torch.full_like(response, pad_token_id))
+    return join_responses(input_ids, attention_mask, response, response_mask, stopped)
+
+
+def join_responses(
+    input_ids: Tensor, attention_mask: Tensor, response_ids: Tensor, response_mask: Tensor, stopped: Tensor
+) -> Samples:
+    """Left-padded prompts (B, P) followed by right-padded responses (B, R) (response_mask: bool,
+    True on each response's tokens, a prefix of its row) as `Samples`."""
     full_mask = torch.cat([attention_mask.long(), response_mask.long()], dim=1)
     return Samples(
-        input_ids=torch.cat([input_ids, response], dim=1),
+        input_ids=torch.cat([input_ids, response_ids], dim=1),
         attention_mask=full_mask,
         position_ids=position_ids_from(full_mask),
         response_mask=response_mask,
@@ -153,6 +161,32 @@ class ResponseForward(NamedTuple):
     """(B, R, H) last hidden state before each response token (for a value head), when asked."""
 
 
+def forward_over_responses(
+    model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, length: int,
+    *, with_hidden: bool = False,
+):
+    """The model's output with logits at the last `length` + 1 positions only (`logits_to_keep`: the
+    LM head never runs on the prompt): position P + t - 1 predicts response token t, and the last
+    position predicts nothing."""
+    return model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        logits_to_keep=length + 1,
+        output_hidden_states=with_hidden,
+        use_cache=False,
+    )
+
+
+def response_logits(
+    model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, response_mask: Tensor
+) -> Tensor:
+    """(B, R, V) next-token logits before each response token (a view: nothing is copied); the
+    arguments as for `response_forward`."""
+    length = response_mask.shape[1]
+    return forward_over_responses(model, input_ids, attention_mask, position_ids, length).logits[:, :length]
+
+
 def response_forward(
     model: PreTrainedModel,
     input_ids: Tensor,
@@ -168,20 +202,13 @@ def response_forward(
 
     input_ids, attention_mask, position_ids: (B, P + R) as in `Samples`; response_mask: (B, R).
     Response token t sits at position P + t and is predicted from position P + t - 1, so only
-    the last R + 1 positions get logits (`logits_to_keep`: the LM head never runs on the
-    prompt, and no (B, T, V) tensor is sliced). The last of them predicts nothing.
+    the last R + 1 positions get logits (see `forward_over_responses`; no (B, T, V) tensor is
+    sliced).
     Gradients flow when called with grad enabled (the PPO update); the rollout calls it
     under no_grad.
     """
     length = response_mask.shape[1]
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        logits_to_keep=length + 1,
-        output_hidden_states=with_hidden,
-        use_cache=False,
-    )
+    out = forward_over_responses(model, input_ids, attention_mask, position_ids, length, with_hidden=with_hidden)
     response_ids = input_ids[:, -length:]
     targets = torch.where(response_mask, response_ids, torch.full_like(response_ids, -100))
     targets = torch.cat([targets, torch.full_like(targets[:, :1], -100)], dim=1)  # (B, R + 1)

@@ -1,4 +1,5 @@
-"""PromptDataModule: prompts for PPO, with their extra columns handed on to reward functions."""
+"""PromptDataModule: prompts for the online stages (PPO, GRPO, distillation), with their extra columns
+handed on to reward functions, and optionally a dataset completion of each (distillation's lmbda < 1)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from torch import Tensor
 
 from plpost.data.base import PostTrainingDataModule, SkipRecord
 from plpost.data.collate import pad_rows
-from plpost.data.formats import DataValidationError, Message, validate_prompt_row
+from plpost.data.formats import DataValidationError, Message, RecordChecker, as_prompt_and_completion, validate_prompt_row
 from plpost.data.sources import SourceLike
-from plpost.data.tokenize import Overflow, encode_prompt, message_fields, template_refusals_named
+from plpost.data.tokenize import Overflow, completion_after_text, conversation_mask, encode_prompt, message_fields
+from plpost.data.tokenize import template_refusals_named
 
 
 class PromptBatch(NamedTuple):
@@ -22,6 +24,9 @@ class PromptBatch(NamedTuple):
     the generation prompt (e.g. ``<|assistant|>``) is already part of message prompts.
     prompts: the B raw prompts as validated (strings or message lists), for reward functions.
     columns: every other field of the rows, as python lists of B values (e.g. ``answer``).
+    completion_ids, completion_mask: (B, C), right-padded, each row's dataset completion as it
+        follows its prompt (end-of-turn or EOS token included); None unless the data module
+        reads completions.
     Lightning moves the tensors to the device; the lists stay as they are.
     """
 
@@ -29,6 +34,8 @@ class PromptBatch(NamedTuple):
     attention_mask: Tensor
     prompts: list[str | list[Message]]
     columns: dict[str, list[Any]]
+    completion_ids: Tensor | None = None
+    completion_mask: Tensor | None = None
 
 
 def collate_prompts(items: Sequence[tuple[dict, float | None]], *, pad_token_id: int) -> PromptBatch:
@@ -37,7 +44,13 @@ def collate_prompts(items: Sequence[tuple[dict, float | None]], *, pad_token_id:
     input_ids = pad_rows(rows, pad_token_id, left=True)
     attention_mask = pad_rows([[1] * len(row) for row in rows], 0, left=True)
     columns = {key: [example["columns"][key] for example in examples] for key in examples[0]["columns"]}
-    return PromptBatch(input_ids, attention_mask, [example["prompt"] for example in examples], columns)
+    completion_ids = completion_mask = None
+    if "completion_ids" in examples[0]:
+        completions = [example["completion_ids"] for example in examples]
+        completion_ids = pad_rows(completions, pad_token_id)
+        completion_mask = pad_rows([[1] * len(row) for row in completions], 0)
+    prompts = [example["prompt"] for example in examples]
+    return PromptBatch(input_ids, attention_mask, prompts, columns, completion_ids, completion_mask)
 
 
 class PromptDataModule(PostTrainingDataModule):
@@ -47,6 +60,10 @@ class PromptDataModule(PostTrainingDataModule):
     list ending in a user or tool turn (rendered with the chat template, the row's ``tools`` if
     any, and the generation prompt). Every other column of a row (e.g. the reference ``answer`` of a verifiable task) is
     kept and handed to reward functions as a keyword argument holding one value per prompt.
+    With `completions`, each row also needs a ``completion`` (a string after a string prompt, a
+    list of assistant messages after a message prompt, as in `ChatDataModule`'s prompt/completion
+    rows), tokenized as it follows the prompt: what `DistillationModule` trains on in the
+    generation batches it does not sample (lmbda < 1). Completions are never truncated.
     Every record is validated and tokenized in `setup`, before training.
 
     Args:
@@ -76,6 +93,7 @@ class PromptDataModule(PostTrainingDataModule):
             ``{enable_thinking: false}`` (Qwen3) or ``{date_string: "26 Jul 2024"}`` (Llama 3.x,
             whose templates otherwise render today's date into the system header).
         trust_remote_code: allow a tokenizer that runs code from its repository.
+        completions: read and tokenize each row's ``completion`` too (`PromptBatch.completion_ids`).
     """
 
     def __init__(
@@ -96,6 +114,7 @@ class PromptDataModule(PostTrainingDataModule):
         chat_template: str | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
         trust_remote_code: bool = False,
+        completions: bool = False,
     ) -> None:
         super().__init__(
             tokenizer,
@@ -117,6 +136,7 @@ class PromptDataModule(PostTrainingDataModule):
             raise ValueError(f"max_prompt_length must be >= 1, got {max_prompt_length}")
         self.max_prompt_length = max_prompt_length
         self.overflow = overflow
+        self.completions = completions
 
     def preprocess(self, source: str, index: int, row: dict[str, Any]) -> dict:
         prompt, tools = validate_prompt_row(source, index, row)
@@ -126,6 +146,7 @@ class PromptDataModule(PostTrainingDataModule):
             ids = encode_prompt(self.template, prompt, tools)
         if not ids:
             raise DataValidationError(source, index, "prompt", "renders to no tokens")
+        completion = self.completion_ids(source, index, row, ids, tools) if self.completions else None
         truncated = len(ids) > self.max_prompt_length
         if truncated:
             if self.overflow == "error":
@@ -136,7 +157,25 @@ class PromptDataModule(PostTrainingDataModule):
                 raise SkipRecord("dropped (longer than max_prompt_length)")
             ids = ids[-self.max_prompt_length :]
         columns = {key: value for key, value in row.items() if key != "prompt"}
-        return {"input_ids": ids, "prompt": prompt, "columns": columns, "truncated": truncated}
+        example = {"input_ids": ids, "prompt": prompt, "columns": columns, "truncated": truncated}
+        if completion is not None:
+            example["completion_ids"] = completion
+        return example
+
+    def completion_ids(self, source: str, index: int, row: dict[str, Any], prompt_ids: list[int], tools) -> list[int]:
+        """The row's completion tokens as they follow `prompt_ids`: a text completion and EOS after a
+        text prompt; after a message prompt, what the chat template renders after the generation prompt
+        up to the last answer's end-of-turn token."""
+        prompt, completion = as_prompt_and_completion(RecordChecker(source, index, row))
+        if isinstance(completion, str):
+            return completion_after_text(self.tokenizer, prompt, completion)
+        with template_refusals_named(source, index, message_fields("completion", completion)):
+            ids, supervised = conversation_mask(self.template, prompt, completion, tools)
+        if ids[: len(prompt_ids)] != prompt_ids or not any(supervised[len(prompt_ids) :]):
+            raise DataValidationError(source, index, "completion", "the chat template renders the prompt of the whole "
+                                      "conversation otherwise than the generation prompt it samples after")
+        end = len(supervised) - supervised[::-1].index(True)
+        return ids[len(prompt_ids) : end]
 
     def example_weight(self, example: dict) -> float:
         return 1.0  # PPO normalises per response token at update time; prompts weigh the same here

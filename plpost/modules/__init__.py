@@ -1,4 +1,5 @@
 from plpost.modules.base import LoraSettings, PostTrainingModule
+from plpost.modules.distillation import DistillationModule
 from plpost.modules.dpo import DPOModule
 from plpost.modules.grpo import GRPOModule
 from plpost.modules.ppo import PPOModule
@@ -7,5 +8,5 @@ from plpost.reward_head import sequence_rewards
 from plpost.modules.sft import SFTModule
 
 __all__ = [
-    "DPOModule", "GRPOModule", "LoraSettings", "PPOModule", "PostTrainingModule", "RewardModule", "SFTModule", "sequence_rewards",
+    "DPOModule", "DistillationModule", "GRPOModule", "LoraSettings", "PPOModule", "PostTrainingModule", "RewardModule", "SFTModule", "sequence_rewards",
 ]

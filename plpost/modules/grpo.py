@@ -16,7 +16,7 @@ from plpost.losses import group_advantages, group_statistics, grpo_loss_denomina
 from plpost.losses import grpo_token_losses, kl_penalty, leave_one_out_advantages, loss_scope, masked_sum
 from plpost.losses.grpo import GRPOLossType
 from plpost.modules.base import LoraSettings, default_optimizer, disable_dropout
-from plpost.modules.online import OnlineModule
+from plpost.modules.online import OnlineRLModule
 from plpost.rewards import RewardScorer, RewardSource, responses_of
 from plpost.rollout import Samples, replace_rows, response_forward
 
@@ -36,7 +36,7 @@ class Groups(NamedTuple):
     """Groups sampled again by dynamic sampling."""
 
 
-class GRPOModule(OnlineModule):
+class GRPOModule(OnlineRLModule):
     """Group-relative policy optimization (Shao et al. 2024) and its variants, one generation batch
     per training step.
 

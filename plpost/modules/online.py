@@ -1,5 +1,6 @@
-"""What the online stages (PPO, GRPO) share: sampling from the policy, the frozen reference they
-measure KL against, their frozen reward sources, and optimizer steps counted per generation batch."""
+"""What the online stages share: sampling from the policy and optimizer steps counted per generation
+batch (PPO, GRPO, distillation); and, for the reinforcement-learning ones (PPO, GRPO), the frozen
+reference they measure KL against and their frozen reward sources."""
 
 from __future__ import annotations
 
@@ -28,57 +29,16 @@ def not_scored(prompts: list, completions: list[str], **columns: Any) -> Tensor:
 class OnlineModule(PostTrainingModule):
     """Base of the stages that train on their own samples, with manual optimization.
 
-    Subclasses set `reward_scorer`, `reference_name`, `use_adapter_reference` and `reference`
-    (None until `build_reference`) in `__init__`, keep `temperature`, `top_p`, `top_k` and
-    `max_new_tokens` in their hyperparameters, and say how many optimizer steps one training
-    step (one generation batch) takes in `optimizer_steps_per_batch`.
+    Subclasses keep `temperature`, `top_p`, `top_k` and `max_new_tokens` in their hyperparameters,
+    and say how many optimizer steps one training step (one generation batch) takes in
+    `optimizer_steps_per_batch`.
     """
 
-    frozen_modules = ("reference", "reward_scorer.sources")
     data_modules = (PromptDataModule,)
-    reward_scorer: RewardScorer
-    reference: FrozenCopy | None
-    reference_name: str
-    use_adapter_reference: bool
 
     @property
     def optimizer_steps_per_batch(self) -> int:
         raise NotImplementedError
-
-    @classmethod
-    def from_hyperparameters(cls, hyperparameters: dict[str, Any]) -> OnlineModule:
-        # Reward sources are Python objects, kept out of the hyperparameters; a module rebuilt
-        # from them to export or chat with its policy never scores, so a source that refuses to
-        # score stands in for them.
-        return super().from_hyperparameters({"rewards": [RewardFunction(not_scored)], **hyperparameters})
-
-    # -- models ---------------------------------------------------------------------------
-    def build_reference(self, initial: PreTrainedModel) -> None:
-        """A frozen copy of the reference's weights, unless the reference is the disabled adapter.
-
-        The policy's own initial weights are copied when they are the reference (also right for
-        random_init, where loading again would draw different weights).
-        """
-        if self.use_adapter_reference:
-            return
-        same = self.reference_name == self.model_name
-        reference = copy.deepcopy(initial) if same else self.load_pretrained(self.reference_name, random_init=False)
-        self.reference = FrozenCopy(reference, self.reference_name)
-
-    def reference_logprobs(self, *tensors: Tensor) -> Tensor:
-        """(B, R) log-probs of the response tokens under the reference, at the sampling temperature."""
-        reference = nullcontext(self.reference) if self.reference is not None else adapter_disabled(self.policy)
-        with reference as model:
-            return response_forward(model, *tensors, temperature=self.hparams.temperature).logprobs
-
-    def frozen_sources(self) -> dict[str, Any]:
-        sources = {}
-        if self.reference is not None:
-            sources["reference"] = model_fingerprint(self.reference_name)
-        elif self.use_adapter_reference:
-            sources["reference"] = "the policy without its adapter"
-        sources.update({f"reward/{s.name}": s.source() for s in self.reward_scorer.sources})
-        return sources
 
     # -- sampling -------------------------------------------------------------------------
     @torch.no_grad()
@@ -114,3 +74,52 @@ class OnlineModule(PostTrainingModule):
             return trainer.max_steps
         total = int(batches) * self.optimizer_steps_per_batch
         return min(total, trainer.max_steps) if trainer.max_steps != -1 else total
+
+
+class OnlineRLModule(OnlineModule):
+    """Base of the online reinforcement-learning stages (PPO, GRPO): reward sources and a KL reference.
+
+    Subclasses set `reward_scorer`, `reference_name`, `use_adapter_reference` and `reference`
+    (None until `build_reference`) in `__init__`.
+    """
+
+    frozen_modules = ("reference", "reward_scorer.sources")
+    reward_scorer: RewardScorer
+    reference: FrozenCopy | None
+    reference_name: str
+    use_adapter_reference: bool
+
+    @classmethod
+    def from_hyperparameters(cls, hyperparameters: dict[str, Any]) -> OnlineRLModule:
+        # Reward sources are Python objects, kept out of the hyperparameters; a module rebuilt
+        # from them to export or chat with its policy never scores, so a source that refuses to
+        # score stands in for them.
+        return super().from_hyperparameters({"rewards": [RewardFunction(not_scored)], **hyperparameters})
+
+    # -- models ---------------------------------------------------------------------------
+    def build_reference(self, initial: PreTrainedModel) -> None:
+        """A frozen copy of the reference's weights, unless the reference is the disabled adapter.
+
+        The policy's own initial weights are copied when they are the reference (also right for
+        random_init, where loading again would draw different weights).
+        """
+        if self.use_adapter_reference:
+            return
+        same = self.reference_name == self.model_name
+        reference = copy.deepcopy(initial) if same else self.load_pretrained(self.reference_name, random_init=False)
+        self.reference = FrozenCopy(reference, self.reference_name)
+
+    def reference_logprobs(self, *tensors: Tensor) -> Tensor:
+        """(B, R) log-probs of the response tokens under the reference, at the sampling temperature."""
+        reference = nullcontext(self.reference) if self.reference is not None else adapter_disabled(self.policy)
+        with reference as model:
+            return response_forward(model, *tensors, temperature=self.hparams.temperature).logprobs
+
+    def frozen_sources(self) -> dict[str, Any]:
+        sources = {}
+        if self.reference is not None:
+            sources["reference"] = model_fingerprint(self.reference_name)
+        elif self.use_adapter_reference:
+            sources["reference"] = "the policy without its adapter"
+        sources.update({f"reward/{s.name}": s.source() for s in self.reward_scorer.sources})
+        return sources

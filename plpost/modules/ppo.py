@@ -16,14 +16,14 @@ from plpost.hf import load_causal_lm
 from plpost.losses import adaptive_kl_coefficient, clipped_value_loss, gae, kl_penalty, masked_sum, masked_whiten
 from plpost.losses import ppo_policy_loss
 from plpost.modules.base import LoraSettings, default_optimizer, disable_dropout
-from plpost.modules.online import OnlineModule
+from plpost.modules.online import OnlineRLModule
 from plpost.modules.ppo_value import ValueHead, critic_values, zero_where_not
 from plpost.modules.reference import FrozenCopy
 from plpost.rewards import RewardModel, RewardScorer, RewardSource, per_token_rewards, responses_of
 from plpost.rollout import ResponseForward, Rollout, in_chunks, response_forward, rollout_statistics
 
 
-class PPOModule(OnlineModule):
+class PPOModule(OnlineRLModule):
     """PPO for language models (Ziegler et al. 2019; Ouyang et al. 2022), one rollout per training step.
 
     A training step takes a `PromptBatch`, samples one response per prompt, scores it with the

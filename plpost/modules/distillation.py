@@ -1,0 +1,209 @@
+"""DistillationModule: on-policy distillation (GKD): the student samples its own completions and
+learns the teacher's next-token distribution on them."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor
+
+from plpost.data.prompts import PromptBatch
+from plpost.hf import check_same_tokenizer, check_vocabulary_fits
+from plpost.losses import masked_sum, token_divergence
+from plpost.losses.distillation import Divergence
+from plpost.modules.base import LoraSettings, default_optimizer, disable_dropout
+from plpost.modules.online import OnlineModule
+from plpost.modules.reference import FrozenCopy, model_fingerprint
+from plpost.rollout import Samples, join_responses, response_logits
+
+
+class DistillationModule(OnlineModule):
+    """Generalised knowledge distillation (Agarwal et al. 2024), one optimizer step per generation batch.
+
+    A training step takes a `PromptBatch`; with probability `lmbda` (drawn once per generation
+    batch, the same on every device, as TRL's GKD draws it) the student samples a completion of
+    each prompt, otherwise the batch's dataset completions are used (`PromptDataModule(...,
+    completions=True)`). Student and frozen teacher then run one forward each over prompt +
+    completion, and the loss is the divergence of the student's next-token distribution from the
+    teacher's at every completion token (`plpost.losses.token_divergence`), summed and divided by
+    the completion tokens of the whole generation batch on all devices: the same loss and
+    gradients whatever the micro-batch (`gradient_accumulation_steps`) or device split.
+    Optimization is manual: `trainer.global_step` counts generation batches.
+
+    The divergence is taken over the tokenizer's `len(tokenizer)` tokens: the embedding rows past
+    it, which models of one family pad to different multiples (Qwen2.5-7B has 152064 rows,
+    0.5B 151936), are no token either model can be given, so a teacher and a student of the same
+    tokenizer compare whatever their embedding widths.
+
+    Args:
+        model: the student's initial weights: Hub name, folder or ``plpost:tiny``.
+        teacher: the frozen teacher: Hub name or folder, with the student's tokenizer (a teacher
+            whose vocabulary differs is refused before its weights load).
+        tokenizer: the tokenizer (default: the model's); linked from the data in the CLI.
+        divergence: "forward_kl" KL(teacher || student) (TRL's beta = 0), "reverse_kl"
+            KL(student || teacher) (TRL's beta = 1, its DistillationTrainer's default), or "jsd" the
+            generalised Jensen-Shannon divergence with `beta`.
+        beta: the JSD's weight of the teacher in its mixture, 0 < beta < 1 (read by "jsd" only).
+        lmbda: the share of generation batches the student samples (1: on-policy only, TRL's
+            DistillationTrainer; 0: supervised KD on the dataset's completions only).
+        max_new_tokens: the longest sampled completion (dataset completions are kept whole).
+        temperature: sampling temperature; both distributions are taken at it too, as TRL does.
+        top_p: nucleus sampling threshold (1.0: off).
+        top_k: sample among the k most likely tokens (0: off).
+        gradient_accumulation_steps: micro-batches the generation batch is split into for the
+            forwards and backward (the logits of both models over a micro-batch are in memory at once).
+        gradient_clip_val: clip the gradient norm of each optimizer step (None: off).
+        random_init, dtype, attn_implementation, trust_remote_code, lora, gradient_checkpointing,
+            torch_compile: as for `GRPOModule` (the student's; the teacher loads in `dtype` too,
+            and `torch_compile` compiles its forward as well).
+        optimizer: the optimizer, given the student's trainable parameters.
+        scheduler: the learning-rate schedule, stepped every optimizer step.
+    """
+
+    frozen_modules = ("teacher",)
+
+    def __init__(
+        self,
+        model: str,
+        teacher: str,
+        tokenizer: str | None = None,
+        *,
+        divergence: Divergence = "reverse_kl",
+        beta: float = 0.5,
+        lmbda: float = 1.0,
+        max_new_tokens: int = 64,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        gradient_accumulation_steps: int = 1,
+        gradient_clip_val: float | None = 1.0,
+        random_init: bool = False,
+        dtype: Literal["float32", "bfloat16", "float16"] | None = None,
+        attn_implementation: str | None = None,
+        trust_remote_code: bool = False,
+        lora: LoraSettings | None = None,
+        gradient_checkpointing: bool = False,
+        torch_compile: bool = False,
+        optimizer: OptimizerCallable = default_optimizer,
+        scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__(
+            model, tokenizer, random_init=random_init, dtype=dtype, attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code, lora=lora, gradient_checkpointing=gradient_checkpointing,
+            torch_compile=torch_compile, optimizer=optimizer, scheduler=scheduler,
+        )
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        # Refuses an unknown divergence, a JSD beta outside (0, 1) or a temperature <= 0 now, not at the first step.
+        token_divergence(torch.zeros(1, 1, 2), torch.zeros(1, 1, 2), torch.ones(1, 1), divergence=divergence,
+                         beta=beta, temperature=temperature)
+        if not 0 <= lmbda <= 1:
+            raise ValueError(f"lmbda is the share of generation batches the student samples, in [0, 1]; got {lmbda}")
+        if gradient_accumulation_steps < 1:
+            raise ValueError(f"gradient_accumulation_steps must be >= 1, got {gradient_accumulation_steps}")
+        self.teacher_name = teacher
+        self.teacher: FrozenCopy | None = None
+        self.register_buffer("episodes", torch.zeros((), dtype=torch.float64))  # in checkpoints
+        self.automatic_optimization = False
+
+    @property
+    def optimizer_steps_per_batch(self) -> int:
+        return 1
+
+    # -- models ---------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        data = self.trainer.datamodule
+        if self.hparams.lmbda < 1 and data is not None and not getattr(data, "completions", False):
+            raise ValueError(f"lmbda={self.hparams.lmbda} trains on dataset completions in "
+                             f"{1 - self.hparams.lmbda:.0%} of the generation batches: give the data "
+                             "completions: true and a 'completion' column, or set lmbda: 1 (on-policy only)")
+
+    def configure_model(self) -> None:
+        if self.policy is not None:
+            return
+        # Before any weights load: a teacher of another vocabulary cannot be compared token by token.
+        check_same_tokenizer(self.tokenizer, self.tokenizer_name, self.teacher_name,
+                             trust_remote_code=self.trust_remote_code)
+        teacher = self.load_pretrained(self.teacher_name, random_init=False)
+        check_vocabulary_fits(self.tokenizer, self.tokenizer_name, teacher, self.teacher_name)
+        self.teacher = FrozenCopy(teacher, self.teacher_name)
+        self.policy = self.prepare_trainable(self.load_pretrained())
+        disable_dropout(self.policy)
+        self.finish_models()
+
+    def sharded_modules(self) -> list[torch.nn.Module | None]:
+        return [self.policy, self.teacher.model if self.teacher is not None else None]
+
+    def compiled_modules(self) -> list[torch.nn.Module | None]:
+        return [self.policy, self.teacher.model if self.teacher is not None else None]
+
+    def frozen_sources(self) -> dict[str, Any]:
+        return {"teacher": model_fingerprint(self.teacher_name)}
+
+    # -- completions ----------------------------------------------------------------------
+    def completions(self, batch: PromptBatch) -> tuple[Samples, bool]:
+        """The generation batch's completions, and whether the student sampled them."""
+        lmbda = self.hparams.lmbda
+        draw = lmbda == 1 or (lmbda > 0 and torch.rand(()).item() < lmbda)
+        on_policy = bool(self.trainer.strategy.broadcast(draw))  # every device samples, or none does
+        if on_policy:
+            return self.sample(batch.input_ids, batch.attention_mask), True
+        mask = batch.completion_mask.bool()
+        # A dataset completion ends with its stop token (see PromptDataModule's `completions`).
+        stopped = torch.ones(len(mask), dtype=torch.bool, device=mask.device)
+        return join_responses(batch.input_ids, batch.attention_mask, batch.completion_ids, mask, stopped), False
+
+    # -- training -------------------------------------------------------------------------
+    def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        hp = self.hparams
+        started = time.perf_counter()
+        samples, on_policy = self.completions(batch)
+        generated = time.perf_counter()
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        mask = samples.response_mask
+        # A batch with no completion token anywhere has a numerator of 0: a zero gradient, not 0 / 0.
+        tokens = self.global_sum(mask.sum()).clamp(min=1.0)
+        divergence_sum = torch.zeros((), device=mask.device)
+        for rows in torch.arange(len(mask), device=mask.device).tensor_split(hp.gradient_accumulation_steps):
+            numerator = self.micro_batch_divergence(samples, rows)
+            self.manual_backward(numerator / tokens * self.loss_scale())
+            divergence_sum += numerator.detach()
+        if hp.gradient_clip_val is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=hp.gradient_clip_val, gradient_clip_algorithm="norm")
+        optimizer.step()
+        optimizer.zero_grad()
+        if scheduler is not None:
+            scheduler.step()
+        self.episodes += float(len(mask) * self.trainer.world_size)
+        self.log_generation_batch(samples, on_policy, self.global_sum(divergence_sum) / tokens,
+                                  generation_s=generated - started, update_s=time.perf_counter() - generated)
+
+    def micro_batch_divergence(self, samples: Samples, rows: Tensor) -> Tensor:
+        """The summed divergence over the completion tokens of `rows` (differentiable in the student)."""
+        hp = self.hparams
+        tensors = [t[rows] for t in (samples.input_ids, samples.attention_mask, samples.position_ids,
+                                     samples.response_mask)]
+        vocabulary = len(self.tokenizer)
+        with torch.no_grad():
+            teacher_logits = response_logits(self.teacher, *tensors)[..., :vocabulary]
+        student_logits = response_logits(self.policy, *tensors)[..., :vocabulary]
+        mask = tensors[-1]
+        divergences = token_divergence(student_logits, teacher_logits, mask, divergence=hp.divergence, beta=hp.beta,
+                                       temperature=hp.temperature)
+        return masked_sum(divergences, mask)
+
+    def log_generation_batch(self, samples: Samples, on_policy: bool, divergence: Tensor, *,
+                             generation_s: float, update_s: float) -> None:
+        lengths = samples.response_mask.sum(1).float()
+        metrics = {
+            "completions/mean_length": lengths.mean(), "completions/clipped_ratio": (~samples.stopped).float().mean(),
+            "on_policy": float(on_policy), "time/generation_s": generation_s, "time/update_s": update_s,
+            "perf/episodes_per_s": len(lengths) * self.trainer.world_size / (generation_s + update_s),
+            "train/episodes": self.episodes.float(),
+        }
+        self.log_dict({k: v.float() if isinstance(v, Tensor) else float(v) for k, v in metrics.items()}, sync_dist=True)
+        self.log("train/loss", divergence.float(), prog_bar=True)  # already summed over devices
+        self.log_learning_rate()
