@@ -19,8 +19,8 @@ PRESETS = [c for c in CONFIGS if c.parent.name != "tiny"]
 
 def test_configs_are_counted():
     """Adding a config without it being exercised here is impossible: this is the census."""
-    assert len(TINY_CONFIGS) == 5, [c.name for c in TINY_CONFIGS]
-    assert len(PRESETS) == 5, [c.name for c in PRESETS]
+    assert len(TINY_CONFIGS) == 6, [c.name for c in TINY_CONFIGS]
+    assert len(PRESETS) == 6, [c.name for c in PRESETS]
 
 
 def short_run_args(config: Path) -> list[str]:
@@ -71,6 +71,8 @@ def test_preset_parses_and_runs_on_the_tiny_model(config, tmp_path, monkeypatch,
             reward["init_args"]["answer_column"] = "answer"  # the bundled prompts' column
     if raw["model"]["init_args"].get("critic_model"):
         raw["model"]["init_args"]["critic_model"] = tiny_reward_model
+    if raw["model"]["init_args"].get("teacher"):
+        raw["model"]["init_args"]["teacher"] = "plpost:tiny"
     lengths = {"max_length": 64, "max_prompt_length": 32}
     raw["data"]["init_args"].update({k: v for k, v in lengths.items() if k in raw["data"]["init_args"]})
     if raw["model"]["init_args"].get("max_new_tokens", 0) > 32:  # a real model's budget, on the tiny one
