@@ -1,8 +1,9 @@
 """The loss and gradients of the first optimizer step of a stage, on 8 variable-length records.
 
-Imported by test_invariance.py for single-process layouts, and run as a script for DDP
-(`python tests/reliability/first_step.py OUT DEVICES`), because Lightning's DDP launcher starts
-the other processes by re-running the command line. The script runs every stage in one launch.
+Imported by test_invariance.py for single-process layouts, and run as a script for DDP or FSDP2
+sharding (`python tests/reliability/first_step.py OUT DEVICES [ddp|sharded]`), because Lightning's
+launcher starts the other processes by re-running the command line. The script runs every stage
+in one launch.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import sys
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 
 from plpost import ChatDataModule, DPOModule, PreferenceDataModule, RewardModule, SFTModule
 
@@ -40,7 +42,7 @@ def pairs() -> list[dict]:
 
 
 def sgd(params):
-    return torch.optim.SGD(params, lr=0.0)
+    return torch.optim.SGD(params, lr=0.5)
 
 
 def chat_data(batch_size: int) -> ChatDataModule:
@@ -58,8 +60,14 @@ STAGES = {  # a stage: (its module, its data module for a micro-batch size)
 }
 
 
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A sharded tensor (DTensor) gathered whole, on every rank (a collective); any other as it is."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
 class StepCapture(L.Callback):
-    """The step's loss (summed over micro-batches and ranks) and its gradients, after DDP's all-reduce."""
+    """The step's loss (summed over micro-batches and ranks), its gradients after DDP's all-reduce
+    (or FSDP2's reduce-scatter), and the weights the step leaves."""
 
     def __init__(self) -> None:
         self.loss = torch.zeros((), dtype=torch.float64)
@@ -73,16 +81,25 @@ class StepCapture(L.Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if self.result is None:
             loss = trainer.strategy.reduce(self.loss, reduce_op="sum")
-            gradients = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None}
+            gradients = {n: whole(p.grad.detach()).clone() for n, p in pl_module.named_parameters() if p.grad is not None}
             self.result = {"loss": loss, "gradients": gradients}
 
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.result["weights"] = {n: whole(p.detach()).clone() for n, p in pl_module.named_parameters() if p.requires_grad}
 
-def first_step(stage: str, batch_size: int, accumulate: int = 1, devices: int = 1) -> dict:
+
+STRATEGIES = {
+    "ddp": lambda: "ddp",
+    "sharded": lambda: ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, process_group_backend="gloo"),
+}
+
+
+def first_step(stage: str, batch_size: int, accumulate: int = 1, devices: int = 1, strategy: str = "ddp") -> dict:
     L.seed_everything(0, verbose=False)  # the reward head starts from the same random weights
     module, data = STAGES[stage]
     capture = StepCapture()
     trainer = L.Trainer(
-        accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=1,
+        accelerator="cpu", devices=devices, strategy=STRATEGIES[strategy]() if devices > 1 else "auto", max_steps=1,
         accumulate_grad_batches=accumulate, callbacks=[capture], logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False,
     )
@@ -90,13 +107,13 @@ def first_step(stage: str, batch_size: int, accumulate: int = 1, devices: int = 
     return capture.result
 
 
-def main(out: str, devices: int) -> None:
+def main(out: str, devices: int, strategy: str) -> None:
     # Each process holds 8 / devices records, as micro-batches of 3 and 1: the step's records are
     # spread unevenly over micro-batches as well as over processes.
-    results = {stage: first_step(stage, 3, accumulate=2, devices=devices) for stage in STAGES}
+    results = {stage: first_step(stage, 3, accumulate=2, devices=devices, strategy=strategy) for stage in STAGES}
     if int(torch.distributed.get_rank() if torch.distributed.is_initialized() else 0) == 0:
         torch.save(results, out)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else "ddp")
