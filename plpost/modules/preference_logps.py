@@ -1,4 +1,4 @@
-"""Summed log-probabilities of the chosen and rejected completions of preference pairs.
+"""Summed log-probabilities of completions: the chosen and rejected ones of preference pairs, or any rows.
 
 Two layouts give the same numbers: two padded rows per pair (`pair_logps`), or one row of
 prompt + chosen + rejected per pair with the prompt computed once (`shared_pair_logps`, see
@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from plpost.data.preference import PreferenceBatch
+from plpost.data.preference import CompletionRows, PreferenceBatch
 from plpost.data.shared_prompt import CHOSEN, PADDING, PROMPT, REJECTED, SharedPromptRows
 from plpost.data.tokenize import IGNORE_INDEX
 from plpost.losses import next_token_targets, sequence_logprobs, token_logprobs
@@ -30,13 +30,16 @@ def pair_logps(model: nn.Module, batch: PreferenceBatch) -> ChosenRejected:
 
     ONE forward over the 2N rows of the batch (the N chosen, then the N rejected).
     """
+    return ChosenRejected(*completion_logps(model, batch).chunk(2))
+
+
+def completion_logps(model: nn.Module, rows: PreferenceBatch | CompletionRows) -> Tensor:
+    """(rows,) log pi(y|x) of each row's completion (its labelled tokens), from one forward."""
     logits = model(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-        use_cache=False,
+        input_ids=rows.input_ids, attention_mask=rows.attention_mask, position_ids=rows.position_ids, use_cache=False,
     ).logits
-    targets = completion_targets(batch)
-    logps = sequence_logprobs(token_logprobs(logits, targets), targets != IGNORE_INDEX)
-    return ChosenRejected(*logps.chunk(2))
+    targets = completion_targets(rows)
+    return sequence_logprobs(token_logprobs(logits, targets), targets != IGNORE_INDEX)
 
 
 def shared_pair_logps(model: nn.Module, rows: SharedPromptRows, attention_mask: Tensor) -> ChosenRejected:
@@ -67,8 +70,8 @@ def shared_pair_logps(model: nn.Module, rows: SharedPromptRows, attention_mask: 
     return ChosenRejected(chosen, rejected)
 
 
-def completion_targets(batch: PreferenceBatch) -> Tensor:
-    """(2N, T) next-token targets of the completion tokens. A padding position predicts nothing,
+def completion_targets(batch: PreferenceBatch | CompletionRows) -> Tensor:
+    """(rows, T) next-token targets of the completion tokens. A padding position predicts nothing,
     also where a left-padded row's first real token is already a completion token (an empty prompt)."""
     return next_token_targets(batch.labels).masked_fill(batch.attention_mask == 0, IGNORE_INDEX)
 
