@@ -1,13 +1,15 @@
 """plpost: PyTorch Lightning components for post-training language models."""
 
-from plpost.data import ChatDataModule, PreferenceDataModule, PromptDataModule
-from plpost.modules import DistillationModule, DPOModule, GRPOModule, PPOModule, RewardModule, SFTModule
+from plpost.data import ChatDataModule, FeedbackDataModule, PreferenceDataModule, PromptDataModule
+from plpost.modules import DistillationModule, DPOModule, GRPOModule, KTOModule, PPOModule, RewardModule, SFTModule
 
 __all__ = [
     "ChatDataModule",
     "DPOModule",
     "DistillationModule",
+    "FeedbackDataModule",
     "GRPOModule",
+    "KTOModule",
     "PPOModule",
     "PreferenceDataModule",
     "PromptDataModule",

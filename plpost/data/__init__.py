@@ -1,5 +1,6 @@
 from plpost.data.chat import ChatDataModule
 from plpost.data.collate import ChatBatch
+from plpost.data.feedback import FeedbackBatch, FeedbackDataModule
 from plpost.data.formats import DataValidationError
 from plpost.data.preference import PreferenceBatch, PreferenceDataModule
 from plpost.data.prompts import PromptBatch, PromptDataModule
@@ -10,6 +11,8 @@ __all__ = [
     "ChatDataModule",
     "DataSource",
     "DataValidationError",
+    "FeedbackBatch",
+    "FeedbackDataModule",
     "PreferenceBatch",
     "PreferenceDataModule",
     "PromptBatch",
