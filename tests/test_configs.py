@@ -19,8 +19,8 @@ PRESETS = [c for c in CONFIGS if c.parent.name != "tiny"]
 
 def test_configs_are_counted():
     """Adding a config without it being exercised here is impossible: this is the census."""
-    assert len(TINY_CONFIGS) == 6, [c.name for c in TINY_CONFIGS]
-    assert len(PRESETS) == 6, [c.name for c in PRESETS]
+    assert len(TINY_CONFIGS) == 8, [c.name for c in TINY_CONFIGS]
+    assert len(PRESETS) == 8, [c.name for c in PRESETS]
 
 
 def short_run_args(config: Path) -> list[str]:
@@ -87,4 +87,4 @@ def test_preset_parses_and_runs_on_the_tiny_model(config, tmp_path, monkeypatch,
 
 def tiny_data_for(data_class: str) -> str:
     return {"ChatDataModule": "sft.jsonl", "PreferenceDataModule": "preference.jsonl",
-            "PromptDataModule": "prompts.jsonl"}[data_class.rsplit(".", 1)[-1]]
+            "FeedbackDataModule": "preference.jsonl", "PromptDataModule": "prompts.jsonl"}[data_class.rsplit(".", 1)[-1]]
