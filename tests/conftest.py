@@ -16,6 +16,11 @@ from plpost.hf import load_tokenizer  # noqa: E402
 
 TINY = "plpost:tiny"
 
+# pytest-xdist runs one worker per core: each worker computing on every core would oversubscribe
+# them (a model this small gains nothing from more than one thread anyway).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 
 @pytest.fixture(scope="session")
 def tokenizer():

@@ -10,6 +10,7 @@ from transformers import AutoModelForSequenceClassification
 
 from plpost.callbacks.export import write_hf_folder
 from plpost.data.preference import PreferenceDataModule
+from plpost.data.sources import DataSource
 from plpost.modules import LoraSettings
 from plpost.modules.reward import PAIR_METRICS, RewardModule, sequence_rewards
 from plpost.optim import WarmupCosineLR
@@ -103,6 +104,33 @@ def test_gradients_are_the_same_for_7x1_and_2x4():
         torch.testing.assert_close(split[name], whole[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+class TrainLosses(L.Callback):
+    def __init__(self) -> None:
+        self.losses, self.accuracies = [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+        self.accuracies.append(float(trainer.callback_metrics["train/accuracy"]))
+
+
+def test_full_batch_training_fits_bundled_pairs():
+    """20 full-batch steps on 32 bundled pairs: the Bradley-Terry loss starts near ln 2 (a random
+    head scores both answers of a pair alike) and falls, and the model ranks the pairs it trained
+    on (measured: loss 0.70 -> 0.07, accuracy of the last 5 steps 0.96). The held-out ranking,
+    which takes the sum itself, is the slow test below."""
+    L.seed_everything(0)
+    recorder = TrainLosses()
+    module = RewardModule(TINY, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.0))
+    data = PreferenceDataModule(TINY, train=DataSource("plpost:data/addition/preference.jsonl", limit=32),
+                                batch_size=32, max_length=32)
+    trainer = L.Trainer(max_steps=20, callbacks=[recorder], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, data)
+    assert sum(recorder.losses[-5:]) / 5 < 0.5 * recorder.losses[0]
+    assert sum(recorder.accuracies[-5:]) / 5 > 0.9
+
+
+@pytest.mark.slow
 def test_training_on_the_bundled_pairs_ranks_held_out_pairs(tmp_path):
     """The pairs differ only in the tens digit (a forgotten or a spurious carry), so ranking them
     takes the sum. Measured: held-out accuracy 0.97 after 120 steps, about 0.2 s of one core a step;
