@@ -4,12 +4,10 @@
 
 STAGE: sft, sft-packed, sft-lora, sft-merged, reward, dpo, dpo-adapter, ppo, ppo-critic, grpo, one fit after the other in the same
 two processes. Run as a script because Lightning's launcher starts the other process by re-running
-the command line. Writes each stage's export to OUT/STAGE/model, from rank 0, the sum of each
-rank's local policy parameters to OUT/STAGE/sums.pt, and, from each rank, the greedy completions
-GenerationEval made at the end of training to OUT/STAGE/generations-RANK.json (not for reward).
+the command line. Writes each stage's export to OUT/STAGE/model and, from rank 0, the sum of
+each rank's local policy parameters to OUT/STAGE/sums.pt.
 """
 
-import json
 import sys
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from plpost import ChatDataModule, DPOModule, GRPOModule, PPOModule, PreferenceDataModule, PromptDataModule, RewardModule, SFTModule
-from plpost.callbacks import GenerationEval, HFExport
+from plpost.callbacks import HFExport
 from plpost.modules.base import LoraSettings
 from plpost.rewards import RewardFunction
 
@@ -43,17 +41,6 @@ def prompts() -> list[dict]:
 
 def text_reward(prompts: list, completions: list[str], **columns) -> torch.Tensor:
     return torch.tensor([float(sum(map(ord, c)) % 7) for c in completions])
-
-
-class CompletionsKept:
-    """A GenerationEval score function that keeps the completions it scores."""
-
-    def __init__(self) -> None:
-        self.completions: list[str] = []
-
-    def __call__(self, prompts: list, completions: list[str], **columns) -> torch.Tensor:
-        self.completions += completions
-        return torch.zeros(len(completions))
 
 
 def sgd(params):
@@ -91,17 +78,12 @@ STRATEGIES = {
 def fit(out: Path, stage: str, strategy: str) -> None:
     L.seed_everything(0)
     module, data = build(stage)
-    kept = CompletionsKept()
-    callbacks = [HFExport(str(out / "model"))]
-    if stage != "reward":
-        eval_prompts = [{"prompt": f"{i}+{i + 1}="} for i in range(3)]
-        callbacks.append(GenerationEval(eval_prompts, kept, every_n_steps=0, max_new_tokens=6))
     trainer = L.Trainer(
         accelerator="cpu", devices=DEVICES, max_steps=STEPS, logger=False, enable_checkpointing=False,
-        strategy=STRATEGIES[strategy](), enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+        strategy=STRATEGIES[strategy](),
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[HFExport(str(out / "model"))],
     )
     trainer.fit(module, data)
-    (out / f"generations-{trainer.global_rank}.json").write_text(json.dumps(kept.completions))
     local = torch.stack([p.detach().to_local().sum() if hasattr(p, "to_local") else p.detach().sum()
                          for p in module.policy.parameters()]).sum()
     sums = trainer.strategy.all_gather(local)
