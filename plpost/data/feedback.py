@@ -23,7 +23,8 @@ class FeedbackBatch(NamedTuple):
     completion_j, j the example's partner (see `FeedbackDataModule`). desirable: (N,) bool.
     example_normalizer: scalar, the examples of the whole optimizer step (all micro-batches and
     devices) when the sampler knows it, else N. example_index: (N,) the example's position in
-    its split's examples (a key for cached values).
+    its split's examples (a key for cached values). record_index: (N,) the record of its source
+    it comes from (the two rows of a converted pair share theirs).
     """
 
     completions: CompletionRows
@@ -31,6 +32,7 @@ class FeedbackBatch(NamedTuple):
     desirable: Tensor
     example_normalizer: Tensor
     example_index: Tensor
+    record_index: Tensor
 
 
 def collate_feedback(
@@ -51,6 +53,7 @@ def collate_feedback(
         torch.tensor([example["desirable"] for example in examples], dtype=torch.bool),
         torch.tensor(float(len(examples) if window_weight is None else window_weight)),
         torch.tensor([example["example_index"] for example in examples], dtype=torch.long),
+        torch.tensor([example["record_index"] for example in examples], dtype=torch.long),
     )
 
 
@@ -83,19 +86,20 @@ class FeedbackDataModule(PreferenceDataModule):
             prompt_ids, tokens, truncated = self.tokenize_completions(
                 source, index, feedback.prompt, {"completion": feedback.completion}, feedback.tools
             )
-            return [self.example(prompt_ids, tokens["completion"], feedback.desirable, truncated)]
+            return [self.example(prompt_ids, tokens["completion"], feedback.desirable, index, truncated)]
         pair = validate_preference_row(source, index, row, identical_pairs=self.identical_pairs)
         prompt_ids, tokens, truncated = self.tokenize_completions(
             source, index, pair.prompt, {"chosen": pair.chosen, "rejected": pair.rejected}, pair.tools
         )
         refuse_identical(RecordChecker(source, index, row), tokens["chosen"], tokens["rejected"], self.identical_pairs,
                          "as tokens (after rendering and truncation)")
-        return [self.example(prompt_ids, tokens["chosen"], True, truncated),
-                self.example(prompt_ids, tokens["rejected"], False, truncated)]
+        return [self.example(prompt_ids, tokens["chosen"], True, index, truncated),
+                self.example(prompt_ids, tokens["rejected"], False, index, truncated)]
 
     @staticmethod
-    def example(prompt_ids: list[int], completion_ids: list[int], desirable: bool, truncated: bool) -> dict:
-        return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "desirable": desirable, "truncated": truncated}
+    def example(prompt_ids: list[int], completion_ids: list[int], desirable: bool, record: int, truncated: bool) -> dict:
+        return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "desirable": desirable,
+                "record_index": record, "truncated": truncated}
 
     def examples_from(self, source: SourceLike, split: str) -> list[dict]:
         examples = PostTrainingDataModule.examples_from(self, source, split)  # pairs have no margin to check here

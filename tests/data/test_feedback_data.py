@@ -92,6 +92,7 @@ def test_batches_hold_both_row_sets_and_the_step_normalizer():
     data, examples = examples_of([PAIR, {"prompt": "3+4", "completion": "7", "label": True}])
     batch = data.collate_fn()([(e, None) for e in examples])
     assert batch.desirable.tolist() == [True, False, True] and batch.example_index.tolist() == [0, 1, 2]
+    assert batch.record_index.tolist() == [0, 0, 1]  # the two rows of the pair come from record 0
     assert float(batch.example_normalizer) == 3.0
     assert float(data.collate_fn()([(e, 8.0) for e in examples[:2]]).example_normalizer) == 8.0
     for rows, key in ((batch.completions, "completion_ids"), (batch.mismatched, "mismatched_ids")):
