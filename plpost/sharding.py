@@ -6,7 +6,10 @@ tensor_parallel_size=1)`. Each trained model (policy, critic) and each frozen co
 reference) is sharded over the data-parallel mesh, one FSDP unit per decoder layer, then the root;
 sharding a frozen model costs nothing but an all-gather per layer at each forward and keeps its
 memory divided like the policy's. Reward models scored from Python (`RewardScorer` sources) are
-not modules of the stage: each rank keeps its own whole copy (replicated).
+not modules of the stage: each rank keeps its own whole copy (replicated). A `precomputed` DPO or
+KTO reference is loaded whole on each rank for its one pass before training (each rank computes
+its share of the batches; see `plpost.modules.reference.precompute_logps`), then freed: the peak
+is one unsharded model per rank at the start of fit, and none during training.
 """
 
 from __future__ import annotations

@@ -2,12 +2,15 @@
 
     python tests/sharded_run.py OUT STRATEGY STAGE...     (STRATEGY: ddp, sharded or tensor-parallel)
 
-STAGE: sft, sft-packed, sft-lora, sft-merged, reward, dpo, dpo-adapter, ppo, ppo-critic, grpo, one fit after the other in the same
+STAGE: sft, sft-packed, sft-lora, sft-merged, reward, dpo, dpo-adapter, dpo-precomputed, ppo, ppo-critic, grpo,
+one fit after the other in the same
 two processes. Run as a script because Lightning's launcher starts the other process by re-running
-the command line. Writes each stage's export to OUT/STAGE/model and, from rank 0, the sum of
-each rank's local policy parameters to OUT/STAGE/sums.pt.
+the command line. Writes each stage's export to OUT/STAGE/model, from rank 0, the sum of each
+rank's local policy parameters to OUT/STAGE/sums.pt, and, from each rank, the greedy completions
+GenerationEval made at the end of training to OUT/STAGE/generations-RANK.json (not for reward).
 """
 
+import json
 import sys
 from pathlib import Path
 
@@ -16,7 +19,7 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from plpost import ChatDataModule, DPOModule, GRPOModule, PPOModule, PreferenceDataModule, PromptDataModule, RewardModule, SFTModule
-from plpost.callbacks import HFExport
+from plpost.callbacks import GenerationEval, HFExport
 from plpost.modules.base import LoraSettings
 from plpost.rewards import RewardFunction
 
@@ -43,11 +46,22 @@ def text_reward(prompts: list, completions: list[str], **columns) -> torch.Tenso
     return torch.tensor([float(sum(map(ord, c)) % 7) for c in completions])
 
 
+class CompletionsKept:
+    """A GenerationEval score function that keeps the completions it scores."""
+
+    def __init__(self) -> None:
+        self.completions: list[str] = []
+
+    def __call__(self, prompts: list, completions: list[str], **columns) -> torch.Tensor:
+        self.completions += completions
+        return torch.zeros(len(completions))
+
+
 def sgd(params):
     return torch.optim.SGD(params, lr=0.5)
 
 
-def build(stage: str):
+def build(stage: str, cache: Path):
     lora = LoraSettings(r=4, alpha=8, dropout=0.0, merge_on_export=stage == "sft-merged")
     lora = lora if stage in ("sft-lora", "sft-merged", "dpo-adapter") else None
     if stage in ("ppo", "ppo-critic", "grpo"):
@@ -62,8 +76,8 @@ def build(stage: str):
     data = PreferenceDataModule("plpost:tiny", train=pairs(), batch_size=2, shuffle=False)
     if stage == "reward":
         return RewardModule("plpost:tiny", optimizer=sgd), data
-    reference = "adapter" if stage == "dpo-adapter" else "copy"
-    return DPOModule("plpost:tiny", optimizer=sgd, reference=reference, lora=lora), data
+    reference = {"dpo-adapter": "adapter", "dpo-precomputed": "precomputed"}.get(stage, "copy")
+    return DPOModule("plpost:tiny", optimizer=sgd, reference=reference, lora=lora, reference_cache_dir=str(cache)), data
 
 
 STRATEGIES = {
@@ -77,13 +91,18 @@ STRATEGIES = {
 
 def fit(out: Path, stage: str, strategy: str) -> None:
     L.seed_everything(0)
-    module, data = build(stage)
+    module, data = build(stage, out / "reference-cache")
+    kept = CompletionsKept()
+    callbacks = [HFExport(str(out / "model"))]
+    if stage != "reward":
+        eval_prompts = [{"prompt": f"{i}+{i + 1}="} for i in range(3)]
+        callbacks.append(GenerationEval(eval_prompts, kept, every_n_steps=0, max_new_tokens=6))
     trainer = L.Trainer(
         accelerator="cpu", devices=DEVICES, max_steps=STEPS, logger=False, enable_checkpointing=False,
-        strategy=STRATEGIES[strategy](),
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[HFExport(str(out / "model"))],
+        strategy=STRATEGIES[strategy](), enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
     )
     trainer.fit(module, data)
+    (out / f"generations-{trainer.global_rank}.json").write_text(json.dumps(kept.completions))
     local = torch.stack([p.detach().to_local().sum() if hasattr(p, "to_local") else p.detach().sum()
                          for p in module.policy.parameters()]).sum()
     sums = trainer.strategy.all_gather(local)

@@ -1,6 +1,7 @@
 """FSDP2 sharding under ModelParallelStrategy on 2 CPU processes (gloo): every stage takes the same
 steps as under DDP, its export is gathered whole, and a setting plpost cannot honour is refused."""
 
+import json
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from safetensors.torch import load_file
 from plpost.hf import load_causal_lm
 
 SCRIPT = Path(__file__).with_name("sharded_run.py")
-STAGES = ["sft", "sft-packed", "sft-lora", "sft-merged", "reward", "dpo", "dpo-adapter", "ppo", "ppo-critic", "grpo"]
+STAGES = ["sft", "sft-packed", "sft-lora", "sft-merged", "reward", "dpo", "dpo-adapter", "dpo-precomputed", "ppo", "ppo-critic", "grpo"]
 CLIPPED = {"ppo", "ppo-critic", "grpo"}
 """Stages that clip the gradient norm (see the tolerance in the test below)."""
 
@@ -64,6 +65,19 @@ def test_sharded_run_exports_the_weights_of_a_ddp_run(runs, stage):
     elif stage != "reward":
         initial = load_causal_lm("plpost:tiny").state_dict()
         assert any(not torch.equal(sharded[name], initial[name]) for name in sharded)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [stage for stage in STAGES if stage != "reward"])
+def test_generation_eval_samples_from_the_gathered_weights_of_a_sharded_model(runs, stage):
+    """GenerationEval at the end of training, greedy: each rank generates its own 3 completions
+    from the full weights gathered once (`sharding.full_parameters`), and they are the DDP run's
+    word for word where the weights are DDP's exactly (not PPO and GRPO, one ulp apart)."""
+    for rank in (0, 1):
+        sharded = json.loads((runs / "sharded" / stage / f"generations-{rank}.json").read_text())
+        assert len(sharded) == 3 and any(sharded)
+        if stage not in CLIPPED:
+            assert sharded == json.loads((runs / "ddp" / stage / f"generations-{rank}.json").read_text())
 
 
 @pytest.mark.slow
