@@ -14,7 +14,7 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from plpost import ChatDataModule, DPOModule, PreferenceDataModule, RewardModule, SFTModule
+from plpost import ChatDataModule, DPOModule, FeedbackDataModule, KTOModule, PreferenceDataModule, RewardModule, SFTModule
 
 TINY = "plpost:tiny"
 RECORDS = 8
@@ -53,10 +53,20 @@ def pair_data(batch_size: int) -> PreferenceDataModule:
     return PreferenceDataModule(TINY, train=pairs(), batch_size=batch_size, shuffle=False)
 
 
+def feedback_data(batch_size: int) -> FeedbackDataModule:
+    """One labelled completion per record: the chosen of the even pairs, the rejected of the odd ones."""
+    rows = [{"prompt": pair["prompt"], "completion": pair["chosen" if i % 2 == 0 else "rejected"], "label": i % 2 == 0}
+            for i, pair in enumerate(pairs())]
+    return FeedbackDataModule(TINY, train=rows, batch_size=batch_size, shuffle=False)
+
+
 STAGES = {  # a stage: (its module, its data module for a micro-batch size)
     "sft": (lambda: SFTModule(TINY, optimizer=sgd), chat_data),
     "reward": (lambda: RewardModule(TINY, optimizer=sgd), pair_data),
     "dpo": (lambda: DPOModule(TINY, optimizer=sgd), pair_data),
+    # The NLL per chosen token of the whole step; at step 0, KTO's z0 is 0 in every micro-batch.
+    "orpo": (lambda: DPOModule(TINY, loss_type="orpo", reference="none", optimizer=sgd), pair_data),
+    "kto": (lambda: KTOModule(TINY, undesirable_weight=1.5, optimizer=sgd), feedback_data),
 }
 
 
