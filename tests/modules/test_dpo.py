@@ -298,6 +298,30 @@ def test_training_drives_reward_accuracy_up_on_the_bundled_pairs(tmp_path):
     assert sum(accuracies.values[-5:]) / 5 > 0.7, accuracies.values
 
 
+class Logged(L.Callback):
+    def __init__(self, *names: str) -> None:
+        self.values = {name: [] for name in names}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        for name, values in self.values.items():
+            values.append(float(trainer.callback_metrics[name]))
+
+
+def test_orpo_teaches_the_base_model_the_answers_and_prefers_the_chosen_ones(tmp_path):
+    """ORPO from the tiny base model, no SFT and no reference, full batch on 32 bundled pairs: the
+    chosen NLL per token falls below half of its start within 15 steps (measured: 9.0 to 1.9), and
+    the share of pairs whose chosen answer is the likelier per token rises (0.56 to 0.69)."""
+    L.seed_everything(0)
+    logged = Logged("train/nll_loss", "train/rewards/accuracies")
+    module = DPOModule(TINY, loss_type="orpo", reference="none",
+                       optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3, weight_decay=0.0))
+    data = PreferenceDataModule(TINY, train=bundled_rows(32), batch_size=32, max_length=32)
+    fit(module, data, steps=15, callbacks=[logged], default_root_dir=tmp_path)
+    nll, accuracies = logged.values["train/nll_loss"], logged.values["train/rewards/accuracies"]
+    assert sum(nll[-3:]) / 3 < nll[0] / 2, nll
+    assert sum(accuracies[-3:]) / 3 > accuracies[0], accuracies
+
+
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 def test_shared_prompt_rows_give_the_log_probs_and_gradients_of_two_padded_rows(attn_implementation, padding_side):
