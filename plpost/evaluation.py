@@ -15,7 +15,7 @@ from plpost.data.collate import pad_rows
 from plpost.data.tokenize import chat_ids, prompt_ids
 from plpost.generation import Prompt, encode_prompts, generate_texts, generation_config
 from plpost.rewards import RewardModel, Responses
-from plpost.rollout import join_responses, position_ids_from, response_forward, sample_responses
+from plpost.rollout import decode_completions, join_responses, position_ids_from, response_forward, sample_responses
 
 
 class GreedyReport(NamedTuple):
@@ -48,8 +48,16 @@ def greedy_report(
     return GreedyReport(generations.texts, scores, generations.stopped & shaped)
 
 
+class SampledReport(NamedTuple):
+    prompts: list[Prompt]
+    """Each prompt repeated once per sample, in the order of the samples."""
+    completions: list[str]
+    kl: Tensor
+    """(samples,) log policy(y|x) - log reference(y|x), summed over each response's tokens."""
+
+
 @torch.no_grad()
-def sampled_kl(
+def sampled_report(
     policy: PreTrainedModel,
     reference: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -59,12 +67,12 @@ def sampled_kl(
     samples_per_prompt: int = 4,
     batch_size: int = 256,
     seed: int = 0,
-) -> float:
-    """KL(policy || reference) per response, estimated on responses sampled from the policy.
+) -> SampledReport:
+    """Responses sampled from the policy at temperature 1, with their log-ratio to a reference.
 
-    For responses y ~ policy(.|x) at temperature 1, KL = E[sum_t log policy(y_t|.) - log
-    reference(y_t|.)]; the mean over prompts and `samples_per_prompt` samples each is an
-    unbiased estimate (in nats per response).
+    For y ~ policy(.|x), KL(policy || reference) = E[sum_t log policy(y_t|.) - log reference(y_t|.)],
+    so the mean of `kl` is an unbiased estimate of it (in nats per response). The global RNG is
+    seeded with `seed` for the sampling and given back as it was.
     """
     device = next(policy.parameters()).device
     config = generation_config(tokenizer, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
@@ -72,7 +80,8 @@ def sampled_kl(
     repeated = [prompt for prompt in prompts for _ in range(samples_per_prompt)]
     generator_state = torch.get_rng_state()
     torch.manual_seed(seed)
-    totals = []
+    completions, totals = [], []
+    modes = policy.training, reference.training
     try:
         for start in range(0, len(repeated), batch_size):
             input_ids, attention_mask = (t.to(device) for t in encode_prompts(tokenizer, repeated[start : start + batch_size]))
@@ -80,10 +89,21 @@ def sampled_kl(
             inputs = (samples.input_ids, samples.attention_mask, samples.position_ids, samples.response_mask)
             policy_logps = response_forward(policy.eval(), *inputs, temperature=1.0).logprobs
             reference_logps = response_forward(reference.eval(), *inputs, temperature=1.0).logprobs
-            totals.append((policy_logps - reference_logps).sum(dim=1))
+            totals.append((policy_logps - reference_logps).sum(dim=1).cpu())
+            completions += decode_completions(tokenizer, samples)
     finally:
         torch.set_rng_state(generator_state)
-    return float(torch.cat(totals).mean())
+        policy.train(modes[0])
+        reference.train(modes[1])
+    return SampledReport(repeated, completions, torch.cat(totals))
+
+
+def sampled_kl(
+    policy: PreTrainedModel, reference: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt],
+    **settings,
+) -> float:
+    """KL(policy || reference) per response (nats), estimated on `sampled_report`'s samples (same settings)."""
+    return float(sampled_report(policy, reference, tokenizer, prompts, **settings).kl.mean())
 
 
 @torch.no_grad()

@@ -1,22 +1,58 @@
-"""The demo pipeline end to end, shortened: every stage trains, exports and is measured."""
+"""The demo: the data it makes at run time, and the pipeline end to end, shortened."""
 
 import json
 
 import pytest
 
 from plpost.cli import main
+from plpost.demo.data import correct_demonstrations, echoed, problem_of, style_of, style_pairs, styled_answer_correct
+from plpost.demo.report import cell, spread
+from plpost.tasks.addition import AdditionProblem
+
+
+def chat(question: str, answer: str) -> dict:
+    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+
+
+def test_correct_demonstrations_keep_the_first_right_sums_in_order():
+    # 37+48 = 85, so "75" (the forgotten carry) is dropped; 21+34 = 55 and 50+45 = 95 are kept.
+    demonstrations = [chat("37+48", "75"), chat("21+34", "55"), chat("37+48", "85"), chat("50+45", "95")]
+    assert correct_demonstrations(demonstrations, 2) == [demonstrations[1], demonstrations[2]]
+    with pytest.raises(ValueError, match="asked for 4 correct demonstrations but the data holds 3"):
+        correct_demonstrations(demonstrations, 4)
+
+
+def test_the_two_answer_styles_are_both_correct_and_told_apart():
+    prompt = [{"role": "user", "content": "37+48"}]
+    assert problem_of(prompt) == AdditionProblem(37, 48) and echoed(AdditionProblem(37, 48)) == "37+48=85"
+    assert [style_of(text) for text in ("85", " 75", "37+48=85", "37+48=75", "85 since", "")] == [
+        "bare", "bare", "echoed", "echoed", None, None]
+    assert [styled_answer_correct(prompt, text) for text in ("85", "37+48=85", "75", "37+48=75")] == [True, True, False, False]
+    (pair,) = style_pairs([prompt], "echoed")
+    assert (pair["chosen"][0]["content"], pair["rejected"][0]["content"]) == ("37+48=85", "85")
+
+
+def test_a_number_over_seeds_is_their_mean_and_half_their_range():
+    # 0.5, 0.6, 0.9: mean 2.0 / 3 = 0.6667, range 0.4, so "66.7% ± 20.0"; one seed shows no spread.
+    assert spread([0.5, 0.6, 0.9]) == pytest.approx((2.0 / 3, 0.2))
+    assert cell([0.5, 0.6, 0.9], "percent") == "66.7% ± 20.0" and cell([1.234], "number") == "1.23"
 
 
 @pytest.mark.slow
 def test_quick_demo_runs_every_stage_and_reports(tmp_path):
-    main(["demo", "--quick", "--out", str(tmp_path)])
-    for stage in ("sft", "reward", "dpo", "ppo", "grpo"):
-        assert (tmp_path / stage / "config.json").exists(), stage
+    main(["demo", "--quick", "--quiet", "--out", str(tmp_path)])
     report = json.loads((tmp_path / "report.json").read_text())
-    table = report["table"]
+    (result,) = report["results"]
+    for folder in ("sft", "sft_clean", "reward", "dpo", "dpo_sigmoid", "dpo_bare", "dpo_echoed", "ppo_exact", "grpo"):
+        assert (tmp_path / "seed-0" / folder / "config.json").exists(), folder
+    table = result["policies"]
     # Even a short SFT teaches the chat format that the base model never saw.
     assert table["base"]["format"] < 0.2 < table["sft"]["format"]
-    assert table["dpo"]["kl_to_sft"] >= -0.5 and "kl_to_sft" in table["ppo"] and "kl_to_sft" in table["grpo"]
-    assert 0.0 <= table["reward_model"]["pairwise_accuracy"] <= 1.0
-    assert "| sft |" in (tmp_path / "report.md").read_text() and "| grpo |" in (tmp_path / "report.md").read_text()
-    assert (tmp_path / "report.png").stat().st_size > 1000
+    assert table["sft"]["kl_to_sft"] == pytest.approx(0.0, abs=1e-4) and table["dpo"]["kl_to_sft"] >= -0.5
+    for name, points in result["curves"].items():
+        assert [point["rollouts"] for point in points][:2] == [0, 1], name
+        assert points[0]["kl_to_sft"] == pytest.approx(0.0, abs=1e-4), name  # the PPO policy starts as the SFT model
+    assert set(result["ranking"]["plausible"]) >= {"sft_likelihood", "reward_final", "implicit_dpo"}
+    text = (tmp_path / "report.md").read_text()
+    assert "| rlhf_kl_0 |" in text and "| dpo_echoed |" in text
+    assert (tmp_path / "report.png").stat().st_size > 1000 and (tmp_path / "overoptimisation.png").stat().st_size > 1000
