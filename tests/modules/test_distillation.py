@@ -17,6 +17,8 @@ from plpost.assets import resolve_pretrained
 from plpost.hf import load_causal_lm, load_tokenizer
 from plpost.modules.base import LoraSettings
 
+SFT_EXAMPLES, NOISE, DISTILL_BATCHES = 8000, 0.4, 40
+RECOVERED = 0.1  # of the accuracy gap between student and teacher, at least (measured: 0.18)
 ROWS = [{"prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": a}]}
         for q, a in [("1+1", "2"), ("12+34", "46"), ("5+5", "10"), ("99+99", "198")]]
 
@@ -139,3 +141,51 @@ def test_a_lora_student_trains_its_adapters_only(perturbed_teacher):
 def test_settings_that_cannot_work_are_refused_at_construction(settings, message):
     with pytest.raises(ValueError, match=message):
         distill(**settings)
+
+
+@pytest.mark.slow
+def test_a_student_distilled_from_the_sft_model_recovers_its_accuracy(tmp_path):
+    """SFT teaches the tiny model the chat format and some addition: the teacher. Its copy with noise
+    (0.4 of each tensor's std) added to every weight is the student, far less accurate on the 300
+    held-out problems; on-policy distillation on the bundled prompts lifts its greedy exact match
+    back toward the teacher's. Measured (2 shared CPU cores; the SFT takes most of the time): teacher
+    53.7%, student 21.3% -> 27.0% after 40 generation batches of 32."""
+    from plpost import ChatDataModule, SFTModule
+    from plpost.callbacks import write_hf_folder
+    from plpost.data.sources import DataSource, load_source
+    from plpost.generation import generate_texts
+    from plpost.optim import WarmupCosineLR
+    from plpost.tasks import exact_match_reward
+
+    settings = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    L.seed_everything(0)
+    sft = SFTModule(TINY, optimizer=partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.0),
+                    scheduler=partial(WarmupCosineLR, warmup_steps=20, min_lr_ratio=0.1))
+    chats = ChatDataModule(TINY, DataSource("plpost:data/addition/sft.jsonl", limit=SFT_EXAMPLES), batch_size=16,
+                           max_length=32)
+    L.Trainer(max_epochs=1, **settings).fit(sft, chats)
+    write_hf_folder(sft, tmp_path / "teacher")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in sft.policy.parameters():
+            parameter.add_(NOISE * parameter.std() * torch.randn(parameter.shape, generator=generator))
+    write_hf_folder(sft, tmp_path / "student")
+
+    held_out = [dict(row) for row in load_source("plpost:data/addition/eval.jsonl")]
+    tokenizer = load_tokenizer(TINY)
+
+    def accuracy(model) -> float:
+        completions = generate_texts(model, tokenizer, [r["prompt"] for r in held_out], max_new_tokens=6)
+        return float(exact_match_reward(None, completions.texts, [r["answer"] for r in held_out]).mean())
+
+    student = DistillationModule(str(tmp_path / "student"), str(tmp_path / "teacher"), max_new_tokens=6,
+                                 optimizer=partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.0))
+    student.configure_model()
+    teacher, before = accuracy(student.teacher.model), accuracy(student.policy)
+    L.seed_everything(0)
+    L.Trainer(max_epochs=1, limit_train_batches=DISTILL_BATCHES, **settings).fit(
+        student, PromptDataModule(TINY, "plpost:data/addition/prompts.jsonl", batch_size=32))
+    after = accuracy(student.policy)
+    print(f"held-out greedy exact match: teacher {teacher:.3f}, student {before:.3f} -> {after:.3f}")
+    assert teacher > before + 0.2
+    assert after > before + RECOVERED * (teacher - before)
