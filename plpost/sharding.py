@@ -67,28 +67,44 @@ def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def shard(model: nn.Module, mesh: Any) -> nn.Module:
+def mixed_precision_policy(trainer: L.Trainer) -> Any | None:
+    """FSDP2's mixed precision for the trainer's `precision`: ModelParallelStrategy runs
+    "bf16-mixed" as autocast alone, which would gather and reduce float32 weights and gradients;
+    with this policy each unit gathers its weights in bfloat16 for the forward and backward (half
+    the memory and traffic) and reduces gradients in float32 into the float32 shards the
+    optimizer steps. Any other precision: None (float32, or weights converted whole by "-true")."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if trainer.precision != "bf16-mixed":
+        return None
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+def shard(model: nn.Module, mesh: Any, mp_policy: Any | None = None) -> nn.Module:
     """`model` sharded in place with FSDP2 over `mesh`: each decoder layer, then the root (which
     takes the embeddings, the final norm, the head and, for LoRA, the adapters outside the layers).
 
     A sequence classifier (reward model, critic) is read as backbone and score head, each called
     on its own (`plpost.reward_head`), never through the root's forward, whose hook is what gathers
     a root unit: so the backbone and the head are the last two units there, and the root holds no
-    parameter. A model sharded already is left as it is.
+    parameter. A model sharded already is left as it is. `mp_policy`: see `mixed_precision_policy`.
     """
-    from torch.distributed.fsdp import fully_shard
+    from functools import partial
+
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if any(is_sharded(m) for m in model.modules()):
         return model
+    unit = partial(fully_shard, mesh=mesh, mp_policy=mp_policy or MixedPrecisionPolicy())
     for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh)
+        unit(layer)
     classifier = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = getattr(classifier, SCORE_HEAD, None)
     if head is not None and classifier.base_model is not classifier:
-        fully_shard(classifier.base_model, mesh=mesh)
-        fully_shard(head, mesh=mesh)
+        unit(classifier.base_model)
+        unit(head)
     else:
-        fully_shard(model, mesh=mesh)
+        unit(model)
     return model
 
 

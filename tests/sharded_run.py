@@ -2,12 +2,12 @@
 
     python tests/sharded_run.py OUT STRATEGY STAGE...     (STRATEGY: ddp, sharded or tensor-parallel)
 
-STAGE: sft, sft-packed, sft-lora, sft-merged, reward, dpo, dpo-adapter, dpo-precomputed, ppo, ppo-critic, grpo,
-one fit after the other in the same
-two processes. Run as a script because Lightning's launcher starts the other process by re-running
+STAGE: sft, sft-packed, sft-lora, sft-merged, sft-bf16 (precision bf16-mixed), reward, dpo, dpo-adapter,
+dpo-precomputed, ppo, ppo-critic, grpo, one fit after the other in the same two processes. Run as a script because Lightning's launcher starts the other process by re-running
 the command line. Writes each stage's export to OUT/STAGE/model, from rank 0, the sum of each
 rank's local policy parameters to OUT/STAGE/sums.pt, and, from each rank, the greedy completions
-GenerationEval made at the end of training to OUT/STAGE/generations-RANK.json (not for reward).
+GenerationEval made at the end of training to OUT/STAGE/generations-RANK.json (not for reward), and
+the dtype of the weights the first decoder layer computes with to OUT/STAGE/compute-dtype.txt.
 """
 
 import json
@@ -25,6 +25,7 @@ from plpost.rewards import RewardFunction
 
 STEPS = 3
 DEVICES = 2
+PRECISION = {"sft-bf16": "bf16-mixed"}
 
 
 def chats() -> list[dict]:
@@ -55,6 +56,17 @@ class CompletionsKept:
     def __call__(self, prompts: list, completions: list[str], **columns) -> torch.Tensor:
         self.completions += completions
         return torch.zeros(len(completions))
+
+
+class ComputeDtype(L.Callback):
+    """Records the dtype of the weights the first decoder layer's first linear layer computes with."""
+
+    def __init__(self) -> None:
+        self.dtypes: set[str] = set()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        linear = next(m for name, m in pl_module.policy.named_modules() if ".layers.0." in name and isinstance(m, torch.nn.Linear))
+        linear.register_forward_pre_hook(lambda module, args: self.dtypes.add(str(module.weight.dtype)))
 
 
 def sgd(params):
@@ -92,14 +104,15 @@ STRATEGIES = {
 def fit(out: Path, stage: str, strategy: str) -> None:
     L.seed_everything(0)
     module, data = build(stage, out / "reference-cache")
-    kept = CompletionsKept()
-    callbacks = [HFExport(str(out / "model"))]
+    kept, dtype = CompletionsKept(), ComputeDtype()
+    callbacks = [HFExport(str(out / "model")), dtype]
     if stage != "reward":
         eval_prompts = [{"prompt": f"{i}+{i + 1}="} for i in range(3)]
         callbacks.append(GenerationEval(eval_prompts, kept, every_n_steps=0, max_new_tokens=6))
     trainer = L.Trainer(
         accelerator="cpu", devices=DEVICES, max_steps=STEPS, logger=False, enable_checkpointing=False,
         strategy=STRATEGIES[strategy](), enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+        precision=PRECISION.get(stage, "32-true"),
     )
     trainer.fit(module, data)
     (out / f"generations-{trainer.global_rank}.json").write_text(json.dumps(kept.completions))
@@ -108,6 +121,7 @@ def fit(out: Path, stage: str, strategy: str) -> None:
     sums = trainer.strategy.all_gather(local)
     if trainer.is_global_zero:
         torch.save(sums, out / "sums.pt")
+        (out / "compute-dtype.txt").write_text(" ".join(sorted(dtype.dtypes)))
 
 
 if __name__ == "__main__":

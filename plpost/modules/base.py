@@ -235,14 +235,14 @@ class PostTrainingModule(L.LightningModule):
     def shard_models(self) -> None:
         """Under `ModelParallelStrategy`, shards each of `sharded_modules()` over the data-parallel
         mesh, and makes sure no trainable parameter is left out (it would never be synchronised)."""
-        from plpost.sharding import check_all_sharded, data_parallel_mesh, shard
+        from plpost.sharding import check_all_sharded, data_parallel_mesh, mixed_precision_policy, shard
 
         mesh = data_parallel_mesh(self)
         if mesh is None:
             return
         for module in self.sharded_modules():
             if module is not None:
-                shard(module, mesh)
+                shard(module, mesh, mixed_precision_policy(self.trainer))
         check_all_sharded(self)
 
     def compiled_modules(self) -> list[torch.nn.Module | None]:
