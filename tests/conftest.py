@@ -1,3 +1,4 @@
+import json
 import os
 
 # Tests run offline: nothing may reach the Hub or W&B servers.
@@ -20,6 +21,25 @@ TINY = "plpost:tiny"
 # them (a model this small gains nothing from more than one thread anyway).
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
+
+def bundled_pairs(count: int) -> list[dict]:
+    """The first `count` rows of the bundled addition preference pairs."""
+    from plpost.assets import resolve_pretrained
+
+    with open(resolve_pretrained("plpost:data/addition/preference.jsonl")) as lines:
+        return [json.loads(next(lines)) for _ in range(count)]
+
+
+@pytest.fixture(scope="session")
+def other_reference(tmp_path_factory) -> str:
+    """A reference that is not the policy (the tiny model with random weights), so log-ratios are not 0."""
+    from plpost.hf import load_causal_lm
+
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("other-reference")
+    load_causal_lm(TINY, random_init=True).save_pretrained(path)
+    return str(path)
 
 
 @pytest.fixture(scope="session")

@@ -1,15 +1,13 @@
 """DPOModule: log-probs, the step-0 loss, reference strategies, checkpoints, normalisation, learning."""
 
-import json
 import math
 from typing import get_args
 
 import lightning as L
 import pytest
 import torch
-from conftest import TINY, first_step_gradients
+from conftest import TINY, bundled_pairs, first_step_gradients
 
-from plpost.assets import resolve_pretrained
 from plpost.data.preference import PreferenceDataModule
 from plpost.hf import load_causal_lm
 from plpost.losses import DPO_LOSS_TYPES
@@ -20,14 +18,9 @@ from plpost.modules.preference_logps import pair_logps, shared_pair_logps
 QUIET = dict(logger=False, enable_progress_bar=False, enable_model_summary=False)
 
 
-def bundled_rows(count: int) -> list[dict]:
-    with open(resolve_pretrained("plpost:data/addition/preference.jsonl")) as lines:
-        return [json.loads(next(lines)) for _ in range(count)]
-
-
 def varied_rows() -> list[dict]:
     """Prompts and completions of different lengths, so rows are padded differently."""
-    rows = bundled_rows(7)
+    rows = bundled_pairs(7)
     rows[1]["prompt"][0]["content"] = "1+2 and then 30+40 please"
     rows[3]["chosen"][0]["content"] = "70 exactly, carried once"
     return rows
@@ -153,15 +146,6 @@ def test_gradients_are_the_same_for_7x1_and_2x4(settings):
         torch.testing.assert_close(split[name], whole[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-@pytest.fixture(scope="module")
-def other_reference(tmp_path_factory) -> str:
-    """A reference that is not the policy (the tiny model with random weights), so log-ratios are not 0."""
-    torch.manual_seed(1)
-    path = tmp_path_factory.mktemp("other-reference")
-    load_causal_lm(TINY, random_init=True).save_pretrained(path)
-    return str(path)
-
-
 def test_precomputed_reference_equals_the_live_one_and_is_cached_once(tmp_path, monkeypatch, other_reference):
     """Precomputed log-probs (batched as the data module's eval batches) and a live frozen copy
     of the same reference give the same losses on a batch of other pairs; the first run writes
@@ -169,7 +153,7 @@ def test_precomputed_reference_equals_the_live_one_and_is_cached_once(tmp_path, 
     loads = []
     load_reference = DPOModule.load_reference
     monkeypatch.setattr(DPOModule, "load_reference", lambda self: loads.append(1) or load_reference(self))
-    rows = varied_rows() + bundled_rows(12)[7:]
+    rows = varied_rows() + bundled_pairs(12)[7:]
     cache = tmp_path / "cache"
 
     def run():
@@ -220,7 +204,7 @@ class PolicyAtStart(L.Callback):
 def test_checkpoints_hold_no_reference_and_resume(tmp_path):
     """The frozen copy stays out of the checkpoint, its source is recorded, and resuming rebuilds
     it from that source while the policy comes back from the checkpoint."""
-    rows = bundled_rows(8)
+    rows = bundled_pairs(8)
     module = DPOModule(TINY, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
     trainer = fit(module, PreferenceDataModule(TINY, train=rows, batch_size=4), steps=2, default_root_dir=tmp_path)
     path = tmp_path / "dpo.ckpt"
@@ -243,7 +227,7 @@ def test_checkpoints_hold_no_reference_and_resume(tmp_path):
 def test_simpo_runs_without_a_reference():
     module = DPOModule(TINY, loss_type="simpo", reference="none", beta=2.0, simpo_gamma=1.0)
     module.configure_model()
-    batch = batch_of(bundled_rows(4))
+    batch = batch_of(bundled_pairs(4))
     assert module.reference is None and module.reference_logps(batch, "train") is None
     losses, _ = module.pair_losses(module.model_logps(module.policy, batch), None, batch)
     assert losses.shape == (4,) and torch.isfinite(losses).all()
@@ -292,7 +276,7 @@ def test_training_drives_reward_accuracy_up_on_the_bundled_pairs(tmp_path):
     L.seed_everything(0)
     accuracies = Accuracies()
     module = DPOModule(TINY, beta=0.1, optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3, weight_decay=0.0))
-    data = PreferenceDataModule(TINY, train=bundled_rows(32), batch_size=32, max_length=32)
+    data = PreferenceDataModule(TINY, train=bundled_pairs(32), batch_size=32, max_length=32)
     fit(module, data, steps=20, callbacks=[accuracies], default_root_dir=tmp_path)
     assert accuracies.values[0] == 0.0
     assert sum(accuracies.values[-5:]) / 5 > 0.7, accuracies.values
@@ -315,7 +299,7 @@ def test_orpo_teaches_the_base_model_the_answers_and_prefers_the_chosen_ones(tmp
     logged = Logged("train/nll_loss", "train/rewards/accuracies")
     module = DPOModule(TINY, loss_type="orpo", reference="none",
                        optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3, weight_decay=0.0))
-    data = PreferenceDataModule(TINY, train=bundled_rows(32), batch_size=32, max_length=32)
+    data = PreferenceDataModule(TINY, train=bundled_pairs(32), batch_size=32, max_length=32)
     fit(module, data, steps=15, callbacks=[logged], default_root_dir=tmp_path)
     nll, accuracies = logged.values["train/nll_loss"], logged.values["train/rewards/accuracies"]
     assert sum(nll[-3:]) / 3 < nll[0] / 2, nll

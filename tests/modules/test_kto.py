@@ -1,13 +1,11 @@
 """KTOModule: the step-0 loss, the reference point, reference strategies, normalisation, learning."""
 
-import json
 
 import lightning as L
 import pytest
 import torch
-from conftest import TINY, first_step_gradients
+from conftest import TINY, bundled_pairs, first_step_gradients
 
-from plpost.assets import resolve_pretrained
 from plpost.data.feedback import FeedbackDataModule
 from plpost.hf import load_causal_lm
 from plpost.losses import kto_loss
@@ -18,14 +16,9 @@ from plpost.modules.preference_logps import completion_logps
 QUIET = dict(logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
 
 
-def bundled_rows(count: int) -> list[dict]:
-    with open(resolve_pretrained("plpost:data/addition/preference.jsonl")) as lines:
-        return [json.loads(next(lines)) for _ in range(count)]
-
-
 def varied_rows() -> list[dict]:
     """Pairs and unpaired rows of different lengths, labels of both kinds."""
-    rows = bundled_rows(3)
+    rows = bundled_pairs(3)
     rows[1]["prompt"][0]["content"] = "1+2 and then 30+40 please"
     return rows + [{"prompt": "5+6", "completion": "11 it is", "label": True},
                    {"prompt": "7+7", "completion": "41", "label": False}]
@@ -39,15 +32,6 @@ def batch_of(rows):
 
 def sgd_lr0(params):
     return torch.optim.SGD(params, lr=0.0)
-
-
-@pytest.fixture(scope="module")
-def other_reference(tmp_path_factory) -> str:
-    """A reference that is not the policy (the tiny model with random weights), so log-ratios are not 0."""
-    torch.manual_seed(1)
-    path = tmp_path_factory.mktemp("other-reference")
-    load_causal_lm(TINY, random_init=True).save_pretrained(path)
-    return str(path)
 
 
 def test_loss_is_half_the_weight_when_the_policy_is_its_reference():
@@ -105,7 +89,7 @@ def test_precomputed_and_adapter_references_equal_the_live_ones(tmp_path, other_
     """Precomputed log-probs (completion and mismatched completion of every example) equal a live
     frozen copy of the same reference on a batch that is not a precompute batch; the LoRA policy's
     adapter-disabled reference is its base model."""
-    rows = varied_rows() + bundled_rows(8)[3:]
+    rows = varied_rows() + bundled_pairs(8)[3:]
     module = KTOModule(TINY, reference="precomputed", reference_model=other_reference,
                        reference_cache_dir=str(tmp_path), optimizer=sgd_lr0)
     data = FeedbackDataModule(TINY, train=rows, val_size=4, batch_size=4, eval_batch_size=3)
@@ -144,7 +128,7 @@ def test_training_widens_the_desirable_undesirable_reward_gap_on_the_bundled_pai
     L.seed_everything(0)
     margins = Margins()
     module = KTOModule(TINY, beta=0.1, optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3, weight_decay=0.0))
-    data = FeedbackDataModule(TINY, train=bundled_rows(16), batch_size=32, max_length=32)
+    data = FeedbackDataModule(TINY, train=bundled_pairs(16), batch_size=32, max_length=32)
     L.Trainer(max_steps=15, callbacks=[margins], **QUIET).fit(module, data)
     assert margins.values[0] == 0.0
     assert sum(margins.values[-5:]) / 5 > 0.5, margins.values

@@ -39,15 +39,6 @@ def rows() -> list[dict]:
     ]
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> str:
-    """A reference that is not the policy (random weights), so every log-ratio is far from 0."""
-    torch.manual_seed(2)
-    path = tmp_path_factory.mktemp("reference")
-    load_causal_lm(TINY, random_init=True).save_pretrained(path)
-    return str(path)
-
-
 def trl_models(plpost_module, reference: str):
     policy = load_causal_lm(TINY).eval()
     policy.load_state_dict(plpost_module.policy.state_dict())
@@ -100,43 +91,43 @@ REWARDS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/acc
 @pytest.mark.parametrize(
     ("loss_type", "label_smoothing"), [("sigmoid", 0.0), ("robust", 0.2), ("hinge", 0.0), ("ipo", 0.0)]
 )
-def test_loss_and_logged_rewards_equal_trls(reference, loss_type, label_smoothing):
+def test_loss_and_logged_rewards_equal_trls(other_reference, loss_type, label_smoothing):
     """The same loss and the same rewards/*, logps/* metrics; for IPO too, whose loss divides each
     log-ratio by its completion length while the logged rewards (both sides) do not."""
     ours, theirs = dpo_side_by_side(
-        reference, dict(beta=0.1, loss_type=loss_type, label_smoothing=label_smoothing),
+        other_reference, dict(beta=0.1, loss_type=loss_type, label_smoothing=label_smoothing),
         dict(loss_types=[loss_type], loss_weights=[1.0], label_smoothing=label_smoothing),
     )
     assert_same(ours, theirs, ("loss", *REWARDS))
 
 
-def test_cdpo_differs_from_trl_whose_sigmoid_ignores_label_smoothing(reference):
+def test_cdpo_differs_from_trl_whose_sigmoid_ignores_label_smoothing(other_reference):
     """TRL 1.16's sigmoid loss with label_smoothing 0.2 is plpost's with 0 (plain DPO); plpost's
     cDPO is another number."""
-    cdpo, trl = dpo_side_by_side(reference, dict(beta=0.1, label_smoothing=0.2),
+    cdpo, trl = dpo_side_by_side(other_reference, dict(beta=0.1, label_smoothing=0.2),
                                  dict(loss_types=["sigmoid"], loss_weights=[1.0], label_smoothing=0.2))
-    plain, _ = dpo_side_by_side(reference, dict(beta=0.1), dict(loss_types=["sigmoid"], loss_weights=[1.0],
+    plain, _ = dpo_side_by_side(other_reference, dict(beta=0.1), dict(loss_types=["sigmoid"], loss_weights=[1.0],
                                                                   label_smoothing=0.0))
     torch.testing.assert_close(plain["loss"], trl["loss"], **CLOSE)
     assert abs(float(cdpo["loss"] - trl["loss"])) > 1e-3
 
 
-def test_rpo_per_token_is_trls_sigmoid_plus_sft_and_per_pair_is_not(reference):
+def test_rpo_per_token_is_trls_sigmoid_plus_sft_and_per_pair_is_not(other_reference):
     """rpo_alpha with nll_normalization "token" is TRL's loss_type=["sigmoid", "sft"],
     loss_weights=[1, alpha] (one micro-batch, one device); the default "pair" weighs each pair's
     per-token NLL equally and differs here, where the chosen answers have different lengths."""
     trl_settings = dict(loss_types=["sigmoid", "sft"], loss_weights=[1.0, 0.5], label_smoothing=0.0)
-    token, trl = dpo_side_by_side(reference, dict(beta=0.1, rpo_alpha=0.5, nll_normalization="token"), trl_settings)
-    pair, _ = dpo_side_by_side(reference, dict(beta=0.1, rpo_alpha=0.5), trl_settings)
+    token, trl = dpo_side_by_side(other_reference, dict(beta=0.1, rpo_alpha=0.5, nll_normalization="token"), trl_settings)
+    pair, _ = dpo_side_by_side(other_reference, dict(beta=0.1, rpo_alpha=0.5), trl_settings)
     assert_same(token, trl, ("loss", *REWARDS))
     assert abs(float(pair["loss"] - trl["loss"])) > 1e-3
 
 
-def test_kto_loss_kl_and_rewards_equal_trls(reference):
+def test_kto_loss_kl_and_rewards_equal_trls(other_reference):
     """plpost's KTO batch (each example with its fixed mismatched completion) through TRL's
     KTOTrainer: the same loss, kl (z0), and desirable / undesirable reward and log-prob means.
     The random model is the policy here, so the mismatched log-ratios' mean, z0, is positive."""
-    module = KTOModule(reference, TINY, reference_model=TINY, beta=0.1, desirable_weight=1.0, undesirable_weight=1.4)
+    module = KTOModule(other_reference, TINY, reference_model=TINY, beta=0.1, desirable_weight=1.0, undesirable_weight=1.4)
     module.configure_model()
     module.eval()
     data = FeedbackDataModule(TINY, train=rows()[:4] + [{"prompt": "3+5", "completion": "8", "label": True}],
