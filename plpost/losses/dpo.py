@@ -140,8 +140,8 @@ def chosen_nll(policy_chosen_logps: Tensor, chosen_lengths: Tensor) -> Tensor:
     """Per-token negative log-likelihood of each chosen completion, shape (N,).
 
     policy_chosen_logps: (N,) summed log-probs; chosen_lengths: (N,) positive token counts.
-    Returns -logps / length: the NLL term of RPO (Pang et al. 2024, Eq. 2: each pair's NLL
-    divided by its own length) and of ORPO, which the DPO module adds per pair or per token of
-    the step (its `nll_normalization`).
+    Returns -logps / length: the NLL term of RPO (Pang et al. 2024 divide each pair's NLL by its
+    own length, prompt tokens included) and of ORPO, which the DPO module adds per pair or per
+    token of the step (its `nll_normalization`).
     """
     return -policy_chosen_logps / chosen_lengths.to(policy_chosen_logps.dtype)

@@ -59,8 +59,8 @@ class DPOModule(PreferenceModule):
             loss_type=["sigmoid", "sft"], loss_weights=[1, alpha].
         nll_normalization: how the NLL term of RPO and ORPO averages the chosen tokens. "pair":
             each pair's NLL divided by its own chosen length, then averaged over the pairs of the
-            step like the preference loss (RPO's paper, Eq. 2: every pair counts the same,
-            whatever its length). "token": the NLL summed over every chosen token of the step
+            step like the preference loss: every pair counts the same, whatever its length, as
+            in RPO's paper (which counts the prompt tokens in the length too). "token": the NLL summed over every chosen token of the step
             (all micro-batches and devices) divided by their count, the SFT loss (TRL's "sft"
             term and ORPO's nll_loss average over the chosen tokens of their batch; on one
             micro-batch on one device they are the same, and TRL's ORPO counts the prompt
