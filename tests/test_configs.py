@@ -20,7 +20,7 @@ PRESETS = [c for c in CONFIGS if c.parent.name != "tiny"]
 def test_configs_are_counted():
     """Adding a config without it being exercised here is impossible: this is the census."""
     assert len(TINY_CONFIGS) == 8, [c.name for c in TINY_CONFIGS]
-    assert len(PRESETS) == 8, [c.name for c in PRESETS]
+    assert len(PRESETS) == 9, [c.name for c in PRESETS]
 
 
 def short_run_args(config: Path) -> list[str]:
@@ -77,7 +77,7 @@ def test_preset_parses_and_runs_on_the_tiny_model(config, tmp_path, monkeypatch,
     raw["data"]["init_args"].update({k: v for k, v in lengths.items() if k in raw["data"]["init_args"]})
     if raw["model"]["init_args"].get("max_new_tokens", 0) > 32:  # a real model's budget, on the tiny one
         raw["model"]["init_args"]["max_new_tokens"] = 32
-    raw["trainer"].update(precision="32-true", accelerator="cpu", devices=1, strategy="auto")
+    raw["trainer"].update(precision="32-true", accelerator="cpu", devices=1, num_nodes=1, strategy="auto")
     swapped = tmp_path / config.name
     swapped.write_text(yaml.safe_dump(raw))
     args = short_run_args(swapped) + ["--trainer.logger=false", "--trainer.callbacks=[]"]
