@@ -33,6 +33,7 @@ def refused(path, **source) -> DataValidationError:
         ("bom.jsonl", b"\xef\xbb\xbf" + jsonl([ROW, ROW])),
         ("bom.json", b"\xef\xbb\xbf" + json.dumps([ROW, ROW]).encode()),
     ],
+    ids=lambda value: value if isinstance(value, str) else "",  # the bytes vary with gzip's timestamp
 )
 def test_compressed_bom_and_upper_case_files_are_read(tmp_path, name, content):
     path = tmp_path / name
