@@ -98,14 +98,6 @@ def sampled_report(
     return SampledReport(repeated, completions, torch.cat(totals))
 
 
-def sampled_kl(
-    policy: PreTrainedModel, reference: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt],
-    **settings,
-) -> float:
-    """KL(policy || reference) per response (nats), estimated on `sampled_report`'s samples (same settings)."""
-    return float(sampled_report(policy, reference, tokenizer, prompts, **settings).kl.mean())
-
-
 @torch.no_grad()
 def learned_rewards(
     reward_model_path: str, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt], completions: list[str]

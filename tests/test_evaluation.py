@@ -3,7 +3,7 @@
 import torch
 
 from plpost.data.tokenize import chat_ids, prompt_ids
-from plpost.evaluation import completion_logprobs
+from plpost.evaluation import completion_logprobs, sampled_report
 from plpost.hf import load_causal_lm
 
 
@@ -26,3 +26,17 @@ def test_completion_logprobs_match_one_unpadded_forward_per_example(tokenizer):
     assert torch.allclose(batched, naive, atol=1e-4), (batched, naive)
     # The end-of-turn token is part of the completion: an empty answer still has one token to predict.
     assert float(completion_logprobs(model, tokenizer, prompts[:1], [""])[0]) < 0
+
+
+@torch.no_grad()
+def test_sampled_report_repeats_each_prompt_and_a_model_is_zero_nats_from_itself(tokenizer):
+    model = load_causal_lm("plpost:tiny")
+    prompts = [[{"role": "user", "content": "37+48"}], [{"role": "user", "content": "21+34"}]]
+    state = torch.get_rng_state()
+    report = sampled_report(model, model, tokenizer, prompts, max_new_tokens=4, samples_per_prompt=3)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's random stream is left as it was
+    assert report.prompts == [prompts[0]] * 3 + [prompts[1]] * 3 and len(report.completions) == 6
+    assert torch.equal(report.kl, torch.zeros(6))
+    # The same seed draws the same samples.
+    again = sampled_report(model, model, tokenizer, prompts, max_new_tokens=4, samples_per_prompt=3)
+    assert again.completions == report.completions

@@ -37,7 +37,7 @@ def run_seed(out: Path, scale: DemoScale, seed: int, quiet: bool) -> tuple[dict,
         trained = pipeline.run(held_out[: scale.probe_prompts])
     if not quiet:
         print(f"measuring {len(trained['policies']) + 1} policies on {len(held_out)} held-out problems ...", flush=True)
-    policies, reward = trained["policies"], trained["reward_models"]["final"]
+    policies, reward = trained["policies"], trained["reward_models"]["sampled"]
     tokenizer = load_tokenizer(policies["sft"])
     reference = load_causal_lm(policies["sft"])
     table = {name: policy_row(path, reference, tokenizer, held_out, reward) for name, path in {"base": BASE, **policies}.items()}

@@ -19,8 +19,8 @@ POLICY_COLUMNS = [
     ("reward", "reward-model score", "number"), ("kl_to_sft", "KL to SFT (nats)", "number"),
 ]
 RANKERS = [
-    ("sft_likelihood", "SFT model, its own likelihood"), ("reward_round_1", "reward model, first round"),
-    ("reward_final", "reward model, final"), ("implicit_dpo", "DPO + RPO, implicit reward"),
+    ("sft_likelihood", "SFT model, its own likelihood"), ("reward_bundled", "reward model, bundled pairs"),
+    ("reward_sampled", "reward model, with the SFT model's samples"), ("implicit_dpo", "DPO + RPO, implicit reward"),
     ("implicit_dpo_sigmoid", "DPO sigmoid alone, implicit reward"),
 ]
 
@@ -29,16 +29,20 @@ def policy_sentences(scale) -> dict[str, str]:
     """What each row of the stage table is, in one sentence."""
     sentences = {
         "base": "The bundled pretrained model: it has read number text but never the chat format.",
-        "sft": "SFT on the 20,000 demonstrations, which forget the carry on 65% of the problems that need one.",
-        "sft_clean": f"SFT on the first {scale.clean_size:,} correct demonstrations only: less data, none of it wrong.",
-        "dpo": "DPO from SFT (sigmoid loss plus RPO's NLL on the chosen answer) on the first-round preference pairs.",
+        "sft": f"SFT ({scale.sft_epochs} epochs) on the 20,000 demonstrations, which forget the carry on 65% of the "
+               "problems that need one.",
+        "sft_clean": f"SFT ({scale.clean_epochs} epochs) on the first {scale.clean_size:,} correct demonstrations only: "
+                     "less data, none of it wrong.",
+        "dpo": "DPO from SFT (sigmoid loss plus RPO's NLL on the chosen answer) on the reward model's pairs.",
         "dpo_sigmoid": "The same DPO with the sigmoid loss alone, no NLL term.",
         "ppo_exact": "PPO rewarded by exact match (RL with a verifiable reward), KL coefficient 0.05.",
         "grpo": "GRPO rewarded by exact match, 8 samples per prompt scored against each other; no reward model.",
     }
     for coef in scale.kl_coefs:
         leash = "no KL penalty: nothing holds it near SFT" if coef == 0 else f"KL coefficient {coef:g} to SFT"
-        sentences[f"rlhf_kl_{coef:g}"] = f"RLHF: PPO from SFT against the final learned reward model, {leash}."
+        sentences[f"rlhf_kl_{coef:g}"] = f"RLHF: PPO from SFT against the learned reward model, {leash}."
+    sentences["rlhf_bundled"] = (f"RLHF against the reward model of the bundled pairs alone (never the SFT model's own "
+                                 f"samples), KL coefficient {scale.bundled_reward_kl_coef:g}.")
     return sentences
 
 
@@ -98,10 +102,11 @@ def markdown(results: list[dict], scale, seconds: dict, machine: str, seeds: Seq
     for name in results[0]["styles"]:
         lines.append(f"| {name} | " + " | ".join(cell(over_seeds(results, "styles", name, key), "percent")
                                                  for key in ("bare", "echoed", "correct")) + " |")
-    lines += ["", f"Preference pairs: {results[0]['pairs']['first_round']:,} in the first round "
-              f"(the SFT model's samples, checker-labelled, and bundled pairs), {results[0]['pairs']['final']:,} "
-              "for the final reward model (adding a PPO policy's samples). `overoptimisation.png` plots each RLHF "
-              "run's reward-model score (the proxy) and exact match (the gold) against its KL to SFT as it trains."]
+    pairs = results[0]["pairs"]
+    lines += ["", f"Preference pairs: {pairs['sampled']:,} for the reward model (the bundled ones and the SFT model's "
+              f"wrong samples against the correct sum), {pairs['bundled']:,} bundled ones for the other. "
+              "`overoptimisation.png` plots each RLHF run's reward-model score (the proxy) and exact match (the gold) "
+              "against its KL to SFT as it trains, on samples of held-out prompts."]
     return "\n".join(lines) + "\n"
 
 
