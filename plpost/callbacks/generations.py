@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from plpost.data.formats import DataValidationError, validate_prompt_row
 from plpost.data.sources import SourceLike, describe, load_source
 from plpost.generation import generate_texts
+from plpost.sharding import full_parameters
 
 
 class GenerationEval(L.Callback):
@@ -75,11 +76,11 @@ class GenerationEval(L.Callback):
             self.evaluate(trainer, pl_module)
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
-        tokenizer = pl_module.tokenizer
-        texts, lengths, stopped = generate_texts(
-            pl_module.generation_model(), tokenizer, self.prompts, max_new_tokens=self.max_new_tokens,
-            do_sample=self.do_sample,
-        )
+        # Sharded (FSDP2), every rank gathers the full weights once and generates on its own: a
+        # gather per forward would be slower, and would hang once the ranks' samples end apart.
+        with full_parameters(pl_module.generation_model()) as model:
+            texts, lengths, stopped = generate_texts(model, pl_module.tokenizer, self.prompts,
+                                                     max_new_tokens=self.max_new_tokens, do_sample=self.do_sample)
         metrics = {
             f"{self.name}/stopped": float(stopped.float().mean()),
             f"{self.name}/length": float(lengths.float().mean()),
