@@ -35,8 +35,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from plpost import (ChatDataModule, DPOModule, GRPOModule, PPOModule, PreferenceDataModule, PromptDataModule,
-                    RewardModule, SFTModule)
+from plpost import (ChatDataModule, DistillationModule, DPOModule, GRPOModule, PPOModule, PreferenceDataModule,
+                    PromptDataModule, RewardModule, SFTModule)
 from plpost import FeedbackDataModule, KTOModule
 from plpost.callbacks.guards import batch_records
 from plpost.data.prompts import PromptBatch
@@ -160,8 +160,18 @@ def grpo(run: Run) -> tuple[L.LightningModule, L.LightningDataModule]:
     return module, PromptDataModule(TINY, train=rows, batch_size=run.batch_size)
 
 
+def distill(run: Run) -> tuple[L.LightningModule, L.LightningDataModule]:
+    # A random student has a teacher to learn from; lmbda = 0.5 draws, every step, whether the
+    # student samples or the dataset's completions are used: the restored generators decide both.
+    module = DistillationModule(run.model, TINY, random_init=True, lmbda=0.5, max_new_tokens=4,
+                                gradient_accumulation_steps=run.accumulate, optimizer=adamw, scheduler=warmup_cosine)
+    rows = [{"prompt": [{"role": "user", "content": f"{i}+{i * 3}"}],
+             "completion": [{"role": "assistant", "content": "7" * (i % 4 + 1)}]} for i in range(RECORDS)]
+    return module, PromptDataModule(TINY, train=rows, batch_size=run.batch_size, completions=True)
+
+
 STAGES: dict[str, Callable[[Run], tuple[L.LightningModule, L.LightningDataModule]]] = {
-    "sft": sft, "reward": reward, "dpo": dpo, "ppo": ppo, "grpo": grpo,
+    "sft": sft, "reward": reward, "dpo": dpo, "ppo": ppo, "grpo": grpo, "distill": distill,
     "kto": kto,
 }
 

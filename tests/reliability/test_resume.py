@@ -9,7 +9,7 @@ The negative controls remove one of those from the checkpoint and show the same 
 
 Adding a stage takes an entry in `resume_harness.STAGES` and in STAGES below. GRPO samples its own
 completions every step, so its resumed run must also draw the same samples: the random generators
-and the data position decide them.
+and the data position decide them (and, for distillation, which steps sample at all).
 """
 
 import multiprocessing
@@ -23,7 +23,7 @@ from resume_harness import Run, differences, save_dropout_model, seen, train
 
 from plpost.checkpointing import RNG_STATES_KEY
 
-STAGES = ["sft", "reward", "dpo", "grpo", "kto"]
+STAGES = ["sft", "reward", "dpo", "grpo", "distill", "kto"]
 KILL_AFTER = 4  # one step into the second epoch (3 steps per epoch)
 
 
@@ -70,7 +70,7 @@ def resume(killed_folder: Path, into: Path, stage: str, model: str) -> dict:
 @pytest.mark.parametrize("stage", STAGES)
 def test_killed_and_resumed_run_ends_exactly_as_the_uninterrupted_run(stage, runs, dropout_model, tmp_path):
     expected, expected_seen, killed_folder = runs(stage)
-    batches_per_step = 1 if stage == "grpo" else 2  # GRPO accumulates inside its training step
+    batches_per_step = 1 if stage in ("grpo", "distill") else 2  # these accumulate inside their training step
     assert expected["global_step"] == 7 and len(expected_seen) == 7 * batches_per_step
     assert expected["optimizers"][0]["state"] and expected["schedulers"]  # moments and a schedule to compare
     assert len(seen(killed_folder)) == batches_per_step * KILL_AFTER  # it did die where it should
