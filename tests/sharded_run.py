@@ -3,7 +3,7 @@
     python tests/sharded_run.py OUT STRATEGY STAGE...     (STRATEGY: ddp, sharded or tensor-parallel)
 
 STAGE: sft, sft-packed, sft-lora, sft-merged, sft-bf16 (precision bf16-mixed), reward, dpo, dpo-adapter,
-dpo-precomputed, ppo, ppo-critic, grpo, one fit after the other in the same two processes. Run as a script because Lightning's launcher starts the other process by re-running
+dpo-precomputed, orpo, kto, ppo, ppo-critic, grpo, distill, one fit after the other in the same two processes. Run as a script because Lightning's launcher starts the other process by re-running
 the command line. Writes each stage's export to OUT/STAGE/model, from rank 0, the sum of each
 rank's local policy parameters to OUT/STAGE/sums.pt, and, from each rank, the greedy completions
 GenerationEval made at the end of training to OUT/STAGE/generations-RANK.json (not for reward), and
@@ -18,7 +18,8 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from plpost import ChatDataModule, DPOModule, GRPOModule, PPOModule, PreferenceDataModule, PromptDataModule, RewardModule, SFTModule
+from plpost import (ChatDataModule, DistillationModule, DPOModule, FeedbackDataModule, GRPOModule, KTOModule, PPOModule,
+                    PreferenceDataModule, PromptDataModule, RewardModule, SFTModule)
 from plpost.callbacks import GenerationEval, HFExport
 from plpost.modules.base import LoraSettings
 from plpost.rewards import RewardFunction
@@ -82,12 +83,20 @@ def build(stage: str, cache: Path):
         extra = {"grpo": {"num_generations": 2}, "ppo-critic": {"value_model": "critic", "critic_model": "plpost:tiny"}}
         extra = extra.get(stage, {})
         return online("plpost:tiny", rewards=[RewardFunction(text_reward)], max_new_tokens=6, optimizer=sgd, **extra), data
+    if stage == "distill":  # a random student, so the teacher has something to teach
+        data = PromptDataModule("plpost:tiny", prompts(), batch_size=2, shuffle=False)
+        return DistillationModule("plpost:tiny", "plpost:tiny", random_init=True, max_new_tokens=6, optimizer=sgd), data
+    if stage == "kto":  # the pairs as unpaired rows: one desirable, one undesirable each
+        data = FeedbackDataModule("plpost:tiny", train=pairs(), batch_size=2, shuffle=False)
+        return KTOModule("plpost:tiny", optimizer=sgd), data
     if stage.startswith("sft"):
         data = ChatDataModule("plpost:tiny", train=chats(), batch_size=4, shuffle=False, packing=stage == "sft-packed")
         return SFTModule("plpost:tiny", optimizer=sgd, lora=lora), data
     data = PreferenceDataModule("plpost:tiny", train=pairs(), batch_size=2, shuffle=False)
     if stage == "reward":
         return RewardModule("plpost:tiny", optimizer=sgd), data
+    if stage == "orpo":
+        return DPOModule("plpost:tiny", optimizer=sgd, loss_type="orpo", reference="none"), data
     reference = {"dpo-adapter": "adapter", "dpo-precomputed": "precomputed"}.get(stage, "copy")
     return DPOModule("plpost:tiny", optimizer=sgd, reference=reference, lora=lora, reference_cache_dir=str(cache)), data
 

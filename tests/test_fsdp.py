@@ -14,8 +14,9 @@ from safetensors.torch import load_file
 from plpost.hf import load_causal_lm
 
 SCRIPT = Path(__file__).with_name("sharded_run.py")
-STAGES = ["sft", "sft-packed", "sft-lora", "sft-merged", "sft-bf16", "reward", "dpo", "dpo-adapter", "dpo-precomputed", "ppo", "ppo-critic", "grpo"]
-CLIPPED = {"ppo", "ppo-critic", "grpo"}
+STAGES = ["sft", "sft-packed", "sft-lora", "sft-merged", "sft-bf16", "reward", "dpo", "dpo-adapter", "dpo-precomputed", "orpo", "kto",
+          "ppo", "ppo-critic", "grpo", "distill"]
+CLIPPED = {"ppo", "ppo-critic", "grpo", "distill"}
 """Stages that clip the gradient norm (see the tolerance in the test below)."""
 MIXED = {"sft-bf16"}
 """Stages in bf16-mixed precision, which DDP (autocast over float32 weights) computes otherwise."""
@@ -48,7 +49,7 @@ def test_sharded_run_exports_the_weights_of_a_ddp_run(runs, stage):
     gradients and averages them; FSDP2 reduce-scatters them with the same average, and each rank
     steps its shard. Both sum the same two float32 gradients in the same order (gloo, CPU), and SGD
     is elementwise, so the weights agree exactly: tolerance 0, measured 0.0 on every offline stage.
-    PPO and GRPO sample on each rank from the full weights, gathered for the generate, and clip
+    PPO, GRPO and distillation sample on each rank from the full weights, gathered for the generate, and clip
     the gradient norm: sharded, that norm sums squares shard by shard, then over ranks, another
     order than DDP's whole tensors, so the clip factor and then the weights may differ in their
     last bit: measured 1.2e-7 (one float32 ulp at |w| ~ 1, 2**-23) after 3 steps that move the
@@ -74,7 +75,7 @@ def test_sharded_run_exports_the_weights_of_a_ddp_run(runs, stage):
 def test_generation_eval_samples_from_the_gathered_weights_of_a_sharded_model(runs, stage):
     """GenerationEval at the end of training, greedy: each rank generates its own 3 completions
     from the full weights gathered once (`sharding.full_parameters`), and they are the DDP run's
-    word for word where the weights are DDP's exactly (not PPO and GRPO, one ulp apart, nor bf16)."""
+    word for word where the weights are DDP's exactly (not the online stages, one ulp apart, nor bf16)."""
     for rank in (0, 1):
         sharded = json.loads((runs / "sharded" / stage / f"generations-{rank}.json").read_text())
         assert len(sharded) == 3 and any(sharded)
