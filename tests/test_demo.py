@@ -5,7 +5,7 @@ import json
 import pytest
 
 from plpost.cli import main
-from plpost.demo.data import correct_demonstrations, echoed, problem_of, style_of, style_pairs, styled_answer_correct
+from plpost.demo.data import correct_demonstrations, problem_of, stopped, style_of, style_pairs, styled_answer_correct
 from plpost.demo.report import cell, spread
 from plpost.tasks.addition import AdditionProblem
 
@@ -24,12 +24,12 @@ def test_correct_demonstrations_keep_the_first_right_sums_in_order():
 
 def test_the_two_answer_styles_are_both_correct_and_told_apart():
     prompt = [{"role": "user", "content": "37+48"}]
-    assert problem_of(prompt) == AdditionProblem(37, 48) and echoed(AdditionProblem(37, 48)) == "37+48=85"
-    assert [style_of(text) for text in ("85", " 75", "37+48=85", "37+48=75", "85 since", "")] == [
-        "bare", "bare", "echoed", "echoed", None, None]
-    assert [styled_answer_correct(prompt, text) for text in ("85", "37+48=85", "75", "37+48=75")] == [True, True, False, False]
-    (pair,) = style_pairs([prompt], "echoed")
-    assert (pair["chosen"][0]["content"], pair["rejected"][0]["content"]) == ("37+48=85", "85")
+    assert problem_of(prompt) == AdditionProblem(37, 48) and stopped(AdditionProblem(37, 48)) == "85."
+    assert [style_of(text) for text in ("85", " 75", "85.", "75.", "85 since", "")] == [
+        "bare", "bare", "stopped", "stopped", None, None]
+    assert [styled_answer_correct(prompt, text) for text in ("85", "85.", "75", "75.")] == [True, True, False, False]
+    (pair,) = style_pairs([prompt], "stopped")
+    assert (pair["chosen"][0]["content"], pair["rejected"][0]["content"]) == ("85.", "85")
 
 
 def test_a_number_over_seeds_is_their_mean_and_half_their_range():
@@ -43,7 +43,7 @@ def test_quick_demo_runs_every_stage_and_reports(tmp_path):
     main(["demo", "--quick", "--quiet", "--out", str(tmp_path)])
     report = json.loads((tmp_path / "report.json").read_text())
     (result,) = report["results"]
-    for folder in ("sft", "sft_clean", "reward", "dpo", "dpo_sigmoid", "dpo_bare", "dpo_echoed", "ppo_exact", "grpo"):
+    for folder in ("sft", "sft_clean", "reward", "dpo", "dpo_sigmoid", "dpo_bare", "dpo_stopped", "ppo_exact", "grpo"):
         assert (tmp_path / "seed-0" / folder / "config.json").exists(), folder
     table = result["policies"]
     # Even a short SFT teaches the chat format that the base model never saw.
@@ -52,7 +52,7 @@ def test_quick_demo_runs_every_stage_and_reports(tmp_path):
     for name, points in result["curves"].items():
         assert [point["rollouts"] for point in points][:2] == [0, 1], name
         assert points[0]["kl_to_sft"] == pytest.approx(0.0, abs=1e-4), name  # the PPO policy starts as the SFT model
-    assert set(result["ranking"]["plausible"]) >= {"sft_likelihood", "reward_final", "implicit_dpo"}
+    assert set(result["ranking"]["plausible"]) >= {"sft_likelihood", "reward_sampled", "reward_bundled", "implicit_dpo"}
     text = (tmp_path / "report.md").read_text()
-    assert "| rlhf_kl_0 |" in text and "| dpo_echoed |" in text
+    assert "| rlhf_kl_0 |" in text and "| rlhf_bundled |" in text and "| dpo_stopped |" in text
     assert (tmp_path / "report.png").stat().st_size > 1000 and (tmp_path / "overoptimisation.png").stat().st_size > 1000

@@ -69,13 +69,13 @@ def bare(problem: AdditionProblem) -> str:
     return problem.answer
 
 
-def echoed(problem: AdditionProblem) -> str:
-    """The other, equally correct answer style: the problem written out with its sum, "37+48=85"."""
-    return f"{problem.question}={problem.answer}"
+def stopped(problem: AdditionProblem) -> str:
+    """The other, equally correct answer style: the sum with a full stop, "85."."""
+    return f"{problem.answer}."
 
 
-STYLES = {"bare": bare, "echoed": echoed}
-_STYLE_PATTERNS = {"bare": re.compile(r"[0-9]+"), "echoed": re.compile(r"[0-9]+\+[0-9]+=[0-9]+")}
+STYLES = {"bare": bare, "stopped": stopped}
+_STYLE_PATTERNS = {"bare": re.compile(r"[0-9]+"), "stopped": re.compile(r"[0-9]+\.")}
 
 
 def style_pairs(prompts: Sequence[list], preferred: str) -> list[dict]:
@@ -88,7 +88,7 @@ def style_pairs(prompts: Sequence[list], preferred: str) -> list[dict]:
 
 
 def style_of(completion: str) -> str | None:
-    """"bare" or "echoed" for an answer written in that style (right or wrong), else None."""
+    """"bare" or "stopped" for an answer written in that style (right or wrong), else None."""
     return next((name for name, pattern in _STYLE_PATTERNS.items() if pattern.fullmatch(completion.strip())), None)
 
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import lightning as L
 import torch
 
-from plpost.demo.data import MAX_NEW_TOKENS, problem_of, style_of, styled_answer_correct
+from plpost.demo.data import MAX_NEW_TOKENS, STYLES, problem_of, style_of, styled_answer_correct
 from plpost.evaluation import completion_logprobs, greedy_report, learned_rewards, sampled_report
 from plpost.generation import generate_texts
 from plpost.hf import load_causal_lm, load_tokenizer
@@ -84,11 +84,8 @@ def style_shares(path: str, tokenizer, rows: Sequence[dict]) -> dict[str, float]
     prompts = [row["prompt"] for row in rows]
     texts = generate_texts(load_causal_lm(path), tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS).texts
     styles = [style_of(text) for text in texts]
-    return {
-        "bare": sum(style == "bare" for style in styles) / len(texts),
-        "echoed": sum(style == "echoed" for style in styles) / len(texts),
-        "correct": sum(styled_answer_correct(prompt, text) for prompt, text in zip(prompts, texts)) / len(texts),
-    }
+    shares = {name: sum(style == name for style in styles) / len(texts) for name in STYLES}
+    return {**shares, "correct": sum(styled_answer_correct(prompt, text) for prompt, text in zip(prompts, texts)) / len(texts)}
 
 
 class HeldOutProbe(L.Callback):

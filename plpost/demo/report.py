@@ -96,12 +96,12 @@ def markdown(results: list[dict], scale, seconds: dict, machine: str, seeds: Seq
         "", "- The SFT model prefers what it was shown, mistake included: likelihood is not a judgement.",
         "- A reward model and DPO's implicit reward learn the ranking from the pairs.",
         "", "Different preference data, different opinion: from the same SFT model, DPO + RPO on pairs that prefer "
-        "the bare sum (\"85\") to the echoed problem (\"37+48=85\"), or the reverse:", "",
-        "| policy | answers bare | answers echoed | correct, either style |", "| --- | --- | --- | --- |",
+        "the bare sum (\"85\") to the sum with a full stop (\"85.\"), or the reverse:", "",
+        "| policy | answers bare | answers with a full stop | correct, either style |", "| --- | --- | --- | --- |",
     ]
     for name in results[0]["styles"]:
         lines.append(f"| {name} | " + " | ".join(cell(over_seeds(results, "styles", name, key), "percent")
-                                                 for key in ("bare", "echoed", "correct")) + " |")
+                                                 for key in ("bare", "stopped", "correct")) + " |")
     pairs = results[0]["pairs"]
     lines += ["", f"Preference pairs: {pairs['sampled']:,} for the reward model (the bundled ones and the SFT model's "
               f"wrong samples against the correct sum), {pairs['bundled']:,} bundled ones for the other. "

@@ -36,7 +36,7 @@ class DemoScale:
     samples_per_prompt: int = 4
     reward_epochs: int = 3
     dpo_limit: int | None = None
-    style_pairs: int = 1000
+    style_pairs: int = 3000
     ppo_steps: int = 120
     grpo_steps: int = 40
     kl_coefs: tuple[float, ...] = (0.0, 0.3, 1.0, 3.0)
@@ -51,7 +51,7 @@ class DemoScale:
     def __post_init__(self) -> None:
         self.stages = [
             "SFT", "SFT on clean data", "reward model, bundled pairs", "reward model", "DPO + RPO", "DPO, sigmoid alone",
-            "DPO, bare style", "DPO, echoed style", "PPO, exact-match reward", "GRPO, exact-match reward",
+            "DPO, bare style", "DPO, stopped style", "PPO, exact-match reward", "GRPO, exact-match reward",
             *(f"RLHF, KL coefficient {coef:g}" for coef in self.kl_coefs), "RLHF, bundled-pairs reward model",
         ]
 
@@ -154,7 +154,7 @@ class Pipeline:
         policies["dpo_sigmoid"] = self.dpo("DPO, sigmoid alone", "dpo_sigmoid", sft, dpo_pairs, rpo_alpha=None)
         style_prompts = [row["prompt"] for row in bundled_pairs[: scale.style_pairs]]
         styles = {f"dpo_{style}": self.dpo(f"DPO, {style} style", f"dpo_{style}", sft, style_pairs(style_prompts, style),
-                                           rpo_alpha=1.0) for style in ("bare", "echoed")}
+                                           rpo_alpha=1.0) for style in ("bare", "stopped")}
         policies["ppo_exact"] = self.ppo("PPO, exact-match reward", "ppo_exact", sft, [RewardFunction(exact_match_reward)], 0.05)
         policies["grpo"] = self.grpo(sft)
         curves = {}
