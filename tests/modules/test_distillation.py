@@ -167,10 +167,10 @@ def test_a_student_distilled_from_the_sft_model_recovers_its_accuracy(tmp_path):
     problems back to the teacher's, and makes it answer as the teacher does, mistakes included
     (the demonstrations forget most carries: 79 of the teacher's 139 wrong answers are 10 short,
     "85+99" -> 174). Measured with seeds 0, 1, 2: teacher 53.7%, student 14.3% -> 53.0%, 52.7%,
-    56.0% (97-106% of the gap recovered), and of the teacher's wrong answers it gives 17% ->
-    74%, 81%, 73% (a student that learned addition elsewhere would not). The thresholds (half the gap, half
-    the mistakes) leave room for another platform's rounding. About 40 s of CPU on one thread (SFT
-    20 s, distillation 12 s)."""
+    56.0% (97-106% of the gap recovered), and of the teacher's wrong answers it gives 17% -> 74%,
+    81%, 73% (a student that learned addition elsewhere would not). The thresholds (half the gap,
+    half the mistakes) leave room for another platform's rounding. About 40 s of CPU on one thread
+    (SFT 20 s, distillation 12 s)."""
     from plpost import ChatDataModule, SFTModule
     from plpost.data.sources import DataSource, load_source
     from plpost.evaluation import GreedyReport, greedy_report
