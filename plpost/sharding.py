@@ -31,14 +31,37 @@ TENSOR_PARALLEL_REFUSAL = (
 )
 
 
-def check_strategy(trainer: L.Trainer) -> None:
+GATHER_REFUSAL = (
+    "{strategy} keeps each rank's share of the weights only, and plpost gathers whole weights (to sample with "
+    "them, for {needs}) from FSDP2 alone: use ModelParallelStrategy(data_parallel_size={world}, "
+    "tensor_parallel_size=1) instead"
+)
+
+
+def check_strategy(trainer: L.Trainer, *, samples: bool) -> None:
     """Refuses, with what to use instead, a strategy whose result plpost cannot vouch for.
-    (Lightning's FSDPStrategy refuses CPU itself.)"""
-    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    `samples`: the stage generates while it trains (PPO, GRPO, distillation). Generating, like
+    `GenerationEval` and `HFExport`, needs whole weights, which plpost gathers from FSDP2 units
+    only: Lightning's FSDPStrategy (FSDP1) and DeepSpeed's stage 3 partition the parameters in
+    ways plpost does not unshard, so a run that needs them is refused rather than left to sample
+    from, or export, one rank's share. (Lightning's FSDPStrategy refuses CPU itself.)"""
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    from plpost.callbacks import GenerationEval, HFExport
 
     strategy = trainer.strategy
     if isinstance(strategy, ModelParallelStrategy) and strategy.device_mesh["tensor_parallel"].size() != 1:
         raise ValueError(TENSOR_PARALLEL_REFUSAL.format(world=trainer.world_size))
+    partitioned = isinstance(strategy, FSDPStrategy) or getattr(strategy, "zero_stage_3", False)
+    if not partitioned:
+        return
+    needs = ["the stage's own sampling"] if samples else []
+    needs += [f"{kind.__name__}" for kind in (GenerationEval, HFExport)
+              if any(isinstance(callback, kind) for callback in trainer.callbacks)]
+    if needs:
+        raise ValueError(GATHER_REFUSAL.format(strategy=type(strategy).__name__, needs=" and ".join(needs),
+                                               world=trainer.world_size))
 
 
 def data_parallel_mesh(module: L.LightningModule) -> Any | None:

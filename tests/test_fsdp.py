@@ -104,3 +104,39 @@ def test_tensor_parallel_is_refused_with_what_to_use_instead(tmp_path):
     done = run(tmp_path, "tensor-parallel", "sft")
     assert done.returncode != 0
     assert "use ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)" in done.stderr
+
+
+def fsdp1_trainer(*callbacks):
+    """What `check_strategy` reads of a Trainer running Lightning's FSDPStrategy, which refuses to run
+    on CPU: the strategy itself, the callbacks and the world size."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    return SimpleNamespace(strategy=FSDPStrategy(), callbacks=list(callbacks), world_size=4)
+
+
+@pytest.mark.parametrize("samples", [True, False])
+def test_fsdp1_is_refused_where_plpost_would_need_whole_weights(samples, tmp_path):
+    from plpost.callbacks import GenerationEval, HFExport
+    from plpost.sharding import check_strategy
+
+    callbacks = [] if samples else [HFExport(str(tmp_path)), GenerationEval([{"prompt": "1+1="}])]
+    with pytest.raises(ValueError) as refusal:
+        check_strategy(fsdp1_trainer(*callbacks), samples=samples)
+    assert "FSDPStrategy" in str(refusal.value)
+    assert "use ModelParallelStrategy(data_parallel_size=4, tensor_parallel_size=1) instead" in str(refusal.value)
+    assert ("sampling" in str(refusal.value)) == samples and ("HFExport" in str(refusal.value)) != samples
+
+
+def test_fsdp1_trains_an_offline_stage_that_exports_nothing():
+    from plpost.sharding import check_strategy
+
+    check_strategy(fsdp1_trainer(), samples=False)
+
+
+def test_only_the_sampling_stages_say_they_sample():
+    from plpost import DistillationModule, DPOModule, GRPOModule, KTOModule, PPOModule, RewardModule, SFTModule
+
+    assert all(stage.samples_while_training for stage in (PPOModule, GRPOModule, DistillationModule))
+    assert not any(stage.samples_while_training for stage in (SFTModule, RewardModule, DPOModule, KTOModule))

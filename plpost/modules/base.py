@@ -115,6 +115,8 @@ class PostTrainingModule(L.LightningModule):
     """
 
     frozen_modules: tuple[str, ...] = ()
+    samples_while_training: ClassVar[bool] = False
+    """The stage generates from the policy as it trains (see `plpost.sharding.check_strategy`)."""
     data_modules: ClassVar[tuple[type[L.LightningDataModule], ...]] = ()
 
     def __init__(
@@ -324,7 +326,7 @@ class PostTrainingModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         from plpost.sharding import check_strategy
 
-        check_strategy(self.trainer)
+        check_strategy(self.trainer, samples=self.samples_while_training)
         self.check_data_module(self.trainer.datamodule)
         use_atomic_checkpoints(self.trainer)  # a kill while saving leaves the previous checkpoint whole
         # Frozen models (references, reward models) are in eval mode on purpose.

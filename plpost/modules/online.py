@@ -35,6 +35,7 @@ class OnlineModule(PostTrainingModule):
     """
 
     data_modules = (PromptDataModule,)
+    samples_while_training = True
 
     @property
     def optimizer_steps_per_batch(self) -> int:
