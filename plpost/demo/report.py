@@ -29,8 +29,8 @@ def policy_sentences(scale) -> dict[str, str]:
     """What each row of the stage table is, in one sentence."""
     sentences = {
         "base": "The bundled pretrained model: it has read number text but never the chat format.",
-        "sft": f"SFT ({scale.sft_epochs} epochs) on the 20,000 demonstrations, which forget the carry on 65% of the "
-               "problems that need one.",
+        "sft": f"SFT ({scale.sft_epochs} epochs) on {f'the first {scale.sft_limit:,}' if scale.sft_limit else 'the 20,000'} "
+               "demonstrations, which forget the carry on 65% of the problems that need one.",
         "sft_clean": f"SFT ({scale.clean_epochs} epochs) on the first {scale.clean_size:,} correct demonstrations only: "
                      "less data, none of it wrong.",
         "dpo": "DPO from SFT (sigmoid loss plus RPO's NLL on the chosen answer) on the reward model's pairs.",
