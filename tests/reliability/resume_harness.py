@@ -220,6 +220,14 @@ def kill_while_writing(step: int, name: str = "last.ckpt") -> None:
     torch.save = half_then_kill
 
 
+def train_with_threads(run: Run, threads: int) -> dict:
+    """`train(run)` computing on `threads` threads: a spawned child starts with torch's default, and
+    another thread count sums some float32 reductions in another order, so a child that is to
+    agree bit for bit with its parent must compute on as many threads as the parent."""
+    torch.set_num_threads(threads)
+    return train(run)
+
+
 def train(run: Run) -> dict[str, Any]:
     """Trains `run` and returns the state an exact resume must reproduce, all as tensors and numbers."""
     run.folder.mkdir(parents=True, exist_ok=True)

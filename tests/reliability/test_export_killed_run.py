@@ -4,7 +4,7 @@ import multiprocessing
 import signal
 
 import torch
-from resume_harness import Run, train
+from resume_harness import Run, train_with_threads
 from transformers import AutoModelForCausalLM
 
 from plpost.cli import main
@@ -14,7 +14,7 @@ def test_a_killed_runs_last_checkpoint_exports_its_weights(tmp_path):
     """A run SIGKILLed after 3 optimizer steps leaves last.ckpt and no folder; the export reloads
     with exactly the checkpoint's policy weights."""
     run = Run("sft", tmp_path / "killed", kill_after_step=3)
-    child = multiprocessing.get_context("spawn").Process(target=train, args=(run,))
+    child = multiprocessing.get_context("spawn").Process(target=train_with_threads, args=(run, torch.get_num_threads()))
     child.start()
     child.join()
     assert child.exitcode == -signal.SIGKILL

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from resume_harness import Run, differences, save_dropout_model, seen, train
+from resume_harness import Run, differences, save_dropout_model, seen, train, train_with_threads
 
 from plpost.checkpointing import RNG_STATES_KEY
 
@@ -32,7 +32,7 @@ def killed(run: Run) -> int:
 
     Spawned, not forked: a fork of a process whose OpenMP thread pool is running crashes
     (SIGSEGV) as soon as the child computes with more than one thread."""
-    child = multiprocessing.get_context("spawn").Process(target=train, args=(run,))
+    child = multiprocessing.get_context("spawn").Process(target=train_with_threads, args=(run, torch.get_num_threads()))
     child.start()
     child.join(timeout=300)
     return child.exitcode
