@@ -32,8 +32,8 @@ TENSOR_PARALLEL_REFUSAL = (
 
 
 GATHER_REFUSAL = (
-    "{strategy} keeps each rank's share of the weights only, and plpost gathers whole weights (to sample with "
-    "them, for {needs}) from FSDP2 alone: use ModelParallelStrategy(data_parallel_size={world}, "
+    "{strategy} keeps each rank's share of the weights only, and plpost gathers whole weights (here for {needs}) "
+    "from FSDP2 alone: use ModelParallelStrategy(data_parallel_size={world}, "
     "tensor_parallel_size=1) instead"
 )
 
