@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,11 +85,15 @@ class Pipeline:
         started, cpu_started = time.perf_counter(), time.process_time()
         label = f"[{self.scale.stages.index(stage) + 1}/{len(self.scale.stages)}] {stage}"
         progress = [] if self.quiet else [StageProgressBar(label)]
-        L.Trainer(
+        stage_trainer = L.Trainer(
             logger=CSVLogger(self.out / "logs", name=folder), callbacks=[HFExport(str(self.out / folder)), *progress, *callbacks],
             enable_checkpointing=False, enable_progress_bar=not self.quiet, enable_model_summary=False,
             log_every_n_steps=10, **trainer,
-        ).fit(module, data)
+        )
+        with warnings.catch_warnings():
+            # --quick epochs are shorter than the logging interval; their logs are the epoch's end.
+            warnings.filterwarnings("ignore", message=".*smaller than the logging interval")
+            stage_trainer.fit(module, data)
         self.seconds[folder] = time.perf_counter() - started
         self.cpu_seconds[folder] = time.process_time() - cpu_started
         return str(self.out / folder)
