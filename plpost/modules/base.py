@@ -19,6 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from plpost.callbacks.guards import NonFiniteGuard
 from plpost.callbacks.progress import Throughput
 from plpost.checkpointing import RNG_STATES_KEY, rng_states_of_all_ranks, set_rng_state, use_atomic_checkpoints
+from plpost.hf_compat import enable_activation_checkpointing, without_hub_kernel_routing
 from plpost.hf import check_vocabulary_fits, load_causal_lm, load_tokenizer
 from plpost.optim import WarmupCosineLR
 from plpost.quiet import ignore_eval_mode_notice, peft_reading_deprecated_attributes, quiet_known_noise, remove_filter
@@ -185,7 +186,7 @@ class PostTrainingModule(L.LightningModule):
         # eagerly. A model to be compiled goes without the hook.
         input_grads_hook = not self.torch_compile
         if self.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
             model.config.use_cache = False
             if not input_grads_hook:
                 model.disable_input_require_grads()
@@ -279,7 +280,7 @@ class PostTrainingModule(L.LightningModule):
             return
         for module in self.compiled_modules():
             if module is not None and getattr(module, "_compiled_call_impl", None) is None:
-                module.compile(**COMPILE_OPTIONS)
+                without_hub_kernel_routing(module).compile(**COMPILE_OPTIONS)
 
     def export_model(self) -> PreTrainedModel:
         """The model that export writes as a Hugging Face folder."""
@@ -288,12 +289,6 @@ class PostTrainingModule(L.LightningModule):
     def generation_model(self) -> PreTrainedModel:
         """The model that samples and evaluation callbacks generate with."""
         return self.policy
-
-    @staticmethod
-    def freeze(model: torch.nn.Module) -> torch.nn.Module:
-        model.eval()
-        model.requires_grad_(False)
-        return model
 
     # -- optimisation ---------------------------------------------------------------------
     def configure_optimizers(self):
