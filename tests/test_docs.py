@@ -130,11 +130,19 @@ def test_readme_stage_table_pairs_every_stage_with_the_data_it_trains_on():
     assert named_data == set(DATA_MODULES), f"data modules missing from the README: {set(DATA_MODULES) - named_data}"
 
 
+@pytest.mark.parametrize("page", [README, ROOT / "docs" / "data.md"], ids=lambda page: page.name)
+def test_data_tables_describe_every_data_module_once(page):
+    named = [name for row in table(page, ["data module", "rows"]) for name in public_names(row[0], DATA_MODULES)]
+    assert sorted(named) == sorted(DATA_MODULES), f"{page.name}: the data table names {named}"
+
+
 def test_readme_config_table_lists_every_config_with_the_classes_it_names():
     rows = table(README, ["config", "module", "data module", "what it runs"])
     listed = [re.search(r"configs/[\w./-]+\.yaml", row[0]).group() for row in rows]
     on_disk = sorted(str(path.relative_to(ROOT)) for path in (ROOT / "configs").rglob("*.yaml"))
-    assert sorted(listed) == on_disk, "the README's config table must list exactly the files in configs/"
+    missing, absent = sorted(set(on_disk) - set(listed)), sorted(set(listed) - set(on_disk))
+    assert not missing and not absent, f"README config table: configs/ files not listed {missing}, listed but absent {absent}"
+    assert len(listed) == len(set(listed)), "README config table: a config is listed twice"
     for path, (_, module_cell, data_cell, what) in zip(listed, rows):
         config = yaml.safe_load((ROOT / path).read_text())
         for part, cell, among in (("model", module_cell, STAGE_MODULES), ("data", data_cell, DATA_MODULES)):
