@@ -36,7 +36,7 @@ STAGES = ["SFT", "reward model", "DPO and variants", "ORPO", "KTO", "PPO", "GRPO
 """The stages plpost offers, in the order the README's first table names them."""
 
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
-CODE_SPAN = re.compile(r"`([^`\n]+)`")
+CODE_SPAN = re.compile(r"`([^`]+)`")
 SETTING = re.compile(r"^(\w+): (\S.*)$")
 LINK = re.compile(r"\[[^\]\n]*\]\(([^)\s]+)\)")
 
@@ -71,12 +71,17 @@ def table(page: Path, header: list[str]) -> list[list[str]]:
 
 
 def public_names(cell: str, among: dict[str, type]) -> list[str]:
-    return [span for span in CODE_SPAN.findall(cell) if span in among]
+    return [span for span in code_spans(cell) if span in among]
+
+
+def code_spans(text: str) -> list[str]:
+    """The inline code of `text`, also where a span runs over a line break."""
+    return CODE_SPAN.findall(text.replace("\n", " "))
 
 
 def settings(text: str) -> list[tuple[str, str]]:
     """The `name: value` code spans of `text`."""
-    return [match.groups() for span in CODE_SPAN.findall(text) if (match := SETTING.match(span))]
+    return [match.groups() for span in code_spans(text) if (match := SETTING.match(span))]
 
 
 def literal_choices(annotation) -> set | None:
@@ -278,19 +283,27 @@ def test_python_blocks_call_real_signatures(page):
 @pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
 def test_inline_calls_and_defaults_match_the_signatures(page):
     namespace = {**PUBLIC, "plpost": plpost}
-    for line in prose_of(page).splitlines():
-        for span in CODE_SPAN.findall(line):
+    for paragraph in re.split(r"\n\s*\n", prose_of(page)):
+        for span in code_spans(paragraph):
             try:
                 tree = ast.parse(span, mode="eval")
             except SyntaxError:
                 continue
             calls_bind(tree, namespace, f"{page.name}: `{span}`", partial=True)
-            if line.startswith("Defaults:") and isinstance(tree.body, ast.Call):
-                parameters = inspect.signature(named_object(tree.body.func, namespace)).parameters
-                for keyword in tree.body.keywords:
-                    default = parameters[keyword.arg].default
-                    assert ast.literal_eval(keyword.value) == default, (
-                        f"{page.name}: `{span[:40]}...` says {keyword.arg}={ast.unparse(keyword.value)}, the default is {default!r}")
+        if paragraph.startswith("Defaults:"):
+            check_defaults(code_spans(paragraph)[0], namespace, page.name)
+
+
+def check_defaults(span: str, namespace: dict, where: str) -> None:
+    """`Class(name=value, ...)`: each value is the default of that argument."""
+    call = ast.parse(span, mode="eval").body
+    cls = named_object(call.func, namespace) if isinstance(call, ast.Call) else None
+    assert cls is not None, f"{where}: a Defaults line must open with a call of a plpost class, not `{span[:40]}`"
+    parameters = inspect.signature(cls).parameters
+    for keyword in call.keywords:
+        default = parameters[keyword.arg].default
+        assert ast.literal_eval(keyword.value) == default, (
+            f"{where}: Defaults of {cls.__name__} say {keyword.arg}={ast.unparse(keyword.value)}, the default is {default!r}")
 
 
 def test_stage_sections_name_settings_of_their_stage():
