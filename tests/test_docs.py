@@ -38,7 +38,7 @@ STAGES = ["SFT", "reward model", "DPO and variants", "ORPO", "KTO", "PPO", "GRPO
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 CODE_SPAN = re.compile(r"`([^`]+)`")
 SETTING = re.compile(r"^(\w+): (\S.*)$")
-LINK = re.compile(r"\[[^\]\n]*\]\(([^)\s]+)\)")
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 
 
 def text_of(page: Path) -> str:
