@@ -5,9 +5,12 @@ the model, tokenizer and data swapped for the bundled tiny ones (and precision f
 is checked is that every other setting they hold is valid and runs.
 """
 
+import math
 from pathlib import Path
 
+import lightning as L
 import pytest
+import torch
 import yaml
 
 from plpost.cli import PostTrainingCLI
@@ -25,17 +28,70 @@ def test_configs_are_counted():
 
 def short_run_args(config: Path) -> list[str]:
     return [
-        "fit", f"--config={config}", "--trainer.max_steps=2", "--trainer.limit_val_batches=2",
+        f"--config={config}", "--trainer.max_steps=2", "--trainer.limit_val_batches=2",
         "--trainer.val_check_interval=null", "--trainer.check_val_every_n_epoch=1",
         "--trainer.enable_progress_bar=false",
     ]
 
 
+class TrainedWeights(L.Callback):
+    """The trainable tensors when training starts (after `configure_model`), and which moved by its end."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.start = {name: p.detach().clone() for name, p in pl_module.named_parameters() if p.requires_grad}
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        now = dict(pl_module.named_parameters())
+        self.unmoved = [name for name, before in self.start.items() if torch.equal(now[name].detach(), before)]
+
+
+def fit_briefly(args: list[str]) -> tuple[PostTrainingCLI, TrainedWeights]:
+    """The config's run as `plpost fit` builds it, for the steps `args` allow, with the trained weights watched."""
+    cli = PostTrainingCLI(args=args, run=False)
+    weights = TrainedWeights()
+    cli.trainer.callbacks.append(weights)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    return cli, weights
+
+
+def assert_it_trained(cli: PostTrainingCLI, weights: TrainedWeights) -> None:
+    """Two optimizer steps (at least: PPO takes several per rollout) that moved every trainable tensor,
+    with every logged number finite."""
+    assert cli.trainer.global_step >= 2
+    assert weights.start and not weights.unmoved, weights.unmoved
+    logged = {key: float(value) for key, value in cli.trainer.callback_metrics.items()}
+    assert logged and all(math.isfinite(value) for value in logged.values()), logged
+
+
+@pytest.fixture(scope="module")
+def sft_export(tmp_path_factory) -> str:
+    """The bundled model after a short SFT on the addition chats: it answers in the chat format and
+    ends its answers, so GRPO's groups hold right and wrong answers (the base model's are all wrong and
+    all cut off, which leaves GRPO nothing to learn from)."""
+    from plpost import ChatDataModule, SFTModule
+    from plpost.callbacks import HFExport
+
+    path = str(tmp_path_factory.mktemp("tiny-sft"))
+    L.seed_everything(0)
+    model = SFTModule("plpost:tiny", optimizer=lambda params: torch.optim.AdamW(params, lr=3e-3))
+    data = ChatDataModule("plpost:tiny", train={"path": "plpost:data/addition/sft.jsonl", "limit": 4000},
+                          batch_size=64, max_length=64)
+    L.Trainer(max_steps=60, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, callbacks=[HFExport(path)]).fit(model, data)
+    return path
+
+
+STARTS_FROM_SFT = {"grpo.yaml", "grpo-qwen2.5-0.5b.yaml"}
+"""Configs whose stage learns nothing from the bundled base model in two steps (see `sft_export`)."""
+
+
 @pytest.mark.parametrize("config", TINY_CONFIGS, ids=lambda c: c.name)
-def test_tiny_config_runs_with_its_callbacks(config, tmp_path, monkeypatch):
+def test_tiny_config_trains_with_its_callbacks(config, tmp_path, monkeypatch, request):
     monkeypatch.chdir(tmp_path)  # the configs write under ./outputs
-    cli = PostTrainingCLI(args=short_run_args(config))
-    assert cli.trainer.global_step >= 2  # PPO takes several optimizer steps per rollout
+    args = short_run_args(config)
+    if config.name in STARTS_FROM_SFT:
+        args.append(f"--model.init_args.model={request.getfixturevalue('sft_export')}")
+    assert_it_trained(*fit_briefly(args))
 
 
 @pytest.fixture(scope="module")
@@ -53,14 +109,14 @@ def tiny_reward_model(tmp_path_factory) -> str:
 
 
 @pytest.mark.parametrize("config", PRESETS, ids=lambda c: f"{c.parent.name}/{c.name}")
-def test_preset_parses_and_runs_on_the_tiny_model(config, tmp_path, monkeypatch, capsys, tiny_reward_model):
+def test_preset_parses_and_runs_on_the_tiny_model(config, tmp_path, monkeypatch, capsys, tiny_reward_model, request):
     with pytest.raises(SystemExit) as parsed:
         PostTrainingCLI(args=["fit", f"--config={config}", "--print_config"])
     assert parsed.value.code in (0, None)
     assert "class_path" in capsys.readouterr().out
     monkeypatch.chdir(tmp_path)
     raw = yaml.safe_load(config.read_text())
-    raw["model"]["init_args"]["model"] = "plpost:tiny"
+    raw["model"]["init_args"]["model"] = request.getfixturevalue("sft_export") if config.name in STARTS_FROM_SFT else "plpost:tiny"
     raw["data"]["init_args"]["tokenizer"] = "plpost:tiny"
     raw["data"]["init_args"]["train"] = "plpost:data/addition/" + tiny_data_for(raw["data"]["class_path"])
     raw["data"]["init_args"].pop("val", None)
@@ -69,10 +125,12 @@ def test_preset_parses_and_runs_on_the_tiny_model(config, tmp_path, monkeypatch,
             reward["init_args"]["path"] = tiny_reward_model
         if "answer_column" in reward.get("init_args", {}):
             reward["init_args"]["answer_column"] = "answer"  # the bundled prompts' column
+        if "extract" in reward.get("init_args", {}):
+            reward["init_args"]["extract"] = "last_number"  # the tiny SFT model answers with the bare sum
     if raw["model"]["init_args"].get("critic_model"):
         raw["model"]["init_args"]["critic_model"] = tiny_reward_model
-    if raw["model"]["init_args"].get("teacher"):
-        raw["model"]["init_args"]["teacher"] = "plpost:tiny"
+    if raw["model"]["init_args"].get("teacher"):  # another model than the student, or nothing is learnt
+        raw["model"]["init_args"]["teacher"] = request.getfixturevalue("sft_export")
     lengths = {"max_length": 64, "max_prompt_length": 32}
     raw["data"]["init_args"].update({k: v for k, v in lengths.items() if k in raw["data"]["init_args"]})
     if raw["model"]["init_args"].get("max_new_tokens", 0) > 32:  # a real model's budget, on the tiny one
@@ -80,9 +138,7 @@ def test_preset_parses_and_runs_on_the_tiny_model(config, tmp_path, monkeypatch,
     raw["trainer"].update(precision="32-true", accelerator="cpu", devices=1, num_nodes=1, strategy="auto")
     swapped = tmp_path / config.name
     swapped.write_text(yaml.safe_dump(raw))
-    args = short_run_args(swapped) + ["--trainer.logger=false", "--trainer.callbacks=[]"]
-    cli = PostTrainingCLI(args=args)
-    assert cli.trainer.global_step >= 2  # PPO takes several optimizer steps per rollout
+    assert_it_trained(*fit_briefly(short_run_args(swapped) + ["--trainer.logger=false", "--trainer.callbacks=[]"]))
 
 
 def tiny_data_for(data_class: str) -> str:

@@ -129,10 +129,20 @@ def test_fsdp1_is_refused_where_plpost_would_need_whole_weights(samples, tmp_pat
     assert ("sampling" in str(refusal.value)) == samples and ("HFExport" in str(refusal.value)) != samples
 
 
-def test_fsdp1_trains_an_offline_stage_that_exports_nothing():
+@pytest.mark.parametrize("stage", ["SFTModule", "RewardModule", "DPOModule", "KTOModule"])
+def test_fsdp1_is_left_to_an_offline_stage_until_it_exports(stage, tmp_path):
+    """An offline stage under FSDP1 with callbacks that need no whole weights (checkpoints, throughput)
+    is Lightning's to run; the same run with an HFExport added is refused, naming the export."""
+    import plpost
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from plpost.callbacks import HFExport, Throughput
     from plpost.sharding import check_strategy
 
-    check_strategy(fsdp1_trainer(), samples=False)
+    samples = getattr(plpost, stage).samples_while_training
+    assert check_strategy(fsdp1_trainer(ModelCheckpoint(dirpath=tmp_path), Throughput()), samples=samples) is None
+    with pytest.raises(ValueError, match="HFExport"):
+        check_strategy(fsdp1_trainer(ModelCheckpoint(dirpath=tmp_path), HFExport(str(tmp_path))), samples=samples)
 
 
 def test_only_the_sampling_stages_say_they_sample():
