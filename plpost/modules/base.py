@@ -163,14 +163,24 @@ class PostTrainingModule(L.LightningModule):
             self._tokenizer = load_tokenizer(self.tokenizer_name, trust_remote_code=self.trust_remote_code)
         return self._tokenizer
 
-    def load_pretrained(self, name_or_path: str | None = None, *, random_init: bool | None = None) -> PreTrainedModel:
+    def load_pretrained(
+        self, name_or_path: str | None = None, *, random_init: bool | None = None, frozen: bool = False
+    ) -> PreTrainedModel:
+        """`frozen`: a model never trained (a reference, a teacher), kept in the compute dtype."""
         return load_causal_lm(
             name_or_path or self.model_name,
             random_init=self.random_init if random_init is None else random_init,
-            dtype=self.dtype_name,
+            dtype=self.weights_dtype(frozen=frozen),
             attn_implementation=self.attn_implementation,
             trust_remote_code=self.trust_remote_code,
         )
+
+    def weights_dtype(self, *, frozen: bool = False) -> str | None:
+        """The dtype a trained (or `frozen`) model loads in under the Trainer's precision (see `plpost.precision`)."""
+        from plpost.precision import weights_dtype
+
+        return weights_dtype(self._trainer.precision if self._trainer is not None else None, self.dtype_name,
+                             frozen=frozen)
 
     def prepare_trainable(self, model: PreTrainedModel, task_type: str = "CAUSAL_LM") -> PreTrainedModel:
         """Adds LoRA adapters and gradient checkpointing as configured, in train mode.
@@ -324,9 +334,11 @@ class PostTrainingModule(L.LightningModule):
 
     # -- safe defaults --------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        from plpost.precision import check_dtype_fits
         from plpost.sharding import check_strategy
 
         check_strategy(self.trainer, samples=self.samples_while_training)
+        check_dtype_fits(self.dtype_name, self.trainer.precision)
         self.check_data_module(self.trainer.datamodule)
         use_atomic_checkpoints(self.trainer)  # a kill while saving leaves the previous checkpoint whole
         # Frozen models (references, reward models) are in eval mode on purpose.
