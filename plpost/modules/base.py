@@ -164,15 +164,18 @@ class PostTrainingModule(L.LightningModule):
         return self._tokenizer
 
     def load_pretrained(
-        self, name_or_path: str | None = None, *, random_init: bool | None = None, frozen: bool = False
+        self, name_or_path: str | None = None, *, random_init: bool | None = None, frozen: bool = False,
+        empty: bool | None = None,
     ) -> PreTrainedModel:
-        """`frozen`: a model never trained (a reference, a teacher), kept in the compute dtype."""
+        """`frozen`: a model never trained (a reference, a teacher), kept in the compute dtype.
+        `empty`: built on the meta device (default: `builds_empty()`, for a model `shard_models` fills)."""
         return load_causal_lm(
             name_or_path or self.model_name,
             random_init=self.random_init if random_init is None else random_init,
             dtype=self.weights_dtype(frozen=frozen),
             attn_implementation=self.attn_implementation,
             trust_remote_code=self.trust_remote_code,
+            empty=self.builds_empty() if empty is None else empty,
         )
 
     def weights_dtype(self, *, frozen: bool = False) -> str | None:
@@ -247,15 +250,22 @@ class PostTrainingModule(L.LightningModule):
     def shard_models(self) -> None:
         """Under `ModelParallelStrategy`, shards each of `sharded_modules()` over the data-parallel
         mesh, and makes sure no trainable parameter is left out (it would never be synchronised)."""
-        from plpost.sharding import check_all_sharded, data_parallel_mesh, mixed_precision_policy, shard
+        from plpost.sharding import check_all_sharded, data_parallel_mesh, mixed_precision_policy, shard_from_rank0
 
         mesh = data_parallel_mesh(self)
         if mesh is None:
             return
         for module in self.sharded_modules():
             if module is not None:
-                shard(module, mesh, mixed_precision_policy(self.trainer))
+                shard_from_rank0(module, mesh, self.trainer.strategy.root_device, mixed_precision_policy(self.trainer))
         check_all_sharded(self)
+
+    def builds_empty(self) -> bool:
+        """Whether this process builds its models on the meta device: every rank but 0 under
+        `ModelParallelStrategy`, where `shard_models` fills each rank's shards from rank 0's weights."""
+        from plpost.sharding import data_parallel_mesh
+
+        return data_parallel_mesh(self) is not None and self.trainer.global_rank != 0
 
     def compiled_modules(self) -> list[torch.nn.Module | None]:
         """The modules whose forward `torch_compile` compiles: those the steps call themselves.

@@ -179,7 +179,7 @@ class PPOModule(OnlineRLModule):
             critic = load_causal_lm(
                 self.critic_name, dtype=self.weights_dtype(), attn_implementation=self.attn_implementation,
                 trust_remote_code=self.trust_remote_code, auto_class=AutoModelForSequenceClassification,
-                num_labels=1, pad_token_id=self.tokenizer.pad_token_id,
+                empty=self.builds_empty(), num_labels=1, pad_token_id=self.tokenizer.pad_token_id,
             )
             self.critic = self.prepare_trainable(critic, task_type="SEQ_CLS")
             disable_dropout(self.critic)

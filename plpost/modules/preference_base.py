@@ -101,8 +101,8 @@ class PreferenceModule(PostTrainingModule):
         # training, where the compile would cost about what it saves.
         return [self.policy, self.reference.model if self.reference is not None else None]
 
-    def load_reference(self) -> nn.Module:
-        return self.load_pretrained(self.reference_name, random_init=False, frozen=True)
+    def load_reference(self, *, empty: bool | None = None) -> nn.Module:
+        return self.load_pretrained(self.reference_name, random_init=False, frozen=True, empty=empty)
 
     def frozen_sources(self) -> dict[str, str]:
         kind = self.hparams.reference
@@ -167,7 +167,8 @@ class PreferenceModule(PostTrainingModule):
 
     def load_frozen_reference(self) -> nn.Module:
         """The reference on this device, converted as the strategy converted the policy (e.g. bf16-true)."""
-        model = self.trainer.precision_plugin.convert_module(self.load_reference())
+        # Loaded whole on every rank, not sharded: each computes its share of the batches with it.
+        model = self.trainer.precision_plugin.convert_module(self.load_reference(empty=False))
         return FrozenCopy(model, source=self.reference_name).to(self.device)
 
     def indexed_logps(self, model: nn.Module, batch: Any) -> tuple[Tensor, Tensor]:

@@ -125,7 +125,8 @@ class RewardModule(PostTrainingModule):
         self.val_metrics = nn.ModuleDict({name: MeanMetric() for name in PAIR_METRICS})
 
     def load_pretrained(
-        self, name_or_path: str | None = None, *, random_init: bool | None = None, frozen: bool = False
+        self, name_or_path: str | None = None, *, random_init: bool | None = None, frozen: bool = False,
+        empty: bool | None = None,
     ) -> PreTrainedModel:
         # The same backbone as the causal LM, with a scalar head. The pad id goes into the config
         # so Hugging Face's own pooling (used by other libraries) works wherever pad != eos;
@@ -137,6 +138,7 @@ class RewardModule(PostTrainingModule):
             attn_implementation=self.attn_implementation,
             trust_remote_code=self.trust_remote_code,
             auto_class=AutoModelForSequenceClassification,
+            empty=self.builds_empty() if empty is None else empty,
             num_labels=1,
             pad_token_id=self.tokenizer.pad_token_id,
         )
