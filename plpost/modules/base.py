@@ -238,9 +238,16 @@ class PostTrainingModule(L.LightningModule):
     def finish_models(self) -> None:
         """The last step of every stage's `configure_model`, once LoRA, gradient checkpointing and
         the other changes are made: shards (under `ModelParallelStrategy`), then compiles, the order
-        FSDP2 and `torch.compile` compose in."""
+        FSDP2 and `torch.compile` compose in.
+
+        Then puts the random generator back as `setup` found it: sharded, only rank 0 builds whole
+        models (drawing random numbers for new heads, LoRA or `random_init`), so without this the
+        ranks would sample with generators in other states than under DDP or on one device."""
         self.shard_models()
         self.compile_models()
+        state, self._rng_before_models = getattr(self, "_rng_before_models", None), None
+        if state is not None:
+            torch.set_rng_state(state)
 
     def sharded_modules(self) -> list[torch.nn.Module | None]:
         """The models FSDP2 shards under `ModelParallelStrategy`, trained and frozen alike (see
@@ -353,6 +360,7 @@ class PostTrainingModule(L.LightningModule):
         use_atomic_checkpoints(self.trainer)  # a kill while saving leaves the previous checkpoint whole
         # Frozen models (references, reward models) are in eval mode on purpose.
         self._eval_mode_notice_filter = ignore_eval_mode_notice()
+        self._rng_before_models = torch.get_rng_state()  # see finish_models
 
     def teardown(self, stage: str) -> None:
         remove_filter(getattr(self, "_eval_mode_notice_filter", None))
