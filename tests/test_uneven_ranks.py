@@ -18,7 +18,7 @@ HANG_AFTER_S = 240
 
 def run(out: Path, strategy: str) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PLPOST_HANG_AFTER_S": str(HANG_AFTER_S)}
-    # Its own session, so a timeout kills the process Lightning launched as well.
+    # A process group of its own, so a timeout kills the process Lightning launched as well.
     process = subprocess.Popen([sys.executable, str(SCRIPT), str(out), strategy, *CASES], env=env, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
