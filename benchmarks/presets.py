@@ -171,6 +171,29 @@ PRESETS = {
         extras_after=3,
         notes="one GPU, bf16-mixed, sdpa attention",
     ),
+    "cpu-0.5b": Preset(
+        name="cpu-0.5b",
+        device="cpu",
+        # Qwen2.5-0.5B's shape (benchmarks/model_scale.py has its config) as a Llama: 494M parameters,
+        # 136M of them the tied 151936-row embedding; Qwen2 adds only biases to q, k and v.
+        model=dict(
+            hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+            intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True, rope_theta=1000000.0,
+            rms_norm_eps=1e-6,
+        ),
+        batch_size=1,
+        max_length=512,
+        prompt_median=180,
+        completion_median=300,
+        length_sigma=0.05,
+        precision="fp32",
+        warmup_steps=1,
+        timed_steps=2,
+        threads=2,
+        cases=(("sft", "padded"), ("dpo", "live-ref")),
+        run_timeout_s=1500,
+        notes="2 CPU threads per run, fp32, sdpa attention; one process at a time (a run peaks near 10 GB)",
+    ),
     # For the harness test: a model so small that a run takes seconds.
     "smoke": Preset(
         name="smoke",

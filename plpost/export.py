@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from plpost.callbacks.export import write_hf_folder
+from plpost.hf import DTYPES
 from plpost.modules.base import STAGE_KEY, PostTrainingModule
 from plpost.reward_head import SCORE_HEAD
 
@@ -65,13 +66,16 @@ def module_from_checkpoint(path: str | Path, *, stage: str | None = None) -> Pos
     """
     checkpoint = read_checkpoint(path)
     module = stage_class(checkpoint, path, stage).from_hyperparameters(checkpoint["hyper_parameters"])
-    model = module.load_pretrained()
-    is_classifier = getattr(model, SCORE_HEAD, None) is not None
-    module.policy = module.prepare_trainable(model, task_type="SEQ_CLS" if is_classifier else "CAUSAL_LM")
     weights = {
         key[len(POLICY_PREFIX) :]: value for key, value in checkpoint["state_dict"].items()
         if key.startswith(POLICY_PREFIX)
     }
+    # Built in the dtype it was trained in (float32 under mixed precision), so nothing is rounded
+    # before the export decides the written dtype.
+    module.dtype_name = trained_dtype(weights) or module.dtype_name
+    model = module.load_pretrained()
+    is_classifier = getattr(model, SCORE_HEAD, None) is not None
+    module.policy = module.prepare_trainable(model, task_type="SEQ_CLS" if is_classifier else "CAUSAL_LM")
     result = module.policy.load_state_dict(weights, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(
@@ -82,10 +86,18 @@ def module_from_checkpoint(path: str | Path, *, stage: str | None = None) -> Pos
     return module
 
 
+def trained_dtype(weights: dict[str, torch.Tensor]) -> str | None:
+    """The dtype name of the checkpoint's floating-point weights (None if there are none)."""
+    dtype = next((tensor.dtype for tensor in weights.values() if tensor.is_floating_point()), None)
+    return str(dtype).removeprefix("torch.") if dtype is not None else None
+
+
 def export_checkpoint(
-    path: str | Path, out: str | Path, *, merge: bool | None = None, stage: str | None = None
+    path: str | Path, out: str | Path, *, merge: bool | None = None, stage: str | None = None,
+    dtype: str | None = None,
 ) -> Path:
     """Writes the checkpoint's policy to `out` as `HFExport` would have; returns `out`.
+    dtype: a full model's weights' dtype (default: the starting checkpoint's, see `HFExport`).
 
     merge: for a LoRA policy, True writes merged full weights, False a PEFT adapter folder;
     None keeps the run's own `lora.merge_on_export`.
@@ -94,7 +106,7 @@ def export_checkpoint(
     if merge is not None and module.lora is not None:
         module.lora = replace(module.lora, merge_on_export=merge)
     out = Path(out)
-    write_hf_folder(module, out)
+    write_hf_folder(module, out, dtype=dtype)
     return out
 
 
@@ -107,11 +119,13 @@ def main(argv: list[str] | None = None) -> None:
                       help="LoRA: write merged full weights (default: the run's lora.merge_on_export)")
     lora.add_argument("--adapter", dest="merge", action="store_const", const=False,
                       help="LoRA: write a PEFT adapter folder")
+    parser.add_argument("--dtype", choices=sorted(DTYPES),
+                        help="a full model's weights' dtype (default: the dtype the starting checkpoint is stored in)")
     parser.add_argument("--stage", help=f"the stage, for a checkpoint that does not name it ({', '.join(STAGES)})")
     parser.add_argument("--quiet", action="store_true", help="print nothing on success")
     args = parser.parse_args(argv)
     try:
-        out = export_checkpoint(args.checkpoint, args.out, merge=args.merge, stage=args.stage)
+        out = export_checkpoint(args.checkpoint, args.out, merge=args.merge, stage=args.stage, dtype=args.dtype)
     except CheckpointError as error:
         parser.exit(2, f"plpost export: error: {error}\n")
     if not args.quiet:

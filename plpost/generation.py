@@ -58,6 +58,14 @@ def eager_sampling():
     return torch.compiler.set_stance("force_eager")
 
 
+UNSYNCED = False
+"""`generate`'s `synced_gpus`: transformers turns it on for a model that FSDP2 shards, and then
+all-reduces at every new token so that the ranks step until the last one is done. plpost
+gathers the full weights for the whole `generate` (`plpost.sharding.full_parameters`), so its
+forwards need no collective: each rank generates on its own and stops when its rows are done,
+and a rank with nothing to generate need not call `generate` at all."""
+
+
 def generate_texts(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -82,9 +90,8 @@ def generate_texts(
         for start in range(0, len(prompts), batch_size):
             input_ids, attention_mask = encode_prompts(tokenizer, prompts[start : start + batch_size])
             with eager_sampling():
-                output = model.generate(
-                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config
-                )
+                output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                        generation_config=config, synced_gpus=UNSYNCED)
             completion_ids = output[:, input_ids.shape[1] :]
             texts += tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
             batch_lengths, batch_stopped = completion_stats(completion_ids, config.eos_token_id)
@@ -92,4 +99,6 @@ def generate_texts(
             stopped.append(batch_stopped.cpu())
     finally:
         model.train(was_training)
+    if not prompts:
+        return Generations([], torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.bool))
     return Generations(texts, torch.cat(lengths), torch.cat(stopped))

@@ -40,11 +40,14 @@ def load_causal_lm(
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
     auto_class: type = AutoModelForCausalLM,
+    empty: bool = False,
     **config_overrides: Any,
 ) -> PreTrainedModel:
     """`auto_class` (AutoModelForCausalLM, or e.g. AutoModelForSequenceClassification for a reward
     model) from a Hub name or folder; `random_init` builds its config with fresh weights.
 
+    empty: the model built on the meta device, from its config alone (no weight read, no memory
+    taken), for `plpost.sharding.shard_from_rank0` to fill with rank 0's weights once sharded.
     config_overrides: config fields to set before the weights load (e.g. num_labels=1).
     """
     path = resolve_pretrained(name_or_path)
@@ -52,6 +55,9 @@ def load_causal_lm(
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **config_overrides)
     if attn_implementation:
         config._attn_implementation = attn_implementation
+    if empty:
+        with torch.device("meta"):
+            return auto_class.from_config(config, dtype=torch_dtype or config.dtype, trust_remote_code=trust_remote_code)
     if random_init:
         model = auto_class.from_config(config, trust_remote_code=trust_remote_code)
         return model.to(torch_dtype) if torch_dtype else model

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from plpost.generation import completion_stats
+from plpost.generation import UNSYNCED, completion_stats
 from plpost.losses import explained_variance, masked_mean, masked_sum, token_entropy, token_logprobs
 
 
@@ -74,7 +74,8 @@ def sample_responses(
     was_training = model.training
     model.eval()
     try:
-        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                                synced_gpus=UNSYNCED)
     finally:
         model.train(was_training)
     response = output[:, input_ids.shape[1] :]

@@ -5,7 +5,8 @@ The supported form is data-parallel sharding: `ModelParallelStrategy(data_parall
 tensor_parallel_size=1)`. Each trained model (policy, critic) and each frozen copy (a DPO or PPO
 reference) is sharded over the data-parallel mesh, one FSDP unit per decoder layer, then the root;
 sharding a frozen model costs nothing but an all-gather per layer at each forward and keeps its
-memory divided like the policy's. Reward models scored from Python (`RewardScorer` sources) are
+memory divided like the policy's. Only rank 0 builds these models whole; every other rank builds
+them on the meta device and receives its shards from rank 0 (`shard_from_rank0`). Reward models scored from Python (`RewardScorer` sources) are
 not modules of the stage: each rank keeps its own whole copy (replicated). A `precomputed` DPO or
 KTO reference is loaded whole on each rank for its one pass before training (each rank computes
 its share of the batches; see `plpost.modules.reference.precompute_logps`), then freed: the peak
@@ -128,6 +129,34 @@ def shard(model: nn.Module, mesh: Any, mp_policy: Any | None = None) -> nn.Modul
         unit(head)
     else:
         unit(model)
+    return model
+
+
+def shard_from_rank0(model: nn.Module, mesh: Any, device: torch.device, mp_policy: Any | None = None) -> nn.Module:
+    """`model` sharded (see `shard`) and filled with rank 0's weights: rank 0 built it whole (read
+    from its checkpoint, LoRA and new heads initialised), every other rank on the meta device
+    (`load_causal_lm(empty=True)`), so only rank 0 ever holds a whole copy, and only until its
+    weights are sent. Each tensor is broadcast in turn and each rank keeps its shard of it
+    (`set_model_state_dict(broadcast_from_rank0=True)`); buffers outside the state dict (rotary
+    frequencies) are broadcast as they are. A collective: every rank calls it. A model sharded
+    already is left as it is."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if any(is_sharded(m) for m in model.modules()):
+        return model
+    whole = model.state_dict() if dist.get_rank() == 0 else {}
+    shard(model, mesh, mp_policy)
+    if dist.get_rank() == 0:
+        model.to(device)
+    else:
+        model.to_empty(device=device)
+    set_model_state_dict(model, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del whole
+    persistent = model.state_dict().keys()
+    for name, buffer in model.named_buffers():
+        if name not in persistent:
+            dist.broadcast(buffer, src=0)
     return model
 
 

@@ -6,7 +6,8 @@ STAGE: sft, sft-packed, sft-lora, sft-merged, sft-bf16 (precision bf16-mixed), r
 dpo-precomputed, orpo, kto, ppo, ppo-critic, grpo, distill, one fit after the other in the same two processes. Run as a script because Lightning's launcher starts the other process by re-running
 the command line. Writes each stage's export to OUT/STAGE/model, from rank 0, the sum of each
 rank's local policy parameters to OUT/STAGE/sums.pt, and, from each rank, the greedy completions
-GenerationEval made at the end of training to OUT/STAGE/generations-RANK.json (not for reward), and
+GenerationEval made at the end of training (each rank generates its share, every rank holds all) to
+OUT/STAGE/generations-RANK.json (not for reward), and
 the dtype of the weights the first decoder layer computes with to OUT/STAGE/compute-dtype.txt.
 """
 
@@ -46,17 +47,6 @@ def prompts() -> list[dict]:
 
 def text_reward(prompts: list, completions: list[str], **columns) -> torch.Tensor:
     return torch.tensor([float(sum(map(ord, c)) % 7) for c in completions])
-
-
-class CompletionsKept:
-    """A GenerationEval score function that keeps the completions it scores."""
-
-    def __init__(self) -> None:
-        self.completions: list[str] = []
-
-    def __call__(self, prompts: list, completions: list[str], **columns) -> torch.Tensor:
-        self.completions += completions
-        return torch.zeros(len(completions))
 
 
 class ComputeDtype(L.Callback):
@@ -113,18 +103,16 @@ STRATEGIES = {
 def fit(out: Path, stage: str, strategy: str) -> None:
     L.seed_everything(0)
     module, data = build(stage, out / "reference-cache")
-    kept, dtype = CompletionsKept(), ComputeDtype()
-    callbacks = [HFExport(str(out / "model")), dtype]
-    if stage != "reward":
-        eval_prompts = [{"prompt": f"{i}+{i + 1}="} for i in range(3)]
-        callbacks.append(GenerationEval(eval_prompts, kept, every_n_steps=0, max_new_tokens=6))
+    dtype = ComputeDtype()
+    evaluation = GenerationEval([{"prompt": f"{i}+{i + 1}="} for i in range(3)], every_n_steps=0, max_new_tokens=6)
+    callbacks = [HFExport(str(out / "model")), dtype] + ([evaluation] if stage != "reward" else [])
     trainer = L.Trainer(
         accelerator="cpu", devices=DEVICES, max_steps=STEPS, logger=False, enable_checkpointing=False,
         strategy=STRATEGIES[strategy](), enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
         precision=PRECISION.get(stage, "32-true"),
     )
     trainer.fit(module, data)
-    (out / f"generations-{trainer.global_rank}.json").write_text(json.dumps(kept.completions))
+    (out / f"generations-{trainer.global_rank}.json").write_text(json.dumps(evaluation.completions))
     local = torch.stack([p.detach().to_local().sum() if hasattr(p, "to_local") else p.detach().sum()
                          for p in module.policy.parameters()]).sum()
     sums = trainer.strategy.all_gather(local)

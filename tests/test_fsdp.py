@@ -73,12 +73,14 @@ def test_sharded_run_exports_the_weights_of_a_ddp_run(runs, stage):
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [stage for stage in STAGES if stage != "reward"])
 def test_generation_eval_samples_from_the_gathered_weights_of_a_sharded_model(runs, stage):
-    """GenerationEval at the end of training, greedy: each rank generates its own 3 completions
-    from the full weights gathered once (`sharding.full_parameters`), and they are the DDP run's
-    word for word where the weights are DDP's exactly (not the online stages, one ulp apart, nor bf16)."""
+    """GenerationEval at the end of training, greedy: each rank generates its share of the 3
+    prompts (2 and 1) from the full weights gathered once (`sharding.full_parameters`), and every
+    rank holds the 3 gathered completions, the DDP run's word for word where the weights are DDP's
+    exactly (not the online stages, one ulp apart, nor bf16)."""
     for rank in (0, 1):
         sharded = json.loads((runs / "sharded" / stage / f"generations-{rank}.json").read_text())
         assert len(sharded) == 3 and any(sharded)
+        assert sharded == json.loads((runs / "sharded" / stage / "generations-0.json").read_text())
         if stage not in CLIPPED | MIXED:
             assert sharded == json.loads((runs / "ddp" / stage / f"generations-{rank}.json").read_text())
 

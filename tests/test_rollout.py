@@ -24,7 +24,7 @@ class ScriptedModel(torch.nn.Module):
         self.continuations = torch.tensor(continuations)
         self.modes = []
 
-    def generate(self, input_ids, attention_mask, generation_config):
+    def generate(self, input_ids, attention_mask, generation_config, synced_gpus):
         self.modes.append(self.training)
         return torch.cat([input_ids, self.continuations], dim=1)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 from torch import Tensor, nn
@@ -24,11 +25,18 @@ class HFExport(L.Callback):
     Args:
         dirpath: the folder to write.
         every_n_epochs: also export after every n-th training epoch (0: only when training ends).
+        dtype: the dtype of a full model's weights ("float32", "bfloat16", "float16"); default:
+            the dtype the starting checkpoint is stored in (a bfloat16 checkpoint trained with
+            float32 master weights is written in bfloat16, as its users load it), and the trained
+            dtype for `random_init`. Adapter folders keep the adapters as trained.
     """
 
-    def __init__(self, dirpath: str, every_n_epochs: int = 0) -> None:
+    def __init__(
+        self, dirpath: str, every_n_epochs: int = 0, dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    ) -> None:
         self.dirpath = Path(dirpath)
         self.every_n_epochs = every_n_epochs
+        self.dtype = dtype
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
@@ -40,7 +48,7 @@ class HFExport(L.Callback):
     def export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         state = gathered_state(pl_module.export_model())  # every rank takes part in the gathering
         if trainer.is_global_zero:
-            write_hf_folder(pl_module, self.dirpath, state)
+            write_hf_folder(pl_module, self.dirpath, state, dtype=self.dtype)
             rank_zero_info(f"exported to {self.dirpath}")
         trainer.strategy.barrier("plpost-export")
 
@@ -84,11 +92,26 @@ def unsharded_copy(model: nn.Module, state: dict[str, Tensor]) -> nn.Module:
     return copy_
 
 
-def write_hf_folder(pl_module: L.LightningModule, dirpath: Path, state: dict[str, Tensor] | None = None) -> None:
+def export_dtype(pl_module: L.LightningModule, requested: str | None) -> str | None:
+    """The dtype name full-model exports are written in: `requested`, else the one the starting
+    checkpoint is stored in (None, as trained, for `random_init` or a checkpoint that names none)."""
+    from plpost.precision import stored_dtype
+
+    if requested is not None or getattr(pl_module, "random_init", True):
+        return requested
+    return stored_dtype(pl_module.model_name, trust_remote_code=pl_module.trust_remote_code)
+
+
+def write_hf_folder(
+    pl_module: L.LightningModule, dirpath: Path, state: dict[str, Tensor] | None = None, *, dtype: str | None = None
+) -> None:
     """The module's `export_model()` and tokenizer as a Hugging Face folder (what `HFExport` and
     `plpost export` write): a PEFT adapter folder for a LoRA policy unless `lora.merge_on_export`,
     and a generation config that stops at every end-of-turn token. `state`: the model's full state
-    dict when it is sharded (see `gathered_state`), written in place of its own shards."""
+    dict when it is sharded (see `gathered_state`), written in place of its own shards.
+    `dtype`: a full model's weights' dtype (see `export_dtype`)."""
+    from plpost.hf import DTYPES
+
     model = pl_module.export_model()
     tokenizer = pl_module.tokenizer
     lora = getattr(pl_module, "lora", None)
@@ -100,6 +123,25 @@ def write_hf_folder(pl_module: L.LightningModule, dirpath: Path, state: dict[str
     if getattr(base, "generation_config", None) is not None:
         base.generation_config.eos_token_id = stop_token_ids(tokenizer)
         base.generation_config.pad_token_id = tokenizer.pad_token_id
+    full_model = base is model
+    written = export_dtype(pl_module, dtype) if full_model else None
+    if written is not None:
+        state = cast_floating(state if state is not None else own_state(model), DTYPES[written])
     with no_progress_bars_if_small(sum(p.numel() * p.element_size() for p in model.parameters())):
         model.save_pretrained(dirpath, safe_serialization=True, state_dict=state)
+    if written is not None:  # save_pretrained records the dtype of the model in memory
+        trained = model.config.dtype
+        model.config.dtype = written
+        model.config.save_pretrained(dirpath)
+        model.config.dtype = trained
     tokenizer.save_pretrained(dirpath)
+
+
+def own_state(model: nn.Module) -> dict[str, Tensor]:
+    """`model`'s state dict without the second names of tied weights (see `gathered_state`)."""
+    aliases = tied_aliases(model)
+    return {name: tensor for name, tensor in model.state_dict().items() if name not in aliases}
+
+
+def cast_floating(state: dict[str, Tensor], dtype) -> dict[str, Tensor]:
+    return {name: tensor.to(dtype) if tensor.is_floating_point() else tensor for name, tensor in state.items()}

@@ -64,6 +64,8 @@ class GenerationEval(L.Callback):
         self.table_rows = table_rows
         self.name = name
         self._last_step = -1
+        self.completions: list[str] = []
+        """The last evaluation's completions of every prompt, in order, on every rank."""
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step
@@ -76,27 +78,35 @@ class GenerationEval(L.Callback):
             self.evaluate(trainer, pl_module)
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
-        # Sharded (FSDP2), every rank gathers the full weights once and generates on its own: a
-        # gather per forward would be slower, and would hang once the ranks' samples end apart.
+        """Each rank generates and scores its share of the prompts (rank r: prompts r, r + world,
+        ...), and the shares are gathered, so every rank returns the same metrics of the whole set.
+        Sharded (FSDP2), every rank gathers the full weights once, even with no prompt of its own
+        (the gathering is a collective), and generates without further collectives."""
+        share = list(range(trainer.global_rank, len(self.prompts), trainer.world_size))
+        prompts = [self.prompts[i] for i in share]
         with full_parameters(pl_module.generation_model()) as model:
-            texts, lengths, stopped = generate_texts(model, pl_module.tokenizer, self.prompts,
+            texts, lengths, stopped = generate_texts(model, pl_module.tokenizer, prompts,
                                                      max_new_tokens=self.max_new_tokens, do_sample=self.do_sample)
+        scores: list[float | None] = [None] * len(share)
+        if self.score_fn is not None and share:
+            columns = {key: [values[i] for i in share] for key, values in self.columns.items()}
+            scores = torch.as_tensor(self.score_fn(prompts, texts, **columns), dtype=torch.float32).tolist()
+        rows = sorted(gathered(trainer, list(zip(share, texts, lengths.tolist(), stopped.tolist(), scores))))
+        _, self.completions, all_lengths, all_stopped, all_scores = (list(column) for column in zip(*rows))
         metrics = {
-            f"{self.name}/stopped": float(stopped.float().mean()),
-            f"{self.name}/length": float(lengths.float().mean()),
+            f"{self.name}/stopped": sum(all_stopped) / len(rows),
+            f"{self.name}/length": sum(all_lengths) / len(rows),
         }
-        scores = None
         if self.score_fn is not None:
-            scores = self.score_fn(self.prompts, texts, **self.columns)
-            metrics[f"{self.name}/score"] = float(torch.as_tensor(scores, dtype=torch.float32).mean())
+            metrics[f"{self.name}/score"] = sum(all_scores) / len(rows)
         if trainer.is_global_zero:
-            self.log_table(trainer, texts, scores)
+            self.log_table(trainer, self.completions, all_scores if self.score_fn is not None else None)
         if trainer.logger is not None:
             trainer.logger.log_metrics(metrics, step=trainer.global_step)
         rank_zero_info(f"step {trainer.global_step}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
         return metrics
 
-    def log_table(self, trainer: L.Trainer, texts: list[str], scores: torch.Tensor | None) -> None:
+    def log_table(self, trainer: L.Trainer, texts: list[str], scores: list[float] | None) -> None:
         rows = []
         for i in range(min(self.table_rows, len(texts))):
             score = float(scores[i]) if scores is not None else None
@@ -108,3 +118,12 @@ class GenerationEval(L.Callback):
                 return
         for row in rows[:4]:
             rank_zero_info(f"  {row[1]!r} -> {row[2]!r} (score {row[3]})")
+
+
+def gathered(trainer: L.Trainer, items: list) -> list:
+    """Every rank's `items` (picklable), concatenated in rank order, on every rank; a collective."""
+    if trainer.world_size == 1:
+        return items
+    shares: list[list | None] = [None] * trainer.world_size
+    torch.distributed.all_gather_object(shares, items)
+    return [item for share in shares for item in share]

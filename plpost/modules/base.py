@@ -164,14 +164,27 @@ class PostTrainingModule(L.LightningModule):
             self._tokenizer = load_tokenizer(self.tokenizer_name, trust_remote_code=self.trust_remote_code)
         return self._tokenizer
 
-    def load_pretrained(self, name_or_path: str | None = None, *, random_init: bool | None = None) -> PreTrainedModel:
+    def load_pretrained(
+        self, name_or_path: str | None = None, *, random_init: bool | None = None, frozen: bool = False,
+        empty: bool | None = None,
+    ) -> PreTrainedModel:
+        """`frozen`: a model never trained (a reference, a teacher), kept in the compute dtype.
+        `empty`: built on the meta device (default: `builds_empty()`, for a model `shard_models` fills)."""
         return load_causal_lm(
             name_or_path or self.model_name,
             random_init=self.random_init if random_init is None else random_init,
-            dtype=self.dtype_name,
+            dtype=self.weights_dtype(frozen=frozen),
             attn_implementation=self.attn_implementation,
             trust_remote_code=self.trust_remote_code,
+            empty=self.builds_empty() if empty is None else empty,
         )
+
+    def weights_dtype(self, *, frozen: bool = False) -> str | None:
+        """The dtype a trained (or `frozen`) model loads in under the Trainer's precision (see `plpost.precision`)."""
+        from plpost.precision import weights_dtype
+
+        return weights_dtype(self._trainer.precision if self._trainer is not None else None, self.dtype_name,
+                             frozen=frozen)
 
     def prepare_trainable(self, model: PreTrainedModel, task_type: str = "CAUSAL_LM") -> PreTrainedModel:
         """Adds LoRA adapters and gradient checkpointing as configured, in train mode.
@@ -226,9 +239,16 @@ class PostTrainingModule(L.LightningModule):
     def finish_models(self) -> None:
         """The last step of every stage's `configure_model`, once LoRA, gradient checkpointing and
         the other changes are made: shards (under `ModelParallelStrategy`), then compiles, the order
-        FSDP2 and `torch.compile` compose in."""
+        FSDP2 and `torch.compile` compose in.
+
+        Then puts the random generator back as `setup` found it: sharded, only rank 0 builds whole
+        models (drawing random numbers for new heads, LoRA or `random_init`), so without this the
+        ranks would sample with generators in other states than under DDP or on one device."""
         self.shard_models()
         self.compile_models()
+        state, self._rng_before_models = getattr(self, "_rng_before_models", None), None
+        if state is not None:
+            torch.set_rng_state(state)
 
     def sharded_modules(self) -> list[torch.nn.Module | None]:
         """The models FSDP2 shards under `ModelParallelStrategy`, trained and frozen alike (see
@@ -238,15 +258,22 @@ class PostTrainingModule(L.LightningModule):
     def shard_models(self) -> None:
         """Under `ModelParallelStrategy`, shards each of `sharded_modules()` over the data-parallel
         mesh, and makes sure no trainable parameter is left out (it would never be synchronised)."""
-        from plpost.sharding import check_all_sharded, data_parallel_mesh, mixed_precision_policy, shard
+        from plpost.sharding import check_all_sharded, data_parallel_mesh, mixed_precision_policy, shard_from_rank0
 
         mesh = data_parallel_mesh(self)
         if mesh is None:
             return
         for module in self.sharded_modules():
             if module is not None:
-                shard(module, mesh, mixed_precision_policy(self.trainer))
+                shard_from_rank0(module, mesh, self.trainer.strategy.root_device, mixed_precision_policy(self.trainer))
         check_all_sharded(self)
+
+    def builds_empty(self) -> bool:
+        """Whether this process builds its models on the meta device: every rank but 0 under
+        `ModelParallelStrategy`, where `shard_models` fills each rank's shards from rank 0's weights."""
+        from plpost.sharding import data_parallel_mesh
+
+        return data_parallel_mesh(self) is not None and self.trainer.global_rank != 0
 
     def compiled_modules(self) -> list[torch.nn.Module | None]:
         """The modules whose forward `torch_compile` compiles: those the steps call themselves.
@@ -319,13 +346,16 @@ class PostTrainingModule(L.LightningModule):
 
     # -- safe defaults --------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        from plpost.precision import check_dtype_fits
         from plpost.sharding import check_strategy
 
         check_strategy(self.trainer, samples=self.samples_while_training)
+        check_dtype_fits(self.dtype_name, self.trainer.precision)
         self.check_data_module(self.trainer.datamodule)
         use_atomic_checkpoints(self.trainer)  # a kill while saving leaves the previous checkpoint whole
         # Frozen models (references, reward models) are in eval mode on purpose.
         self._eval_mode_notice_filter = ignore_eval_mode_notice()
+        self._rng_before_models = torch.get_rng_state()  # see finish_models
 
     def teardown(self, stage: str) -> None:
         remove_filter(getattr(self, "_eval_mode_notice_filter", None))

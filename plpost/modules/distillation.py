@@ -57,8 +57,8 @@ class DistillationModule(OnlineModule):
             forwards and backward (the logits of both models over a micro-batch are in memory at once).
         gradient_clip_val: clip the gradient norm of each optimizer step (None: off).
         random_init, dtype, attn_implementation, trust_remote_code, lora, gradient_checkpointing,
-            torch_compile: as for `GRPOModule` (the student's; the teacher loads in `dtype` too,
-            and `torch_compile` compiles its forward as well).
+            torch_compile: as for `GRPOModule` (the student's; the teacher, never trained, loads
+            in the compute dtype (see `plpost.precision`), and `torch_compile` compiles its forward as well).
         optimizer: the optimizer, given the student's trainable parameters.
         scheduler: the learning-rate schedule, stepped every optimizer step.
     """
@@ -127,7 +127,7 @@ class DistillationModule(OnlineModule):
         # Before any weights load: a teacher of another vocabulary cannot be compared token by token.
         check_same_tokenizer(self.tokenizer, self.tokenizer_name, self.teacher_name,
                              trust_remote_code=self.trust_remote_code)
-        teacher = self.load_pretrained(self.teacher_name, random_init=False)
+        teacher = self.load_pretrained(self.teacher_name, random_init=False, frozen=True)
         check_vocabulary_fits(self.tokenizer, self.tokenizer_name, teacher, self.teacher_name)
         self.teacher = FrozenCopy(teacher, self.teacher_name)
         self.policy = self.prepare_trainable(self.load_pretrained())

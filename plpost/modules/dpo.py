@@ -83,8 +83,9 @@ class DPOModule(PreferenceModule):
         disable_dropout: turn off every dropout in the policy, so its log-probs are as
             deterministic as the reference's (as TRL's DPO does by default).
         random_init: build the model from its config with random weights instead of loading them.
-        dtype: load the weights in this dtype (default: as stored). For mixed precision use the
-            Trainer's `precision` instead.
+        dtype: the weights' dtype outside a Trainer (exporting, chatting). Training, the Trainer's
+            `precision` decides (float32 trained weights under `*-mixed`, see `plpost.precision`),
+            and a `dtype` that contradicts it is refused.
         attn_implementation: "sdpa", "eager", "flash_attention_2", ... (default: transformers' choice).
         trust_remote_code: allow model code from the model's repository (off: it runs arbitrary code).
         lora: train LoRA adapters instead of all weights.

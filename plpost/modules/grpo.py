@@ -197,8 +197,10 @@ class GRPOModule(OnlineRLModule):
 
     def generate(self, batch: PromptBatch) -> Groups:
         """Samples and scores G completions per prompt; with dynamic sampling, samples the groups
-        with equal rewards again (every device takes the same number of rounds) and drops those
-        that stay so."""
+        with equal rewards again and drops those that stay so. Every device takes the same rounds,
+        as long as any device has such a group (one all-reduce decides each round): sampling
+        sharded gathers the weights, a collective, so a device with nothing to sample again joins
+        the gathering without generating."""
         hp = self.hparams
         G, prompts = hp.num_generations, len(batch.prompts)
         samples, rewards, per_source = self.sample_and_score(batch, torch.arange(prompts))
@@ -208,6 +210,7 @@ class GRPOModule(OnlineRLModule):
             if not self.trainer.strategy.reduce_boolean_decision(bool(degenerate.any()), all=False):
                 break
             if not degenerate.any():
+                self.join_sampling()
                 continue
             groups = degenerate.nonzero().squeeze(1).cpu()
             rows = (groups[:, None] * G + torch.arange(G)).reshape(-1).to(rewards.device)

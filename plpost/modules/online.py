@@ -4,7 +4,6 @@ reference they measure KL against and their frozen reward sources."""
 
 from __future__ import annotations
 
-import copy
 from contextlib import nullcontext
 from typing import Any
 
@@ -15,7 +14,7 @@ from transformers import PreTrainedModel
 from plpost.data.prompts import PromptDataModule
 from plpost.generation import eager_sampling, generation_config
 from plpost.modules.base import PostTrainingModule
-from plpost.modules.reference import FrozenCopy, adapter_disabled, model_fingerprint
+from plpost.modules.reference import FrozenCopy, adapter_disabled, model_fingerprint, starting_copy
 from plpost.optim import WarmupCosineLR
 from plpost.rewards import RewardFunction, RewardScorer
 from plpost.rollout import Samples, response_forward, sample_responses
@@ -57,6 +56,12 @@ class OnlineModule(PostTrainingModule):
         # Sharded (FSDP2), every rank gathers the full weights once for the whole generate.
         with eager_sampling(), full_parameters(self.generation_model()) as model:
             return sample_responses(model, input_ids, attention_mask, config, pad_token_id=self.tokenizer.pad_token_id)
+
+    def join_sampling(self) -> None:
+        """Takes part in a round of sampling that other devices generate in, generating nothing
+        here: the gathering and freeing of the sharded weights are collectives every rank joins."""
+        with full_parameters(self.generation_model()):
+            pass
 
     # -- optimizer steps ------------------------------------------------------------------
     def configure_optimizers(self):
@@ -107,7 +112,9 @@ class OnlineRLModule(OnlineModule):
         if self.use_adapter_reference:
             return
         same = self.reference_name == self.model_name
-        reference = copy.deepcopy(initial) if same else self.load_pretrained(self.reference_name, random_init=False)
+        frozen_dtype = self.weights_dtype(frozen=True)
+        reference = (starting_copy(initial, frozen_dtype) if same
+                     else self.load_pretrained(self.reference_name, random_init=False, frozen=True))
         self.reference = FrozenCopy(reference, self.reference_name)
 
     def reference_logprobs(self, *tensors: Tensor) -> Tensor:

@@ -75,8 +75,9 @@ class PPOModule(OnlineRLModule):
         gradient_clip_val: clip the gradient norm of each optimizer step (None: off). Given here,
             not to the Trainer, which does not clip under manual optimization.
         random_init: build the policy from its config with random weights instead of loading them.
-        dtype: load the weights in this dtype (default: as stored). For mixed precision use the
-            Trainer's `precision` instead.
+        dtype: the weights' dtype outside a Trainer (exporting, chatting). Training, the Trainer's
+            `precision` decides (float32 trained weights under `*-mixed`, see `plpost.precision`),
+            and a `dtype` that contradicts it is refused.
         attn_implementation: "sdpa", "eager", "flash_attention_2", ... (default: transformers' choice).
         trust_remote_code: allow model code from the model's repository (off: it runs arbitrary code).
         lora: train LoRA adapters instead of all weights (the critic gets its own adapters).
@@ -176,9 +177,9 @@ class PPOModule(OnlineRLModule):
             # A reward model folder keeps its trained head (a good start: it already tells good
             # responses from bad); a causal LM folder gets a new head on its backbone.
             critic = load_causal_lm(
-                self.critic_name, dtype=self.dtype_name, attn_implementation=self.attn_implementation,
+                self.critic_name, dtype=self.weights_dtype(), attn_implementation=self.attn_implementation,
                 trust_remote_code=self.trust_remote_code, auto_class=AutoModelForSequenceClassification,
-                num_labels=1, pad_token_id=self.tokenizer.pad_token_id,
+                empty=self.builds_empty(), num_labels=1, pad_token_id=self.tokenizer.pad_token_id,
             )
             self.critic = self.prepare_trainable(critic, task_type="SEQ_CLS")
             disable_dropout(self.critic)

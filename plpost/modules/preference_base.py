@@ -9,7 +9,6 @@ absent ("none", for reference-free losses). A stage says what it computes of a b
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any, ClassVar, Literal, NamedTuple
 
@@ -24,6 +23,7 @@ from plpost.modules.reference import (
     lookup,
     model_fingerprint,
     precompute_logps,
+    starting_copy,
 )
 
 ReferenceKind = Literal["copy", "adapter", "precomputed", "none"]
@@ -81,7 +81,8 @@ class PreferenceModule(PostTrainingModule):
         start = self.load_pretrained()
         if self.hparams.reference == "copy":
             # The policy's own starting weights need no second load (and random_init needs the copy).
-            weights = copy.deepcopy(start) if self.hparams.reference_model is None else self.load_reference()
+            frozen_dtype = self.weights_dtype(frozen=True)
+            weights = starting_copy(start, frozen_dtype) if self.hparams.reference_model is None else self.load_reference()
             self.reference = FrozenCopy(weights, source=self.frozen_sources()["reference"])
         self.policy = self.prepare_trainable(start)
         if self.hparams.disable_dropout:
@@ -100,8 +101,8 @@ class PreferenceModule(PostTrainingModule):
         # training, where the compile would cost about what it saves.
         return [self.policy, self.reference.model if self.reference is not None else None]
 
-    def load_reference(self) -> nn.Module:
-        return self.load_pretrained(self.reference_name, random_init=False)
+    def load_reference(self, *, empty: bool | None = None) -> nn.Module:
+        return self.load_pretrained(self.reference_name, random_init=False, frozen=True, empty=empty)
 
     def frozen_sources(self) -> dict[str, str]:
         kind = self.hparams.reference
@@ -154,7 +155,7 @@ class PreferenceModule(PostTrainingModule):
         reference = model_fingerprint(self.reference_name)
         jobs = {}
         for split, rows in examples.items():
-            key = cache_key(reference, rows, tokenizer=self.tokenizer_name, dtype=self.dtype_name,
+            key = cache_key(reference, rows, tokenizer=self.tokenizer_name, dtype=self.weights_dtype(frozen=True),
                             attn_implementation=self.attn_implementation, precision=self.trainer.precision)
             jobs[split] = (Path(self.hparams.reference_cache_dir) / f"{key}.pt", rows)
             self.reference_cache_files[split] = str(jobs[split][0])
@@ -166,7 +167,8 @@ class PreferenceModule(PostTrainingModule):
 
     def load_frozen_reference(self) -> nn.Module:
         """The reference on this device, converted as the strategy converted the policy (e.g. bf16-true)."""
-        model = self.trainer.precision_plugin.convert_module(self.load_reference())
+        # Loaded whole on every rank, not sharded: each computes its share of the batches with it.
+        model = self.trainer.precision_plugin.convert_module(self.load_reference(empty=False))
         return FrozenCopy(model, source=self.reference_name).to(self.device)
 
     def indexed_logps(self, model: nn.Module, batch: Any) -> tuple[Tensor, Tensor]:

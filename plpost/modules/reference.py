@@ -14,6 +14,7 @@ attributes in `frozen_modules` and records `model_fingerprint`-style sources ins
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -53,6 +54,15 @@ class FrozenCopy(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         with torch.no_grad():
             return self.model(*args, **kwargs)
+
+
+def starting_copy(model: nn.Module, dtype: str | None) -> nn.Module:
+    """A copy of `model`'s weights (a reference that is the policy's starting point) in `dtype`
+    (a name of `plpost.hf.DTYPES`; None: the model's own): the frozen model's compute dtype."""
+    from plpost.hf import DTYPES
+
+    duplicate = copy.deepcopy(model)
+    return duplicate.to(DTYPES[dtype]) if dtype is not None else duplicate
 
 
 @contextmanager

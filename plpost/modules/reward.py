@@ -67,8 +67,9 @@ class RewardModule(PostTrainingModule):
             `plpost.data.shared_prompt`): the same rewards and gradients, fewer tokens. Needs
             attn_implementation "sdpa" or "eager"; off, chosen and rejected are two padded rows.
         random_init: build the model from its config with random weights instead of loading them.
-        dtype: load the weights in this dtype (default: as stored). For mixed precision use the
-            Trainer's `precision` instead.
+        dtype: the weights' dtype outside a Trainer (exporting, chatting). Training, the Trainer's
+            `precision` decides (float32 trained weights under `*-mixed`, see `plpost.precision`),
+            and a `dtype` that contradicts it is refused.
         attn_implementation: "sdpa", "eager", "flash_attention_2", ... (default: transformers' choice).
         trust_remote_code: allow model code from the model's repository (off: it runs arbitrary code).
         lora: train LoRA adapters instead of all weights; the reward head is always trained in
@@ -123,17 +124,21 @@ class RewardModule(PostTrainingModule):
         self.train_metrics = nn.ModuleDict({name: MeanMetric() for name in PAIR_METRICS})
         self.val_metrics = nn.ModuleDict({name: MeanMetric() for name in PAIR_METRICS})
 
-    def load_pretrained(self, name_or_path: str | None = None, *, random_init: bool | None = None) -> PreTrainedModel:
+    def load_pretrained(
+        self, name_or_path: str | None = None, *, random_init: bool | None = None, frozen: bool = False,
+        empty: bool | None = None,
+    ) -> PreTrainedModel:
         # The same backbone as the causal LM, with a scalar head. The pad id goes into the config
         # so Hugging Face's own pooling (used by other libraries) works wherever pad != eos;
         # plpost itself never relies on it.
         return load_causal_lm(
             name_or_path or self.model_name,
             random_init=self.random_init if random_init is None else random_init,
-            dtype=self.dtype_name,
+            dtype=self.weights_dtype(frozen=frozen),
             attn_implementation=self.attn_implementation,
             trust_remote_code=self.trust_remote_code,
             auto_class=AutoModelForSequenceClassification,
+            empty=self.builds_empty() if empty is None else empty,
             num_labels=1,
             pad_token_id=self.tokenizer.pad_token_id,
         )

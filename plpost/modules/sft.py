@@ -26,8 +26,9 @@ class SFTModule(PostTrainingModule):
         model: Hub name, local folder, or bundled name (``plpost:tiny``) of a causal LM.
         tokenizer: the tokenizer (default: the model's); linked from the data in the CLI.
         random_init: build the model from its config with random weights instead of loading them.
-        dtype: load the weights in this dtype (default: as stored). For mixed precision use the
-            Trainer's `precision` instead.
+        dtype: the weights' dtype outside a Trainer (exporting, chatting). Training, the Trainer's
+            `precision` decides (float32 trained weights under `*-mixed`, see `plpost.precision`),
+            and a `dtype` that contradicts it is refused.
         attn_implementation: "sdpa", "eager", "flash_attention_2", ... (default: transformers' choice).
         trust_remote_code: allow model code from the model's repository (off: it runs arbitrary code).
         lora: train LoRA adapters instead of all weights.
