@@ -152,7 +152,7 @@ def test_precomputed_reference_equals_the_live_one_and_is_cached_once(tmp_path, 
     one cache file per split, the second loads no reference model at all."""
     loads = []
     load_reference = DPOModule.load_reference
-    monkeypatch.setattr(DPOModule, "load_reference", lambda self: loads.append(1) or load_reference(self))
+    monkeypatch.setattr(DPOModule, "load_reference", lambda self, **kwargs: loads.append(1) or load_reference(self, **kwargs))
     rows = varied_rows() + bundled_pairs(12)[7:]
     cache = tmp_path / "cache"
 
