@@ -185,18 +185,22 @@ class PostTrainingDataModule(L.LightningDataModule):
     def tokenizer_identity(self) -> dict[str, Any]:
         return tokenizer_identity(self.tokenizer)
 
+    def entry_folder(self, split: str) -> Path:
+        """Where the cache entry of a split's source is kept: named by the key of everything it depends on."""
+        settings = {
+            "module": f"{type(self).__module__}.{type(self).__qualname__}",
+            "source": source_fingerprint(self.sources()[split]),
+            "tokenizer": self.tokenizer_identity,
+            "settings": self.cache_settings(),
+        }
+        return cache_root(self.cache_dir) / f"{type(self).__name__}-{entry_key(settings)}"
+
     def entry(self, split: str) -> Path:
         """The cache entry of a split's source, built by this process unless another has built it."""
         if split not in self._entries:
-            source = self.sources()[split]
-            settings = {
-                "module": f"{type(self).__module__}.{type(self).__qualname__}",
-                "source": source_fingerprint(source),
-                "tokenizer": self.tokenizer_identity,
-                "settings": self.cache_settings(),
-            }
-            folder = cache_root(self.cache_dir) / f"{type(self).__name__}-{entry_key(settings)}"
-            self._entries[split] = prepared_entry(self, source, folder, num_proc=self.num_proc)
+            self._entries[split] = prepared_entry(
+                self, self.sources()[split], self.entry_folder(split), num_proc=self.num_proc
+            )
         return self._entries[split]
 
     def setup(self, stage: str | None = None) -> None:

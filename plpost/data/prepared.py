@@ -92,8 +92,9 @@ def prepared_entry(
     (other processes asking for it meanwhile wait for it)."""
     if (folder / MANIFEST).is_file():
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(folder) + ".lock"):
+    locks = folder.parent / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(locks / f"{folder.name}.lock")):
         if not (folder / MANIFEST).is_file():
             staging = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
             shutil.rmtree(staging, ignore_errors=True)
