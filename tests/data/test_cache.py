@@ -3,7 +3,11 @@
 import inspect
 import json
 import logging
+import os
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -160,3 +164,15 @@ def test_feedback_examples_read_from_the_table_carry_their_mismatched_completion
         assert example["mismatched_ids"] == partner["completion_ids"][: 1024 - len(example["prompt_ids"])]
     lengths = data.train_examples.column("lengths")
     assert lengths.tolist() == [data.example_length(example) for example in examples]
+
+
+@pytest.mark.slow
+def test_in_a_two_process_run_one_process_tokenizes_and_both_read_the_entry(tmp_path):
+    """Lightning runs prepare_data on local rank 0 only; rank 1 waits for it and memory-maps the entry."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    script = Path(__file__).with_name("prepare_once.py")
+    subprocess.run([sys.executable, str(script), str(tmp_path), str(tmp_path / "cache")], check=True, env=env, timeout=300)
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert ranks[0]["pid"] != ranks[1]["pid"]
+    assert [rank["tokenized"] for rank in ranks] == [16, 0]
+    assert {rank["examples"] for rank in ranks} == {"ExampleTable"} and ranks[0]["folder"] == ranks[1]["folder"]
