@@ -10,7 +10,6 @@ so an entry is never reused for inputs that would give other examples, and is ne
 from __future__ import annotations
 
 import json
-import logging
 import os
 import pickle
 from collections.abc import Mapping
@@ -18,9 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import xxhash
+from lightning.pytorch.utilities import rank_zero_info
 from transformers import PreTrainedTokenizerBase
-
-log = logging.getLogger(__name__)
 
 # Raised whenever what preprocessing writes changes (a column, a rule of tokenization, a check),
 # so entries written by an earlier plpost are not read as if this one had written them.
@@ -34,7 +32,7 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     root = Path(cache_dir or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "plpost" / "data").expanduser()
     if root not in _announced:
         _announced.add(root)
-        log.info("plpost keeps tokenized data in %s (set cache_dir or $%s to move it)", root, CACHE_ENV)
+        rank_zero_info(f"plpost keeps tokenized data in {root} (set cache_dir or ${CACHE_ENV} to move it)")
     return root
 
 

@@ -11,7 +11,6 @@ interrupted build leaves nothing that could be read as complete.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 from collections import Counter
@@ -24,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from filelock import FileLock
+from lightning.pytorch.utilities import rank_zero_info
 
 from plpost.data.cache import digest
 from plpost.data.formats import DataValidationError
@@ -32,8 +32,6 @@ from plpost.data.table import MANIFEST
 
 if TYPE_CHECKING:
     from plpost.data.base import PostTrainingDataModule
-
-log = logging.getLogger(__name__)
 
 KEPT = "kept"
 # Below this many records per process, starting another process costs more than it saves.
@@ -110,7 +108,7 @@ def build_entry(module: PostTrainingDataModule, source: SourceLike, staging: Pat
     name = describe(source)
     rows, kind = source_table(source, staging / "source")
     processes = num_proc or default_num_proc(len(rows))
-    log.info("tokenizing %d records of %s in %d process(es) into %s", len(rows), name, processes, staging.parent)
+    rank_zero_info(f"tokenizing {len(rows)} records of {name} in {processes} process(es), once, into {staging.parent}")
     features = module.table_features()
     fields = [field for field in features if not field.startswith("_")]
     quiet = len(rows) < PROGRESS_FROM and not datasets.utils.are_progress_bars_disabled()

@@ -121,11 +121,12 @@ def test_an_error_raised_in_a_worker_process_names_file_record_line_and_field(tm
 
 def test_the_cache_location_is_the_argument_else_the_environment_and_is_printed_once(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("PLPOST_DATA_CACHE", str(tmp_path / "from-env"))
-    with caplog.at_level(logging.INFO, logger="plpost.data.cache"):
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero"):
         for _ in range(2):
             ChatDataModule(TINY, train=chats(2)).setup("fit")
     assert any((tmp_path / "from-env").iterdir())
-    assert sum(str(tmp_path / "from-env") in record.getMessage() for record in caplog.records) == 1
+    told = [record.getMessage() for record in caplog.records if "keeps tokenized data in" in record.getMessage()]
+    assert told == [f"plpost keeps tokenized data in {tmp_path / 'from-env'} (set cache_dir or $PLPOST_DATA_CACHE to move it)"]
     ChatDataModule(TINY, train=chats(2), cache_dir=str(tmp_path / "given")).setup("fit")
     assert any((tmp_path / "given").iterdir())
 
