@@ -19,6 +19,7 @@ block, tool-call syntax), and never the header.
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import re
@@ -231,11 +232,14 @@ class ChatTemplate:
         closers = self.end_of_turn_ids
         spans, lower = [], 0
         bounds = [anchor.start for anchor in anchors[1:]] + [len(text)]
+        starts = [token_start for token_start, _ in offsets]
+        ordered = starts == sorted(starts)  # as tokenizers emit them; then the search starts at the turn's end
         for position, (anchor_start, anchor_end), bound in zip(turns, anchors, bounds):
             start = self.header_end(text, lower, anchor_start)
+            after = bisect.bisect_left(starts, anchor_end) if ordered else 0
             closer = next(
-                (index for index, (token_start, _) in enumerate(offsets)
-                 if token_start >= anchor_end and token_ids[index] in closers),
+                (index for index in range(after, len(offsets))
+                 if starts[index] >= anchor_end and token_ids[index] in closers),
                 None,
             )
             if closer is None or offsets[closer][0] >= bound:
