@@ -47,7 +47,7 @@ from plpost.hf import load_tokenizer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["KEPT", "PostTrainingDataModule", "SkipRecord"]
+__all__ = ["PostTrainingDataModule", "SkipRecord"]  # SkipRecord: what a subclass raises
 
 
 class PostTrainingDataModule(L.LightningDataModule):
