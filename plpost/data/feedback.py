@@ -61,7 +61,8 @@ def collate_feedback(
 
 
 def list_lengths(column: pa.ChunkedArray) -> np.ndarray:
-    return pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
+    """Per row (a skipped record's placeholder: 0); computed chunk by chunk, never a copy of the column."""
+    return pc.fill_null(pc.list_value_length(column), 0).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
 class FeedbackExamples(ExampleTable):
@@ -131,18 +132,24 @@ class FeedbackDataModule(PreferenceDataModule):
     def finish_split(self, source: str, table: pa.Table, kept_rows: np.ndarray) -> dict[str, np.ndarray]:
         """Each example's partner (the example whose completion is its mismatched one) and its padded length
         with that mismatched completion (pairs have no margin to check here)."""
-        count = len(kept_rows)
+        count, column = len(kept_rows), table["prompt_ids"]
+
+        def prompts_at(positions: np.ndarray) -> list[list[int]]:  # positions ascending: one slice of the table
+            rows = kept_rows[positions]
+            piece = column.slice(int(rows[0]), int(rows[-1] - rows[0]) + 1).to_pylist()
+            return [piece[row - rows[0]] for row in rows]
+
         # differs[k]: example k's prompt is not that of the next example (wrapping around).
         differs = np.zeros(count, dtype=bool)
         previous = None
-        for start in range(0, count + 1, READ_CHUNK):
-            chunk = kept_rows[np.arange(start, min(start + READ_CHUNK, count + 1)) % count]
-            prompts = table["prompt_ids"].take(chunk).to_pylist()
+        for start in range(0, count, READ_CHUNK):
+            prompts = prompts_at(np.arange(start, min(start + READ_CHUNK, count)))
             if previous is not None:
                 differs[start - 1] = prompts[0] != previous
             for offset in range(len(prompts) - 1):
                 differs[start + offset] = prompts[offset] != prompts[offset + 1]
             previous = prompts[-1]
+        differs[count - 1] = previous != prompts_at(np.zeros(1, dtype=np.int64))[0]
         # next_other[k]: the first position after k (over the examples twice, to wrap) with another prompt.
         next_other = np.full(2 * count, -1, dtype=np.int64)
         for k in reversed(range(2 * count - 1)):
@@ -154,8 +161,8 @@ class FeedbackDataModule(PreferenceDataModule):
                 "reference point with",
             )
         partner = next_other[:count] % count
-        prompt_lengths = list_lengths(table["prompt_ids"].take(kept_rows))
-        completion_lengths = list_lengths(table["completion_ids"].take(kept_rows))
+        prompt_lengths = list_lengths(table["prompt_ids"])[kept_rows]
+        completion_lengths = list_lengths(table["completion_ids"])[kept_rows]
         mismatched = np.clip(np.minimum(completion_lengths[partner], self.max_length - prompt_lengths), 0, None)
         return {"partner": partner, "lengths": prompt_lengths + np.maximum(completion_lengths, mismatched)}
 

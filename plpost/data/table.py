@@ -10,6 +10,7 @@ the same files (a view pickles as its folder and selection).
 from __future__ import annotations
 
 import json
+import mmap
 import pickle
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -20,10 +21,17 @@ import pyarrow as pa
 
 MANIFEST = "manifest.json"
 READ_CHUNK = 1024
+# Every page a read faults in (and the kernel's read-around of it) stays in the process's resident set
+# until it is released: released after this many examples, a reading process's memory stays flat however
+# much of the table an epoch reads. The pages stay in the page cache, so reading them again costs no I/O.
+RELEASE_EVERY = 256
 
 
-def memory_mapped(path: Path) -> pa.Table:
-    return pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
+def memory_mapped(path: Path) -> tuple[pa.Table, mmap.mmap]:
+    """The Arrow table of a file, zero-copy over a read-only map of it (kept to release its pages)."""
+    with open(path, "rb") as stream:
+        mapped = mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ)
+    return pa.ipc.open_stream(pa.py_buffer(mapped)).read_all(), mapped
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
@@ -41,8 +49,9 @@ class ExampleTable(Sequence):
         self.manifest = read_manifest(self.folder)
         self.fields = self.manifest["fields"]
         self.object_fields = set(self.manifest["object_fields"])
-        self.table = pa.concat_tables([memory_mapped(self.folder / shard) for shard in self.manifest["shards"]])
-        self.table = self.table.select(self.fields)
+        tables, self.maps = zip(*(memory_mapped(self.folder / shard) for shard in self.manifest["shards"]))
+        self.table = pa.concat_tables(tables).select(self.fields)
+        self.unreleased = 0
         self.arrays = {name: np.load(self.folder / f"{name}.npy", mmap_mode="r") for name in self.manifest["arrays"]}
         self.kept_rows = self.arrays["kept_rows"]
         self.positions = np.arange(len(self.kept_rows)) if positions is None else np.asarray(positions, dtype=np.int64)
@@ -77,8 +86,15 @@ class ExampleTable(Sequence):
 
     def read(self, positions: np.ndarray) -> list[dict]:
         """The examples at `positions` (indices into the entry's examples)."""
-        rows = self.table.take(np.asarray(self.kept_rows[positions])).to_pylist()
-        return [self.finish(int(position), row) for position, row in zip(positions, rows)]
+        # Row by row: `take` on a table of many chunks would first concatenate each whole column.
+        examples = [self.finish(int(position), self.table.slice(int(self.kept_rows[position]), 1).to_pylist()[0])
+                    for position in positions]
+        self.unreleased += len(examples)
+        if self.unreleased >= RELEASE_EVERY and hasattr(mmap, "MADV_DONTNEED"):
+            for mapped in self.maps:
+                mapped.madvise(mmap.MADV_DONTNEED)
+            self.unreleased = 0
+        return examples
 
     def finish(self, position: int, row: dict[str, Any]) -> dict[str, Any]:
         """The example at `position` from its table row: object fields unpickled."""
