@@ -163,8 +163,3 @@ def column_array(column: pa.ChunkedArray, dtype: type) -> np.ndarray:
         flat = pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(dtype)
         return flat.reshape(len(column), -1)
     return column.to_numpy(zero_copy_only=False).astype(dtype)
-
-
-def entry_counts(folder: Path) -> dict[str, int]:
-    return json.loads((folder / MANIFEST).read_text())["counts"]
-
