@@ -9,6 +9,10 @@ local readers also refuse what a generic reader lets through: a key written twic
 not UTF-8; each error names the file, the record and, for JSON Lines and CSV, the line. A byte
 order mark (as Excel writes) is skipped, `.gz` files are decompressed, and extensions are read
 case-insensitively.
+
+For preprocessing (`source_table`), rows are never given an Arrow schema either: a JSON Lines
+file is kept as the text of each line (parsed in the process that preprocesses it), other local
+files and in-memory rows as pickles of what was read.
 """
 
 from __future__ import annotations
