@@ -73,6 +73,11 @@ class ControlTokens:
     @cached_property
     def aliased(self) -> Tokenizer:
         """A copy of the tokenizer whose special tokens are spelled as their aliases (same ids and options)."""
+        if not self.tokenizer.is_fast:
+            raise ValueError(
+                f"{type(self.tokenizer).__name__} is not a fast tokenizer: keeping a control token's spelling in a "
+                "message as text needs the tokenizer's definition, which only fast (Rust) tokenizers give"
+            )
         definition = json.loads(self.tokenizer.backend_tokenizer.to_str())
         for token in definition["added_tokens"]:
             if token["special"] and token["content"] in self.alias:
