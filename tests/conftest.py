@@ -1,11 +1,14 @@
 import json
 import os
+import tempfile
 
 # Tests run offline: nothing may reach the Hub or W&B servers.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tokenized data is cached; tests keep theirs in a folder of their own, not the user's cache.
+os.environ.setdefault("PLPOST_DATA_CACHE", tempfile.mkdtemp(prefix="plpost-data-cache-"))
 
 import pytest  # noqa: E402
 

@@ -1,5 +1,10 @@
 """What every plpost DataModule shares: sources, validation, tokenization counts and loaders.
 
+Tokenized data is kept (see plpost.data.prepared): `prepare_data`, which Lightning runs in one
+process per machine, validates and tokenizes every record into a cache entry once, in `num_proc`
+processes; `setup`, on every rank, memory-maps it. A later run with the same source, tokenizer and
+settings reads the entry instead of tokenizing again.
+
 Resuming mid-epoch: the data module counts the training batches handed to training steps
 (`on_before_batch_transfer`), saves that position in checkpoints (`state_dict`), and builds the
 next training loader to start right after it, without loading what it skips. The data module
@@ -12,17 +17,23 @@ before that, which has not always held: Lightning issue #20550).
 from __future__ import annotations
 
 import logging
-from collections import Counter
+import pickle
 from collections.abc import Callable, Sequence
+from functools import cached_property
+from pathlib import Path
 from typing import Any
 
+import datasets
 import lightning as L
+import numpy as np
+import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
+from plpost.data.cache import cache_root, entry_key, tokenizer_identity
 from plpost.data.chat_template import ChatTemplate
-from plpost.data.formats import DataValidationError
+from plpost.data.prepared import KEPT, SkipRecord, prepared_entry
 from plpost.data.sampler import (
     AccumulationWindowSampler,
     DataPosition,
@@ -30,29 +41,30 @@ from plpost.data.sampler import (
     WeightedExamples,
     check_group_by_length,
 )
-from plpost.data.sources import SourceLike, describe, load_source
+from plpost.data.sources import SourceLike, source_fingerprint
+from plpost.data.table import ExampleTable
 from plpost.hf import load_tokenizer
 
 log = logging.getLogger(__name__)
 
-KEPT = "kept"
-
-
-class SkipRecord(Exception):
-    """Raised by `preprocess` for a record that the stated policy skips; its reason is counted."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
+__all__ = ["PostTrainingDataModule", "SkipRecord"]  # SkipRecord: what a subclass raises
 
 
 class PostTrainingDataModule(L.LightningDataModule):
-    """Loads, validates and tokenizes every record in `setup`, before the first training step.
+    """Validates and tokenizes every record once, before the first training step, into a cache entry
+    that every rank memory-maps.
 
-    Subclasses define `preprocess` (one raw row -> one example dict, a list of them, or SkipRecord),
-    `example_weight` (what the loss is normalised by), `example_length` (the tokens it occupies in
-    a padded batch) and `collate_fn`.
+    Subclasses define `preprocess` (one raw row -> one example dict, a list of them, or SkipRecord; a
+    pure function of the row, as it runs in worker processes), `example_features` (the Arrow types of
+    an example's fields), `example_weight` (what the loss is normalised by), `example_length` (the
+    tokens it occupies in a padded batch), `collate_fn`, and `cache_settings` (every argument that
+    changes what `preprocess` returns).
     """
+
+    object_fields: tuple[str, ...] = ()
+    """Example fields kept as written (pickled), not as Arrow types: values of any shape and type."""
+    weight_feature: Any = datasets.Value("float64")
+    example_table_type: type[ExampleTable] = ExampleTable
 
     def __init__(
         self,
@@ -71,9 +83,13 @@ class PostTrainingDataModule(L.LightningDataModule):
         chat_template: str | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
         trust_remote_code: bool = False,
+        num_proc: int | None = None,
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         check_group_by_length(group_by_length)
+        if num_proc is not None and (isinstance(num_proc, bool) or num_proc < 1):
+            raise ValueError(f"num_proc must be a number of processes >= 1 (or None: one per core), got {num_proc!r}")
         if train is None and val is None:
             raise ValueError("give at least one of `train` and `val`")
         self.tokenizer_name = tokenizer
@@ -89,10 +105,13 @@ class PostTrainingDataModule(L.LightningDataModule):
         self.chat_template = chat_template
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.trust_remote_code = trust_remote_code
+        self.num_proc = num_proc
+        self.cache_dir = cache_dir
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self._template: ChatTemplate | None = None
-        self.train_examples: list[dict] | None = None
-        self.val_examples: list[dict] | None = None
+        self._entries: dict[str, Path] = {}
+        self.train_examples: ExampleTable | None = None
+        self.val_examples: ExampleTable | None = None
         self.counts: dict[str, dict[str, int]] = {}
         self.train_position = DataPosition()
         self._train_sampler: AccumulationWindowSampler | None = None
@@ -112,8 +131,36 @@ class PostTrainingDataModule(L.LightningDataModule):
             self._template = ChatTemplate(self.tokenizer, self.chat_template_kwargs)
         return self._template
 
+    def __getstate__(self) -> dict[str, Any]:
+        # What worker processes that preprocess (and spawned DataLoader workers) receive: not the trainer.
+        return {**self.__dict__, "trainer": None, "_train_sampler": None}
+
     def preprocess(self, source: str, index: int, row: dict[str, Any]) -> dict | list[dict]:
         raise NotImplementedError
+
+    def example_features(self) -> dict[str, Any]:
+        """The `datasets` feature of each field `preprocess` returns (object_fields: datasets.Value("binary"))."""
+        raise NotImplementedError
+
+    def cache_settings(self) -> dict[str, Any]:
+        """Every argument that changes what `preprocess` returns: part of the cache entry's key."""
+        return {"max_length": self.max_length, "chat_template_kwargs": self.chat_template_kwargs}
+
+    def finish_split(self, source: str, table: pa.Table, kept_rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Checks over a whole split and per-example arrays to keep with it (by example); none by default."""
+        return {}
+
+    def table_features(self) -> datasets.Features:
+        bookkeeping = {
+            "_outcome": datasets.Value("string"), "_truncated": datasets.Value("bool"),
+            "_weight": self.weight_feature, "_length": datasets.Value("int64"),
+        }
+        return datasets.Features({**self.example_features(), **bookkeeping})
+
+    def stored(self, example: dict) -> dict:
+        """An example as its table row holds it: object fields pickled."""
+        return {key: pickle.dumps(value, protocol=5) if key in self.object_fields else value
+                for key, value in example.items()}
 
     def example_weight(self, example: dict) -> float:
         raise NotImplementedError
@@ -125,10 +172,36 @@ class PostTrainingDataModule(L.LightningDataModule):
         """A picklable function (no reference to this module or its trainer) for worker processes."""
         raise NotImplementedError
 
+    def sources(self) -> dict[str, SourceLike]:
+        return {split: source for split, source in (("train", self.train_source), ("val", self.val_source))
+                if source is not None}
+
     def prepare_data(self) -> None:
-        for source in (self.train_source, self.val_source):
-            if source is not None:
-                load_source(source)
+        """Tokenizes the sources into the cache, unless already there (Lightning: once per machine)."""
+        for split in self.sources():
+            self.entry(split)
+
+    @cached_property
+    def tokenizer_identity(self) -> dict[str, Any]:
+        return tokenizer_identity(self.tokenizer)
+
+    def entry_folder(self, split: str) -> Path:
+        """Where the cache entry of a split's source is kept: named by the key of everything it depends on."""
+        settings = {
+            "module": f"{type(self).__module__}.{type(self).__qualname__}",
+            "source": source_fingerprint(self.sources()[split]),
+            "tokenizer": self.tokenizer_identity,
+            "settings": self.cache_settings(),
+        }
+        return cache_root(self.cache_dir) / f"{type(self).__name__}-{entry_key(settings)}"
+
+    def entry(self, split: str) -> Path:
+        """The cache entry of a split's source, built by this process unless another has built it."""
+        if split not in self._entries:
+            self._entries[split] = prepared_entry(
+                self, self.sources()[split], self.entry_folder(split), num_proc=self.num_proc
+            )
+        return self._entries[split]
 
     def setup(self, stage: str | None = None) -> None:
         if stage == "fit":
@@ -137,38 +210,20 @@ class PostTrainingDataModule(L.LightningDataModule):
             self.train_position = DataPosition()
         if self.train_examples is not None or self.val_examples is not None:
             return
-        train = self.examples_from(self.train_source, "train") if self.train_source is not None else None
-        val = self.examples_from(self.val_source, "val") if self.val_source is not None else None
+        examples = {split: self.examples_from(split) for split in self.sources()}
+        train, val = examples.get("train"), examples.get("val")
         if self.val_size and train is not None:
             if val is not None:
                 raise ValueError("give either `val` or `val_size`, not both")
             if not 0 < self.val_size < len(train):
                 raise ValueError(f"val_size={self.val_size} must be between 1 and {len(train) - 1}")
-            train, val = train[self.val_size :], train[: self.val_size]
+            train, val = held_out(train, self.val_size, self.seed)
         self.train_examples, self.val_examples = train, val
         self.log_counts()
 
-    def examples_from(self, source: SourceLike, split: str) -> list[dict]:
-        name = describe(source)
-        dataset = load_source(source)
-        examples, outcomes = [], Counter()
-        for index, row in enumerate(dataset):
-            try:
-                produced = self.preprocess(name, index, row)
-            except SkipRecord as skip:
-                outcomes[skip.reason] += 1
-                continue
-            produced = produced if isinstance(produced, list) else [produced]
-            outcomes[KEPT] += 1
-            if any([example.pop("truncated", False) for example in produced]):  # a list: every flag is popped
-                outcomes["truncated"] += 1
-            examples.extend(produced)
-        if not examples:
-            # Every record cut to nothing or dropped by max_length: the limit is below the prompts.
-            too_short = all("max_length" in reason or "truncation" in reason for reason in outcomes)
-            fix = f"; raise max_length (now {self.max_length}) above the prompts' length" if too_short else ""
-            raise DataValidationError(name, None, None, f"no record is usable ({dict(outcomes)}){fix}")
-        self.counts[split] = {"records": len(dataset), **outcomes}
+    def examples_from(self, split: str) -> ExampleTable:
+        examples = self.example_table_type(self.entry(split))
+        self.counts[split] = examples.manifest["counts"]
         return examples
 
     def log_counts(self) -> None:
@@ -191,14 +246,14 @@ class PostTrainingDataModule(L.LightningDataModule):
             raise RuntimeError("no training data: give `train` and call setup('fit')")
         trainer = self.trainer
         sampler = self._train_sampler = AccumulationWindowSampler(
-            [self.example_weight(e) for e in self.train_examples],
+            self.train_examples.column("weights"),
             batch_size=self.batch_size,
             accumulate=trainer.accumulate_grad_batches if trainer is not None else 1,
             num_replicas=trainer.world_size if trainer is not None else 1,
             rank=trainer.global_rank if trainer is not None else 0,
             shuffle=self.shuffle,
             seed=self.seed,
-            lengths=[self.example_length(e) for e in self.train_examples] if self.group_by_length else None,
+            lengths=self.train_examples.column("lengths") if self.group_by_length else None,
             group_by_length=self.group_by_length,
         )
         sampler.resume_at(self.train_position)
@@ -241,3 +296,11 @@ class PostTrainingDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.train_position = DataPosition(**state_dict.get("train_position", {}))
+
+
+def held_out(examples: ExampleTable, size: int, seed: int) -> tuple[ExampleTable, ExampleTable]:
+    """(the rest, a seeded random sample of `size` examples), each in source order: a validation set drawn
+    from the whole split, not from its first records (a file sorted by source would give one source)."""
+    sample = np.sort(np.random.default_rng(seed).choice(len(examples), size=size, replace=False))
+    rest = np.setdiff1d(np.arange(len(examples)), sample, assume_unique=True)
+    return examples.select(rest), examples.select(sample)

@@ -6,6 +6,8 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
+import datasets
+
 from plpost.data.base import PostTrainingDataModule, SkipRecord
 from plpost.data.collate import ChatBatch, collate_chat, count_loss_tokens
 from plpost.data.formats import validate_chat_row
@@ -20,7 +22,7 @@ class ChatDataModule(PostTrainingDataModule):
     except those with ``weight: 0``), ``{"prompt", "completion"}`` (both strings, or both message
     lists; only the completion is supervised), or ``{"text"}`` (language modelling: every token
     and EOS). A row may carry ``tools`` (JSON schemas) for the template to render. Every record
-    is validated and tokenized in `setup`, before training.
+    is validated and tokenized once, before training, and kept (see plpost.data.base).
 
     Args:
         tokenizer: Hub name, local folder or bundled name (``plpost:tiny``) of the tokenizer;
@@ -51,6 +53,8 @@ class ChatDataModule(PostTrainingDataModule):
             ``{enable_thinking: false}`` (Qwen3) or ``{date_string: "26 Jul 2024"}`` (Llama 3.x,
             whose templates otherwise render today's date into the system header).
         trust_remote_code: allow a tokenizer that runs code from its repository.
+        num_proc: processes that tokenize the records, once (None: one per core, fewer for small sets).
+        cache_dir: where tokenized records are kept (None: $PLPOST_DATA_CACHE, else ~/.cache/plpost/data).
     """
 
     def __init__(
@@ -73,6 +77,8 @@ class ChatDataModule(PostTrainingDataModule):
         chat_template: str | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
         trust_remote_code: bool = False,
+        num_proc: int | None = None,
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__(
             tokenizer,
@@ -89,6 +95,8 @@ class ChatDataModule(PostTrainingDataModule):
             chat_template=chat_template,
             chat_template_kwargs=chat_template_kwargs,
             trust_remote_code=trust_remote_code,
+            num_proc=num_proc,
+            cache_dir=cache_dir,
         )
         self.overflow = overflow
         self.packing = packing
@@ -116,6 +124,13 @@ class ChatDataModule(PostTrainingDataModule):
             "input_ids": example.input_ids, "labels": example.labels, "record_index": index,
             "truncated": example.truncated,
         }
+
+    def example_features(self) -> dict[str, Any]:
+        tokens = datasets.Sequence(datasets.Value("int32"))
+        return {"input_ids": tokens, "labels": tokens, "record_index": datasets.Value("int64")}
+
+    def cache_settings(self) -> dict[str, Any]:
+        return {**super().cache_settings(), "overflow": self.overflow}
 
     def example_weight(self, example: dict) -> float:
         return count_loss_tokens(example["labels"])

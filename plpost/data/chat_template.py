@@ -19,6 +19,7 @@ block, tool-call syntax), and never the header.
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import re
@@ -30,6 +31,7 @@ from jinja2.exceptions import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 from plpost.data.chat_markers import MARKER, REASONING_FIELDS, RESERVED, marker_positions, with_markers
+from plpost.data.control_tokens import ControlTokens
 from plpost.data.formats import Message
 FIELD_READ = re.compile(r"""(?:\.|\[['"])(reasoning_content|thinking|reasoning)\b""")
 PLPOST_FIELDS = ("weight",)  # read by plpost, never rendered
@@ -133,9 +135,30 @@ class ChatTemplate:
         encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         return list(encoded["input_ids"]), [tuple(offset) for offset in encoded["offset_mapping"]]
 
+    def encode_rendering(
+        self, messages: Sequence[Message], text: str, *, add_generation_prompt: bool = False, tools: list | None = None
+    ) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids and offsets of `text`, the rendering of `messages`, in which only the template's own
+        markers are control tokens: a special token's spelling inside a message or tool schema is text."""
+        if not self.control_tokens.written_in([messages, tools]):
+            return self.encode(text)
+        defused = self.control_tokens.defused([list(messages), tools])
+        defused_text = self.render(defused[0], add_generation_prompt=add_generation_prompt, tools=defused[1])
+        if self.control_tokens.restored(defused_text) != text:
+            raise TemplateMismatch(
+                "a message holds the spelling of a control token of the tokenizer, and the chat template renders "
+                "the conversation otherwise when that text changes, so it cannot be kept as text"
+            )
+        return self.control_tokens.encode(defused_text)
+
+    @cached_property
+    def control_tokens(self) -> ControlTokens:
+        return ControlTokens(self.tokenizer)
+
     def prompt_ids(self, messages: Sequence[Message], tools: list | None = None) -> list[int]:
         """A prompt as generation sees it: rendered with the generation prompt."""
-        return self.encode(self.render(messages, add_generation_prompt=True, tools=tools))[0]
+        text = self.render(messages, add_generation_prompt=True, tools=tools)
+        return self.encode_rendering(messages, text, add_generation_prompt=True, tools=tools)[0]
 
     @cached_property
     def reasoning_field(self) -> str | None:
@@ -205,15 +228,18 @@ class ChatTemplate:
             if messages[position]["role"] == "assistant" and messages[position].get("weight", 1) != 0
         ]
         anchors = self.anchors(messages, turns, text, tools)
-        token_ids, offsets = self.encode(text)
+        token_ids, offsets = self.encode_rendering(messages, text, tools=tools)
         closers = self.end_of_turn_ids
         spans, lower = [], 0
         bounds = [anchor.start for anchor in anchors[1:]] + [len(text)]
+        starts = [token_start for token_start, _ in offsets]
+        ordered = starts == sorted(starts)  # as tokenizers emit them; then the search starts at the turn's end
         for position, (anchor_start, anchor_end), bound in zip(turns, anchors, bounds):
             start = self.header_end(text, lower, anchor_start)
+            after = bisect.bisect_left(starts, anchor_end) if ordered else 0
             closer = next(
-                (index for index, (token_start, _) in enumerate(offsets)
-                 if token_start >= anchor_end and token_ids[index] in closers),
+                (index for index in range(after, len(offsets))
+                 if starts[index] >= anchor_end and token_ids[index] in closers),
                 None,
             )
             if closer is None or offsets[closer][0] >= bound:

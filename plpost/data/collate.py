@@ -47,7 +47,7 @@ def pad_rows(rows: Sequence[Sequence[int]], value: int, *, left: bool = False, m
 
 def count_loss_tokens(labels: Sequence[int]) -> int:
     """Supervised tokens that are next-token targets: the first token is never predicted."""
-    return sum(1 for label in labels[1:] if label != IGNORE_INDEX)
+    return max(0, len(labels) - 1 - list(labels[1:]).count(IGNORE_INDEX))
 
 
 def collate_chat(

@@ -6,14 +6,17 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, Literal, NamedTuple
 
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from torch import Tensor
 
-from plpost.data.base import PostTrainingDataModule
 from plpost.data.formats import DataValidationError, RecordChecker
 from plpost.data.preference import CompletionRows, PreferenceDataModule, completion_rows
 from plpost.data.preference_rows import refuse_identical, validate_feedback_row, validate_preference_row
-from plpost.data.sources import SourceLike, describe
+from plpost.data.table import READ_CHUNK, ExampleTable
 
 
 class FeedbackBatch(NamedTuple):
@@ -55,6 +58,23 @@ def collate_feedback(
         torch.tensor([example["example_index"] for example in examples], dtype=torch.long),
         torch.tensor([example["record_index"] for example in examples], dtype=torch.long),
     )
+
+
+def list_lengths(column: pa.ChunkedArray) -> np.ndarray:
+    """Per row (a skipped record's placeholder: 0); computed chunk by chunk, never a copy of the column."""
+    return pc.fill_null(pc.list_value_length(column), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+class FeedbackExamples(ExampleTable):
+    """Feedback examples, each with its position in the split and its partner's (mismatched) completion."""
+
+    def finish(self, position: int, row: dict[str, Any]) -> dict[str, Any]:
+        row = super().finish(position, row)
+        partner_row = int(self.kept_rows[self.arrays["partner"][position]])
+        partner = self.table["completion_ids"][partner_row].as_py()
+        row["example_index"] = position
+        row["mismatched_ids"] = partner[: self.manifest["settings"]["max_length"] - len(row["prompt_ids"])]
+        return row
 
 
 class FeedbackDataModule(PreferenceDataModule):
@@ -101,31 +121,57 @@ class FeedbackDataModule(PreferenceDataModule):
         return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "desirable": desirable,
                 "record_index": record, "truncated": truncated}
 
-    def examples_from(self, source: SourceLike, split: str) -> list[dict]:
-        examples = PostTrainingDataModule.examples_from(self, source, split)  # pairs have no margin to check here
-        prompts = [tuple(example["prompt_ids"]) for example in examples]
-        count = len(examples)
-        # next_other[k]: the first position after k (over the list twice, to wrap) with another prompt.
-        next_other: list[int | None] = [None] * (2 * count)
+    weight_feature = datasets.Value("float64")
+    example_table_type = FeedbackExamples
+
+    def example_features(self) -> dict[str, Any]:
+        tokens = datasets.Sequence(datasets.Value("int32"))
+        return {"prompt_ids": tokens, "completion_ids": tokens, "desirable": datasets.Value("bool"),
+                "record_index": datasets.Value("int64")}
+
+    def finish_split(self, source: str, table: pa.Table, kept_rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Each example's partner (the example whose completion is its mismatched one) and its padded length
+        with that mismatched completion (pairs have no margin to check here)."""
+        count, column = len(kept_rows), table["prompt_ids"]
+
+        def prompts_at(positions: np.ndarray) -> list[list[int]]:  # positions ascending: one slice of the table
+            rows = kept_rows[positions]
+            piece = column.slice(int(rows[0]), int(rows[-1] - rows[0]) + 1).to_pylist()
+            return [piece[row - rows[0]] for row in rows]
+
+        # differs[k]: example k's prompt is not that of the next example (wrapping around).
+        differs = np.zeros(count, dtype=bool)
+        previous = None
+        for start in range(0, count, READ_CHUNK):
+            prompts = prompts_at(np.arange(start, min(start + READ_CHUNK, count)))
+            if previous is not None:
+                differs[start - 1] = prompts[0] != previous
+            for offset in range(len(prompts) - 1):
+                differs[start + offset] = prompts[offset] != prompts[offset + 1]
+            previous = prompts[-1]
+        differs[count - 1] = previous != prompts_at(np.zeros(1, dtype=np.int64))[0]
+        # next_other[k]: the first position after k (over the examples twice, to wrap) with another prompt.
+        next_other = np.full(2 * count, -1, dtype=np.int64)
         for k in reversed(range(2 * count - 1)):
-            next_other[k] = k + 1 if prompts[(k + 1) % count] != prompts[k % count] else next_other[k + 1]
-        if next_other[0] is None:
+            next_other[k] = k + 1 if differs[k % count] else next_other[k + 1]
+        if next_other[0] == -1:
             raise DataValidationError(
-                describe(source), None, "prompt",
+                source, None, "prompt",
                 "every record has the same prompt, so there is no completion of another prompt to estimate KTO's "
                 "reference point with",
             )
-        for position, example in enumerate(examples):
-            partner = examples[next_other[position] % count]["completion_ids"]
-            example["example_index"] = position
-            example["mismatched_ids"] = partner[: self.max_length - len(example["prompt_ids"])]
-        return examples
+        partner = next_other[:count] % count
+        prompt_lengths = list_lengths(table["prompt_ids"])[kept_rows]
+        completion_lengths = list_lengths(table["completion_ids"])[kept_rows]
+        mismatched = np.clip(np.minimum(completion_lengths[partner], self.max_length - prompt_lengths), 0, None)
+        return {"partner": partner, "lengths": prompt_lengths + np.maximum(completion_lengths, mismatched)}
 
     def example_weight(self, example: dict) -> float:
         return 1.0  # the loss is normalised per example, whatever the lengths
 
     def example_length(self, example: dict) -> int:
-        return len(example["prompt_ids"]) + max(len(example["completion_ids"]), len(example["mismatched_ids"]))
+        # Before the split is complete, the mismatched completion is unknown; `finish_split` adds it.
+        return len(example["prompt_ids"]) + max(len(example["completion_ids"]), len(example.get("mismatched_ids", ())))
 
     def collate_fn(self) -> Callable[[Sequence[tuple[dict, float | None]]], FeedbackBatch]:
         return partial(

@@ -48,6 +48,10 @@ class DataValidationError(ValueError):
         super().__init__(f"{', '.join(where)}: {problem}")
         self.source, self.record, self.field, self.problem = source, record, field, problem
 
+    def __reduce__(self):
+        # Raised in the processes that preprocess records, and re-raised in the one that waits for them.
+        return type(self), (self.source, self.record, self.field, self.problem)
+
 
 class RecordChecker:
     """Validates the fields of one record and raises errors that say where the problem is."""

@@ -6,6 +6,9 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, Literal, NamedTuple
 
+import datasets
+import numpy as np
+import pyarrow as pa
 import torch
 from torch import Tensor
 
@@ -13,7 +16,7 @@ from plpost.data.base import PostTrainingDataModule, SkipRecord
 from plpost.data.collate import pad_rows
 from plpost.data.formats import DataValidationError, Message, RecordChecker
 from plpost.data.preference_rows import IdenticalPairs, refuse_identical, validate_preference_row
-from plpost.data.sources import SourceLike, describe
+from plpost.data.sources import SourceLike
 from plpost.data.tokenize import (
     IGNORE_INDEX, Overflow, completion_after_text, encode_prompt, message_fields, template_refusals_named,
 )
@@ -144,6 +147,8 @@ class PreferenceDataModule(PostTrainingDataModule):
             ``{enable_thinking: false}`` (Qwen3) or ``{date_string: "26 Jul 2024"}`` (Llama 3.x,
             whose templates otherwise render today's date into the system header).
         trust_remote_code: allow a tokenizer that runs code from its repository.
+        num_proc: processes that tokenize the records, once (None: one per core, fewer for small sets).
+        cache_dir: where tokenized records are kept (None: $PLPOST_DATA_CACHE, else ~/.cache/plpost/data).
     """
 
     def __init__(
@@ -168,6 +173,8 @@ class PreferenceDataModule(PostTrainingDataModule):
         chat_template: str | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
         trust_remote_code: bool = False,
+        num_proc: int | None = None,
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__(
             tokenizer,
@@ -184,6 +191,8 @@ class PreferenceDataModule(PostTrainingDataModule):
             chat_template=chat_template,
             chat_template_kwargs=chat_template_kwargs,
             trust_remote_code=trust_remote_code,
+            num_proc=num_proc,
+            cache_dir=cache_dir,
         )
         if max_prompt_length is not None and max_prompt_length < 1:
             raise ValueError(f"max_prompt_length={max_prompt_length} must be at least 1 (or None: prompts are not cut)")
@@ -260,16 +269,26 @@ class PreferenceDataModule(PostTrainingDataModule):
         start, end = rendered.turn_spans[0].start, rendered.turn_spans[-1].end
         return rendered.input_ids[:start], rendered.input_ids[start:end]
 
-    def examples_from(self, source: SourceLike, split: str) -> list[dict]:
-        examples = super().examples_from(source, split)
-        with_margin = [example["margin"] is not None for example in examples]
-        if any(with_margin) and not all(with_margin):
-            first = examples[with_margin.index(False)]["pair_index"]
+    weight_feature = datasets.Sequence(datasets.Value("float64"))
+
+    def example_features(self) -> dict[str, Any]:
+        tokens = datasets.Sequence(datasets.Value("int32"))
+        return {"prompt_ids": tokens, "chosen_ids": tokens, "rejected_ids": tokens,
+                "margin": datasets.Value("float64"), "pair_index": datasets.Value("int64")}
+
+    def cache_settings(self) -> dict[str, Any]:
+        return {**super().cache_settings(), "max_prompt_length": self.max_prompt_length, "overflow": self.overflow,
+                "identical_pairs": self.identical_pairs}
+
+    def finish_split(self, source: str, table: pa.Table, kept_rows: np.ndarray) -> dict[str, np.ndarray]:
+        without = table["margin"].take(kept_rows).is_null().to_numpy(zero_copy_only=False)
+        if without.any() and not without.all():
+            first = table["pair_index"][int(kept_rows[np.argmax(without)])].as_py()
             raise DataValidationError(
-                describe(source), first, "margin",
+                source, first, "margin",
                 "is missing, but other records of this split have one (give it for every record or for none)",
             )
-        return examples
+        return {}
 
     def example_weight(self, example: dict) -> tuple[float, float]:
         # Losses are normalised per pair, whatever the lengths; an NLL term may be per chosen token.

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, NamedTuple
 
+import datasets
 from torch import Tensor
 
 from plpost.data.base import PostTrainingDataModule, SkipRecord
@@ -64,7 +65,7 @@ class PromptDataModule(PostTrainingDataModule):
     list of assistant messages after a message prompt, as in `ChatDataModule`'s prompt/completion
     rows), tokenized as it follows the prompt: what `DistillationModule` trains on in the
     generation batches it does not sample (lmbda < 1). Completions are never truncated.
-    Every record is validated and tokenized in `setup`, before training.
+    Every record is validated and tokenized once, before training, and kept (see plpost.data.base).
 
     Args:
         tokenizer: Hub name, local folder or bundled name (``plpost:tiny``) of the policy's tokenizer.
@@ -94,6 +95,8 @@ class PromptDataModule(PostTrainingDataModule):
             whose templates otherwise render today's date into the system header).
         trust_remote_code: allow a tokenizer that runs code from its repository.
         completions: read and tokenize each row's ``completion`` too (`PromptBatch.completion_ids`).
+        num_proc: processes that tokenize the records, once (None: one per core, fewer for small sets).
+        cache_dir: where tokenized records are kept (None: $PLPOST_DATA_CACHE, else ~/.cache/plpost/data).
     """
 
     def __init__(
@@ -115,6 +118,8 @@ class PromptDataModule(PostTrainingDataModule):
         chat_template_kwargs: dict[str, Any] | None = None,
         trust_remote_code: bool = False,
         completions: bool = False,
+        num_proc: int | None = None,
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__(
             tokenizer,
@@ -131,6 +136,8 @@ class PromptDataModule(PostTrainingDataModule):
             chat_template=chat_template,
             chat_template_kwargs=chat_template_kwargs,
             trust_remote_code=trust_remote_code,
+            num_proc=num_proc,
+            cache_dir=cache_dir,
         )
         if max_prompt_length < 1:
             raise ValueError(f"max_prompt_length must be >= 1, got {max_prompt_length}")
@@ -176,6 +183,18 @@ class PromptDataModule(PostTrainingDataModule):
                                       "conversation otherwise than the generation prompt it samples after")
         end = len(supervised) - supervised[::-1].index(True)
         return ids[len(prompt_ids) : end]
+
+    object_fields = ("prompt", "columns")
+
+    def example_features(self) -> dict[str, Any]:
+        features = {"input_ids": datasets.Sequence(datasets.Value("int32")), "prompt": datasets.Value("binary"),
+                    "columns": datasets.Value("binary")}
+        if self.completions:
+            features["completion_ids"] = datasets.Sequence(datasets.Value("int32"))
+        return features
+
+    def cache_settings(self) -> dict[str, Any]:
+        return {**super().cache_settings(), "overflow": self.overflow, "completions": self.completions}
 
     def example_weight(self, example: dict) -> float:
         return 1.0  # PPO normalises per response token at update time; prompts weigh the same here

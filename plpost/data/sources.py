@@ -9,6 +9,10 @@ local readers also refuse what a generic reader lets through: a key written twic
 not UTF-8; each error names the file, the record and, for JSON Lines and CSV, the line. A byte
 order mark (as Excel writes) is skipped, `.gz` files are decompressed, and extensions are read
 case-insensitively.
+
+For preprocessing (`source_table`), rows are never given an Arrow schema either: a JSON Lines
+file is kept as the text of each line (parsed in the process that preprocesses it), other local
+files and in-memory rows as pickles of what was read.
 """
 
 from __future__ import annotations
@@ -17,15 +21,18 @@ import csv
 import gzip
 import io
 import json
+import pickle
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import datasets
+import pyarrow as pa
 
 from plpost.assets import resolve_pretrained
+from plpost.data.cache import file_digest, rows_digest
 from plpost.data.formats import CsvRow, DataValidationError
 
 LOCAL_FORMATS = (".jsonl", ".json", ".parquet", ".csv")
@@ -80,16 +87,73 @@ def describe(source: SourceLike) -> str:
 def load_source(source: SourceLike) -> Rows:
     """Reads `source` into indexable rows; raises DataValidationError for unreadable or empty input."""
     if isinstance(source, list):
-        if not source:
-            raise DataValidationError("in-memory rows", None, None, "the list of rows is empty")
-        return source
+        return in_memory_rows(source)
     source = as_data_source(source)
-    path = resolve_pretrained(source.path)
-    local = Path(path).expanduser()
-    if local_format(local) is not None or local.exists() or looks_like_a_path(source.path):
-        rows = select_split(read_local(local), source.split, source.path)
+    local = local_path(source)
+    rows = load_hub_dataset(source) if local is None else select_split(read_local(local), source.split, source.path)
+    return limited(rows, source)
+
+
+# How the rows of a source table are stored: a JSON Lines file as each line's text (parsed where the
+# rows are preprocessed, so 1M lines are never Python objects at once), other local files and
+# in-memory rows pickled (kept exactly as read: a CSV cell stays text), Hub datasets and Parquet as Arrow.
+RowKind = Literal["json-line", "pickled", "arrow"]
+
+
+def source_table(source: SourceLike, staging: Path) -> tuple[datasets.Dataset, RowKind]:
+    """The rows of `source` as a datasets.Dataset (a JSON Lines file is staged under `staging`), and how they
+    are stored; raises DataValidationError as `load_source` does."""
+    if isinstance(source, list):
+        return pickled_rows(in_memory_rows(source)), "pickled"
+    data_source = as_data_source(source)
+    local = local_path(data_source)
+    if local is not None and checked_format(local) == ".jsonl":
+        return limited(select_split(stage_json_lines(local, staging), data_source.split, data_source.path), data_source), "json-line"
+    rows = load_source(data_source)
+    return (rows, "arrow") if isinstance(rows, datasets.Dataset) else (pickled_rows(rows), "pickled")
+
+
+def table_rows(name: str, batch: Mapping[str, list], indices: Sequence[int], kind: RowKind) -> list[Any]:
+    """The rows a batch of a `source_table` holds, as `load_source` reads them (record = index)."""
+    if kind == "json-line":
+        return [json_line_row(name, text, record, line) for text, line, record in zip(batch["_text"], batch["_line"], indices)]
+    if kind == "pickled":
+        return [pickle.loads(row) for row in batch["_row"]]
+    return [dict(zip(batch, values)) for values in zip(*batch.values())]
+
+
+def source_fingerprint(source: SourceLike) -> dict[str, Any]:
+    """What identifies the rows `source` reads: a hash of a local file's bytes or of in-memory rows, a Hub
+    dataset's own fingerprint, with the split and limit read from it."""
+    if isinstance(source, list):
+        return {"rows": rows_digest(in_memory_rows(source))}
+    source = as_data_source(source)
+    local = local_path(source)
+    if local is not None:
+        checked_format(local)
+        content = {"file": file_digest(local)}
     else:
-        rows = load_hub_dataset(path, source)
+        content = {"hub": source.path, "name": source.name, "fingerprint": load_hub_dataset(source)._fingerprint}
+    return {**content, "split": source.split, "limit": source.limit}
+
+
+def in_memory_rows(rows: list) -> list:
+    if not rows:
+        raise DataValidationError("in-memory rows", None, None, "the list of rows is empty")
+    return rows
+
+
+def pickled_rows(rows: Rows) -> datasets.Dataset:
+    return datasets.Dataset.from_dict({"_row": [pickle.dumps(row, protocol=5) for row in rows]})
+
+
+def local_path(source: DataSource) -> Path | None:
+    """The local file `source` names, or None for a Hub dataset name."""
+    local = Path(resolve_pretrained(source.path)).expanduser()
+    return local if local_format(local) is not None or local.exists() or looks_like_a_path(source.path) else None
+
+
+def limited(rows: Rows, source: DataSource) -> Rows:
     if len(rows) == 0:
         raise DataValidationError(source.path, None, None, "the dataset has no rows")
     if source.limit is not None and source.limit < len(rows):
@@ -110,9 +174,9 @@ def local_format(path: Path) -> str | None:
     return suffixes[-1] if suffixes and suffixes[-1] in LOCAL_FORMATS else None
 
 
-def load_hub_dataset(path: str, source: DataSource) -> Rows:
+def load_hub_dataset(source: DataSource) -> datasets.Dataset:
     try:
-        return datasets.load_dataset(path, source.name, split=source.split)
+        return datasets.load_dataset(resolve_pretrained(source.path), source.name, split=source.split)
     except Exception as error:  # datasets raises many types (offline, not found, bad split, auth)
         raise DataValidationError(
             source.path, None, None,
@@ -136,7 +200,8 @@ def select_split(rows: Rows, split: str, name: str) -> Rows:
     return rows.select(indices) if isinstance(rows, datasets.Dataset) else [rows[index] for index in indices]
 
 
-def read_local(path: Path) -> Rows:
+def checked_format(path: Path) -> str:
+    """The format of a local data file; raises DataValidationError for a folder, a missing file or another type."""
     name = str(path)
     if path.is_dir():
         raise DataValidationError(name, None, None, f"is a folder; name a data file in it ({', '.join(LOCAL_FORMATS)})")
@@ -148,6 +213,12 @@ def read_local(path: Path) -> Rows:
             name, None, None,
             f"unknown file type {''.join(path.suffixes)!r} (expected one of: {', '.join(LOCAL_FORMATS)}, optionally .gz)",
         )
+    return data_format
+
+
+def read_local(path: Path) -> Rows:
+    name = str(path)
+    data_format = checked_format(path)
     if data_format == ".parquet":
         return read_parquet(path)
     raw = read_bytes(path)
@@ -224,15 +295,60 @@ def parse_json(name: str, text: str, record: int | None, line: int | None) -> An
 
 
 def read_json_lines(name: str, raw: bytes) -> list:
-    rows = []
-    for line_number, line in enumerate(raw.split(b"\n"), start=1):
-        text = decode(name, line, line=line_number, record=len(rows))
-        if not text.strip():
-            continue
-        row = parse_json(name, text, len(rows), line_number)
-        refuse_duplicate_keys(name, len(rows), row, line_number)
-        rows.append(row)
-    return rows
+    return [json_line_row(name, text, record, line) for record, (line, text) in enumerate(json_line_texts(name, raw.split(b"\n")))]
+
+
+def json_line_texts(name: str, lines: Iterable[bytes]) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each line that holds a record: decoded, blank lines skipped."""
+    records = 0
+    for line_number, line in enumerate(lines, start=1):
+        text = decode(name, line, line=line_number, record=records)
+        if text.strip():
+            records += 1
+            yield line_number, text
+
+
+def json_line_row(name: str, text: str, record: int, line: int) -> Any:
+    row = parse_json(name, text, record, line)
+    refuse_duplicate_keys(name, record, row, line)
+    return row
+
+
+def binary_lines(path: Path) -> Iterator[bytes]:
+    """The lines of a (possibly gzipped) file, read as a stream."""
+    if path.suffix.lower() != ".gz":
+        with open(path, "rb") as stream:
+            yield from stream
+        return
+    try:
+        with gzip.open(path, "rb") as stream:
+            yield from stream
+    except (OSError, EOFError, zlib.error) as error:
+        raise DataValidationError(str(path), None, None, f"is not a readable gzip file ({error})") from None
+
+
+STAGED_SCHEMA = pa.schema([("_line", pa.int64()), ("_text", pa.large_string())])
+
+
+def stage_json_lines(path: Path, staging: Path, batch_rows: int = 10_000) -> datasets.Dataset:
+    """The records of a JSON Lines file as a memory-mapped table of (line number, text), written to `staging`."""
+    name, target = str(path), staging / "rows.arrow"
+    staging.mkdir(parents=True, exist_ok=True)
+    records = 0
+    with pa.OSFile(str(target), "wb") as sink, pa.ipc.new_stream(sink, STAGED_SCHEMA) as writer:
+        lines, texts = [], []
+        for line, text in json_line_texts(name, binary_lines(path)):
+            lines.append(line)
+            texts.append(text)
+            if len(lines) == batch_rows:
+                writer.write_batch(pa.record_batch([lines, texts], schema=STAGED_SCHEMA))
+                records, lines, texts = records + len(lines), [], []
+        if lines:
+            writer.write_batch(pa.record_batch([lines, texts], schema=STAGED_SCHEMA))
+            records += len(lines)
+    if records == 0:
+        raise DataValidationError(name, None, None, "the file is empty")
+    return datasets.Dataset.from_file(str(target))
 
 
 def read_json(name: str, text: str) -> list:

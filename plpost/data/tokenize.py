@@ -61,7 +61,8 @@ def message_fields(name: str, messages: Sequence[Message]) -> list[str]:
 
 def chat_ids(tokenizer: PreTrainedTokenizerBase, messages: list[Message], *, add_generation_prompt: bool) -> list[int]:
     template = ChatTemplate(tokenizer)
-    return template.encode(template.render(messages, add_generation_prompt=add_generation_prompt))[0]
+    text = template.render(messages, add_generation_prompt=add_generation_prompt)
+    return template.encode_rendering(messages, text, add_generation_prompt=add_generation_prompt)[0]
 
 
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: Prompt) -> list[int]:

@@ -1,12 +1,13 @@
 """Property-based fuzzing of tokenization and collation, for chats and preference pairs.
 
 Conversations of random roles, orders and Unicode contents (chat-template special tokens
-included, as injected text), random max_length and batch layouts. The supervised tokens are
-checked against an independent reconstruction: the bundled template renders each message as
-``<|role|>content<|end|>``, so the characters of every assistant content and its ``<|end|>``
-are known, and a token is supervised exactly when the tokenizer's character offsets put it
-there. That is computed without plpost's masking code (neither generation markers nor prefix
-differences), and both of plpost's masking paths must agree with it.
+included, as injected text), random max_length and batch layouts. The tokens are checked
+against an independent reconstruction: the bundled template renders each message as
+``<|role|>content<|end|>``, so each message is its role's control token, its content tokenized
+as text (a special token's spelling in it stays text) and the control token ``<|end|>``; the
+content and ``<|end|>`` of every assistant turn are supervised. That is computed without plpost's
+masking code (neither generation markers nor prefix differences), and both of plpost's masking
+paths must agree with it.
 """
 
 import re
@@ -66,15 +67,18 @@ def rendered(messages: list[dict], supervised_from: int) -> tuple[str, list[tupl
 
 
 def reconstructed(messages: list[dict], supervised_from: int = 0) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) from the rendered text's token offsets alone."""
-    text, spans = rendered(messages, supervised_from)
+    """(input_ids, labels) message by message: control tokens around each content tokenized as text."""
+    text, _ = rendered(messages, supervised_from)
     assert TOKENIZER.apply_chat_template(messages, tokenize=False) == text  # the rendering assumed above
-    encoded = TOKENIZER(text, add_special_tokens=False, return_offsets_mapping=True)
-    labels = [
-        token if any(start <= begin < end for start, end in spans) else IGNORE_INDEX
-        for token, (begin, _) in zip(encoded["input_ids"], encoded["offset_mapping"])
-    ]
-    return list(encoded["input_ids"]), labels
+    end = TOKENIZER.convert_tokens_to_ids("<|end|>")
+    ids, labels = [], []
+    for position, message in enumerate(messages):
+        content = TOKENIZER(message["content"], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        turn = [*content, end]
+        supervised = message["role"] == "assistant" and position >= supervised_from
+        ids += [TOKENIZER.convert_tokens_to_ids(f"<|{message['role']}|>"), *turn]
+        labels += [IGNORE_INDEX, *(turn if supervised else [IGNORE_INDEX] * len(turn))]
+    return ids, labels
 
 
 def without_generation_markers():
