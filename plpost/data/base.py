@@ -17,7 +17,6 @@ before that, which has not always held: Lightning issue #20550).
 from __future__ import annotations
 
 import logging
-import pickle
 from collections.abc import Callable, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -41,7 +40,7 @@ from plpost.data.sampler import (
     WeightedExamples,
     check_group_by_length,
 )
-from plpost.data.sources import SourceLike, source_fingerprint
+from plpost.data.sources import SourceLike, encoded, source_fingerprint
 from plpost.data.table import ExampleTable
 from plpost.hf import load_tokenizer
 
@@ -62,7 +61,7 @@ class PostTrainingDataModule(L.LightningDataModule):
     """
 
     object_fields: tuple[str, ...] = ()
-    """Example fields kept as written (pickled), not as Arrow types: values of any shape and type."""
+    """Example fields kept as written (as JSON text), not as Arrow types: values of any shape."""
     weight_feature: Any = datasets.Value("float64")
     example_table_type: type[ExampleTable] = ExampleTable
 
@@ -158,8 +157,8 @@ class PostTrainingDataModule(L.LightningDataModule):
         return datasets.Features({**self.example_features(), **bookkeeping})
 
     def stored(self, example: dict) -> dict:
-        """An example as its table row holds it: object fields pickled."""
-        return {key: pickle.dumps(value, protocol=5) if key in self.object_fields else value
+        """An example as its table row holds it: object fields as JSON text."""
+        return {key: encoded(value) if key in self.object_fields else value
                 for key, value in example.items()}
 
     def example_weight(self, example: dict) -> float:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 # Raised whenever what preprocessing writes changes (a column, a rule of tokenization, a check),
 # so entries written by an earlier plpost are not read as if this one had written them.
-DATA_FORMAT_VERSION = 1
+DATA_FORMAT_VERSION = 2
 CACHE_ENV = "PLPOST_DATA_CACHE"
 _announced: set[Path] = set()
 
@@ -53,8 +52,8 @@ def file_digest(path: Path) -> str:
 
 
 def rows_digest(rows: list) -> str:
-    """A hash of in-memory rows, as pickled (types included: a CSV cell and a number differ)."""
-    return digest(pickle.dumps(rows, protocol=5))
+    """A hash of in-memory rows, as their JSON text (types included: a CSV cell and a number differ)."""
+    return digest(json.dumps(rows, ensure_ascii=False, default=repr))
 
 
 def tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import mmap
-import pickle
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+
+from plpost.data.sources import decoded
 
 MANIFEST = "manifest.json"
 READ_CHUNK = 1024
@@ -97,9 +98,9 @@ class ExampleTable(Sequence):
         return examples
 
     def finish(self, position: int, row: dict[str, Any]) -> dict[str, Any]:
-        """The example at `position` from its table row: object fields unpickled."""
+        """The example at `position` from its table row: object fields decoded."""
         for field in self.object_fields:
-            row[field] = pickle.loads(row[field])
+            row[field] = decoded(row[field])
         return row
 
     def column(self, name: str) -> np.ndarray:
