@@ -20,7 +20,7 @@ SHARDED = [
 @pytest.mark.slow
 @pytest.mark.parametrize("config", TINY_CONFIGS, ids=lambda c: c.name)
 def test_tiny_config_trains_sharded_on_two_processes(config, tmp_path):
-    command = [shutil.which("plpost"), *short_run_args(config), *SHARDED]
+    command = [shutil.which("plpost"), "fit", *short_run_args(config), *SHARDED]
     done = subprocess.run(command, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
