@@ -40,7 +40,8 @@ from plpost.data.sampler import (
     WeightedExamples,
     check_group_by_length,
 )
-from plpost.data.sources import SourceLike, encoded, source_fingerprint
+from plpost.data.source_tables import encoded
+from plpost.data.sources import SourceLike, source_fingerprint
 from plpost.data.table import ExampleTable
 from plpost.hf import load_tokenizer
 

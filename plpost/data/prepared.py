@@ -27,7 +27,8 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from plpost.data.cache import digest
 from plpost.data.formats import DataValidationError
-from plpost.data.sources import RowKind, SourceLike, describe, source_table, table_rows
+from plpost.data.source_tables import RowKind, source_table, table_rows
+from plpost.data.sources import SourceLike, describe
 from plpost.data.table import MANIFEST
 
 if TYPE_CHECKING:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from plpost.data.sources import decoded
+from plpost.data.source_tables import decoded
 
 MANIFEST = "manifest.json"
 READ_CHUNK = 1024
