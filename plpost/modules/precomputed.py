@@ -23,11 +23,18 @@ CACHE_FORMAT = 1
 
 
 def cache_key(reference: dict[str, Any], examples: Sequence[dict], **settings: Any) -> str:
-    """sha256 (hex) of the reference's fingerprint, the tokenized examples themselves (in order),
-    and any other `settings` that change the numbers (tokenizer, dtype, precision)."""
+    """sha256 (hex) of the reference's fingerprint, the tokenized examples (in order), and any other
+    `settings` that change the numbers (tokenizer, dtype, precision).
+
+    Examples read from a data cache entry (`plpost.data.table.ExampleTable`) are identified by its
+    `content_key()`, the key of everything that made them, without reading them (at 1M pairs,
+    hashing each through JSON would take minutes); others, an in-memory list, by their contents."""
     digest = hashlib.sha256()
     header = {"format": CACHE_FORMAT, "reference": reference, "settings": settings, "count": len(examples)}
     digest.update(json.dumps(header, sort_keys=True, default=str).encode())
+    if hasattr(examples, "content_key"):
+        digest.update(examples.content_key().encode())
+        return digest.hexdigest()
     for example in examples:
         digest.update(json.dumps(example, sort_keys=True, default=str).encode())
     return digest.hexdigest()

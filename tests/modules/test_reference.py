@@ -103,6 +103,25 @@ def test_cache_key_depends_on_reference_examples_and_settings():
     assert key != cache_key({"path": "a"}, examples, tokenizer="u")
 
 
+def test_cache_key_of_cached_examples_names_their_entry_and_selection_without_reading_them(tmp_path, monkeypatch):
+    """Examples read from a data cache entry are keyed by the entry (named by everything that made
+    it) and the selection: another validation sample or other data gives another key, and no
+    example is read to compute it."""
+    rows = varied_pairs(10)
+    keys = []
+    for val_size, data in ((3, rows), (4, rows), (3, rows[:9])):
+        module = PreferenceDataModule(TINY, train=data, val_size=val_size, cache_dir=str(tmp_path))
+        module.prepare_data()
+        module.setup("fit")
+        monkeypatch.setattr(type(module.train_examples), "read", lambda *args: pytest.fail("an example was read"))
+        keys.append([cache_key({"path": "a"}, module.train_examples), cache_key({"path": "a"}, module.val_examples)])
+        monkeypatch.undo()
+    assert len({key for pair in keys for key in pair}) == 6
+    again = PreferenceDataModule(TINY, train=rows, val_size=3, cache_dir=str(tmp_path))
+    again.setup("fit")
+    assert cache_key({"path": "a"}, again.train_examples) == keys[0][0]
+
+
 def single_device_trainer() -> L.Trainer:
     return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
 
