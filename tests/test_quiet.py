@@ -19,7 +19,7 @@ NOISE = (
 def test_a_short_lora_sft_run_prints_no_noise(tmp_path):
     command = [
         sys.executable, "-m", "plpost.cli", "fit", "--model=plpost.SFTModule", "--model.model=plpost:tiny",
-        "--model.lora.r=4", "--model.scheduler=plpost.optim.WarmupCosineLR", "--model.scheduler.warmup_steps=1",
+        "--model.model_settings.lora.r=4", "--model.scheduler=plpost.optim.WarmupCosineLR", "--model.scheduler.warmup_steps=1",
         "--data=plpost.ChatDataModule", "--data.tokenizer=plpost:tiny", "--data.train=plpost:data/addition/sft.jsonl",
         "--data.batch_size=8", "--data.max_length=32", "--trainer.max_steps=2", "--trainer.limit_train_batches=2",
         "--trainer.log_every_n_steps=50", "--trainer.enable_progress_bar=false", "--trainer.enable_checkpointing=false",

@@ -320,7 +320,7 @@ def test_ppo_samples_eagerly_and_scores_and_updates_compiled(monkeypatch):
     assert set(eager_phases) == {"score", "sample"}  # the hooks see both phases
     eager_ratios = ratios[:]
     ratios.clear()
-    module, phases, gradients = run(torch_compile=True)
+    module, phases, gradients = run(model_settings=ModelSettings(torch_compile=True))
     assert phases and set(phases) == {"sample"}  # sampling eager, every other forward compiled
     assert len(samples) == 2 and torch.equal(samples[0], samples[1])  # eager's responses, token for token
     assert module.policy._compiled_call_impl is not None and module.reference.model._compiled_call_impl is not None
