@@ -116,9 +116,30 @@ def prompt_groups(input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     return starts.long().cumsum(0) - 1
 
 
+def inverse_cdf_draw(probs: Tensor) -> Tensor:
+    """(B,) one token per row of (B, V) probabilities from one uniform number per row: the first
+    token whose cumulative probability exceeds u * total (in float64, so rounding moves no mass
+    onto a token of probability 0; the clamp catches u * total rounding up to the total)."""
+    cumulative = probs.double().cumsum(dim=-1)
+    u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device) * cumulative[:, -1:]
+    last_possible = probs.shape[1] - 1 - (probs.flip(-1) > 0).int().argmax(dim=-1)
+    return torch.minimum(torch.searchsorted(cumulative, u, right=True).squeeze(1), last_possible)
+
+
+def generate_draw(probs: Tensor, live: Tensor, rows: int) -> Tensor:
+    """`generate`'s draw: `torch.multinomial` over all `rows` rows (the batch's `live` rows hold
+    `probs`, a finished row a placeholder), one exponential number per vocabulary entry and row."""
+    if probs.shape[0] != rows:
+        full = probs.new_zeros(rows, probs.shape[1])
+        full[:, 0] = 1.0
+        full[live] = probs
+        probs = full
+    return torch.multinomial(probs, num_samples=1).squeeze(1)[live]
+
+
 @torch.no_grad()
 def cached_backend(model, input_ids: Tensor, attention_mask: Tensor, config: GenerationConfig, num_samples: int,
-                   streamer=None) -> Tensor:
+                   streamer=None, *, generate_draws: bool = False) -> Tensor:
     config = resolved_config(model, config)
     device, width = input_ids.device, config.max_new_tokens
     stop_ids = torch.as_tensor(stop_token_list(config), dtype=torch.long, device=device)
@@ -145,16 +166,12 @@ def cached_backend(model, input_ids: Tensor, attention_mask: Tensor, config: Gen
     steps = 0
     while steps < width:
         scores = warpers(None, logits)  # the ids so far are for the processors this loop leaves to generate
-        if config.do_sample:
-            probs = scores.softmax(dim=-1)
-            if probs.shape[0] != rows:
-                full = probs.new_zeros(rows, probs.shape[1])
-                full[:, 0] = 1.0
-                full[live] = probs
-                probs = full
-            tokens = torch.multinomial(probs, num_samples=1).squeeze(1)[live]
-        else:
+        if not config.do_sample:
             tokens = scores.argmax(dim=-1)
+        elif generate_draws:
+            tokens = generate_draw(scores.softmax(dim=-1), live, rows)
+        else:
+            tokens = inverse_cdf_draw(scores.softmax(dim=-1))
         tokens = tokens.masked_fill(finished, pad)
         completions[live, steps] = tokens
         steps += 1
@@ -184,7 +201,13 @@ def stop_token_list(config: GenerationConfig) -> list[int]:
     return [] if eos is None else [eos] if isinstance(eos, int) else [int(token) for token in eos]
 
 
-BACKENDS: dict[str, Callable[..., Tensor]] = {"generate": generate_backend, "cached": cached_backend}
+def cached_exact_backend(*args) -> Tensor:
+    return cached_backend(*args, generate_draws=True)
+
+
+BACKENDS: dict[str, Callable[..., Tensor]] = {
+    "generate": generate_backend, "cached": cached_backend, "cached-exact": cached_exact_backend,
+}
 chosen_backend: ContextVar[str] = ContextVar("chosen_backend", default="auto")
 
 
