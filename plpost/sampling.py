@@ -41,6 +41,7 @@ from contextvars import ContextVar
 import torch
 from torch import Tensor
 from transformers import GenerationConfig, LogitsProcessorList, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 UNSYNCED = False
@@ -116,6 +117,42 @@ def prompt_groups(input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     return starts.long().cumsum(0) - 1
 
 
+class ReservedLayer(DynamicLayer):
+    """A `DynamicLayer` whose keys and values live in buffers reserved for the whole completion:
+    each step writes its token's in place, where `DynamicLayer` copies the whole cache
+    (`torch.cat`). Attention reads the same values over the same length (a view of the buffer)."""
+
+    def __init__(self, layer: DynamicLayer, capacity: int) -> None:
+        super().__init__()
+        self.device, self.is_initialized, self.length = layer.keys.device, True, layer.keys.shape[-2]
+        self.key_buffer, self.value_buffer = (
+            torch.cat([states, states.new_empty(*states.shape[:-2], capacity - self.length, states.shape[-1])], dim=-2)
+            for states in (layer.keys, layer.values))
+        self.keys, self.values = self.views()
+
+    def views(self) -> tuple[Tensor, Tensor]:
+        return self.key_buffer[..., : self.length, :], self.value_buffer[..., : self.length, :]
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        new = key_states.shape[-2]
+        self.key_buffer[..., self.length : self.length + new, :] = key_states
+        self.value_buffer[..., self.length : self.length + new, :] = value_states
+        self.length += new
+        self.keys, self.values = self.views()
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
+        self.keys, self.values = self.views()
+
+
+def reserve(cache, capacity: int):
+    """`cache` with its plain dynamic layers (not sliding-window or other kinds) reserved to `capacity` positions."""
+    cache.layers = [ReservedLayer(layer, capacity) if type(layer) is DynamicLayer and layer.is_initialized else layer
+                    for layer in cache.layers]
+    return cache
+
+
 def inverse_cdf_draw(probs: Tensor) -> Tensor:
     """(B,) one token per row of (B, V) probabilities from one uniform number per row: the first
     token whose cumulative probability exceeds u * total (in float64, so rounding moves no mass
@@ -152,7 +189,7 @@ def cached_backend(model, input_ids: Tensor, attention_mask: Tensor, config: Gen
     positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
     out = model(input_ids=input_ids[first], attention_mask=attention_mask[first], position_ids=positions[first],
                 use_cache=True, logits_to_keep=1)
-    cache = out.cache
+    cache = reserve(out.cache, input_ids.shape[1] + width)
     if heads.shape[0] != rows:
         cache.batch_select_indices(groups)
     logits = out.logits[:, -1].float()[groups]
