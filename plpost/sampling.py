@@ -177,6 +177,8 @@ def generate_draw(probs: Tensor, live: Tensor, rows: int) -> Tensor:
 @torch.no_grad()
 def cached_backend(model, input_ids: Tensor, attention_mask: Tensor, config: GenerationConfig, num_samples: int,
                    streamer=None, *, generate_draws: bool = False) -> Tensor:
+    if input_ids.shape[0] == 0:
+        return input_ids.new_zeros(0, 0)
     config = resolved_config(model, config)
     device, width = input_ids.device, config.max_new_tokens
     stop_ids = torch.as_tensor(stop_token_list(config), dtype=torch.long, device=device)
