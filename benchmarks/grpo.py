@@ -189,7 +189,6 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers import AutoTokenizer
 
     from benchmarks.data import preference_rows
-    from benchmarks.measure import machine
     from benchmarks.run import build_model_folder, subprocess_env
 
     preset, settings = get_preset(args.preset), SETTINGS[args.preset]
@@ -209,15 +208,25 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"{framework} failed with exit code {code}")
         runs.append(json.loads(out.read_text()))
         print(f"[grpo bench] {framework}: {runs[-1]}", flush=True)
-    described = machine()
     report = {"preset": preset.name, "date": datetime.date.today().isoformat(), "settings": settings, "runs": runs,
-              "machine": f"{described.get('cpu', '?')}, {described.get('cores', '?')} cores, {preset.threads or 'all'} "
-                         f"thread(s) per run, load average {described['load_avg'][0]:.1f} at the end"}
-    text = markdown(report)
-    with open(args.results_md, "a") as handle:
+              "machine": machine_line(preset)}
+    append_report(args.results_md, markdown(report))
+    return report
+
+
+def machine_line(preset: Preset) -> str:
+    """The machine, the threads each run had and the load, for a results heading."""
+    from benchmarks.measure import machine
+
+    described = machine()
+    return (f"{described.get('cpu', '?')}, {described.get('cores', '?')} cores, {preset.threads or 'all'} thread(s) "
+            f"per run, load average {described['load_avg'][0]:.1f} at the end")
+
+
+def append_report(results_md: str, text: str) -> None:
+    with open(results_md, "a") as handle:
         handle.write("\n" + text)
     print(text)
-    return report
 
 
 if __name__ == "__main__":

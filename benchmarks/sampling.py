@@ -162,18 +162,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--preset", default="cpu-tiny")
     parser.add_argument("--results-md", default=str(REPO / "benchmarks" / "RESULTS.md"))
     args = parser.parse_args(argv)
-    from benchmarks.measure import machine
+    from benchmarks.grpo import append_report, machine_line
 
-    preset = get_preset(args.preset)
     report = measure(args.preset)
-    described = machine()
-    report.update(date=datetime.date.today().isoformat(),
-                  machine=f"{described.get('cpu', '?')}, {described.get('cores', '?')} cores, "
-                          f"{preset.threads or 'all'} thread(s), load average {described['load_avg'][0]:.1f} at the end")
-    text = markdown(report)
-    with open(args.results_md, "a") as handle:
-        handle.write("\n" + text)
-    print(text)
+    report.update(date=datetime.date.today().isoformat(), machine=machine_line(get_preset(args.preset)))
+    append_report(args.results_md, markdown(report))
     return report
 
 
