@@ -1,5 +1,6 @@
 """Sampling for the online stages (PPO, GRPO, distillation): responses from the sampler
-(`plpost.sampling`) cut after their stop token, and the one forward pass over (prompt + response) that both the rollout and the PPO update use.
+(`plpost.sampling`) cut after their stop token, and the one forward pass over (prompt + response)
+that both the rollout and the PPO update use.
 
 Sharing `response_forward` is what makes PPO's ratio exactly 1 until the first optimizer step:
 the old log-probs and the log-probs being trained come from the same function, on the same
