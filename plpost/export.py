@@ -72,7 +72,8 @@ def module_from_checkpoint(path: str | Path, *, stage: str | None = None) -> Pos
     }
     # Built in the dtype it was trained in (float32 under mixed precision), so nothing is rounded
     # before the export decides the written dtype.
-    module.dtype_name = trained_dtype(weights) or module.dtype_name
+    settings = module.model_settings
+    module.model_settings = replace(settings, dtype=trained_dtype(weights) or settings.dtype)
     model = module.load_pretrained()
     is_classifier = getattr(model, SCORE_HEAD, None) is not None
     module.policy = module.prepare_trainable(model, task_type="SEQ_CLS" if is_classifier else "CAUSAL_LM")
@@ -103,8 +104,9 @@ def export_checkpoint(
     None keeps the run's own `lora.merge_on_export`.
     """
     module = module_from_checkpoint(path, stage=stage)
-    if merge is not None and module.lora is not None:
-        module.lora = replace(module.lora, merge_on_export=merge)
+    lora = module.model_settings.lora
+    if merge is not None and lora is not None:
+        module.model_settings = replace(module.model_settings, lora=replace(lora, merge_on_export=merge))
     out = Path(out)
     write_hf_folder(module, out, dtype=dtype)
     return out

@@ -31,6 +31,9 @@ class HFExport(L.Callback):
             dtype for `random_init`. Adapter folders keep the adapters as trained.
     """
 
+    needs_full_weights = True
+    """It writes the whole policy (see `plpost.sharding.check_strategy`)."""
+
     def __init__(
         self, dirpath: str, every_n_epochs: int = 0, dtype: Literal["float32", "bfloat16", "float16"] | None = None
     ) -> None:
@@ -97,9 +100,10 @@ def export_dtype(pl_module: L.LightningModule, requested: str | None) -> str | N
     checkpoint is stored in (None, as trained, for `random_init` or a checkpoint that names none)."""
     from plpost.precision import stored_dtype
 
-    if requested is not None or getattr(pl_module, "random_init", True):
+    settings = getattr(pl_module, "model_settings", None)
+    if requested is not None or settings is None or settings.random_init:
         return requested
-    return stored_dtype(pl_module.model_name, trust_remote_code=pl_module.trust_remote_code)
+    return stored_dtype(pl_module.model_name, trust_remote_code=settings.trust_remote_code)
 
 
 def write_hf_folder(
@@ -114,7 +118,8 @@ def write_hf_folder(
 
     model = pl_module.export_model()
     tokenizer = pl_module.tokenizer
-    lora = getattr(pl_module, "lora", None)
+    settings = getattr(pl_module, "model_settings", None)
+    lora = settings.lora if settings is not None else None
     if lora is not None and lora.merge_on_export:
         model = unsharded_copy(model, state) if state is not None else copy.deepcopy(model)
         model, state = model.merge_and_unload(), None

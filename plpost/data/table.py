@@ -85,6 +85,13 @@ class ExampleTable(Sequence):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({len(self)} examples in {self.folder})"
 
+    def content_key(self) -> str:
+        """What identifies these examples without reading them: the entry's folder, named by the key
+        of everything that made it (source, tokenizer, template, settings), and the selection."""
+        import hashlib
+
+        return f"{self.folder.name}/{hashlib.sha256(self.positions.tobytes()).hexdigest()}"
+
     def read(self, positions: np.ndarray) -> list[dict]:
         """The examples at `positions` (indices into the entry's examples)."""
         # Row by row: `take` on a table of many chunks would first concatenate each whole column.

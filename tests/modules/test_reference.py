@@ -13,18 +13,12 @@ from conftest import TINY
 
 from plpost.assets import resolve_pretrained
 from plpost.data.preference import PreferenceDataModule
+from plpost.frozen import FrozenCopy, adapter_disabled, model_fingerprint
 from plpost.hf import load_causal_lm
-from plpost.modules import LoraSettings
+from plpost.modules import ModelSettings, LoraSettings
 from plpost.modules.base import PostTrainingModule
+from plpost.modules.precomputed import cache_key, lookup, precompute_logps
 from plpost.modules.preference_logps import pair_logps
-from plpost.modules.reference import (
-    FrozenCopy,
-    adapter_disabled,
-    cache_key,
-    lookup,
-    model_fingerprint,
-    precompute_logps,
-)
 
 IDS = torch.tensor([[5, 9, 12, 7, 30, 31]])
 
@@ -54,7 +48,7 @@ def test_frozen_copy_stays_in_eval_mode_and_gives_no_gradients():
 
 
 def lora_policy():
-    module = PostTrainingModule(TINY, lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    module = PostTrainingModule(TINY, model_settings=ModelSettings(lora=LoraSettings(r=4, alpha=8, dropout=0.0)))
     return module.prepare_trainable(module.load_pretrained())
 
 
@@ -107,6 +101,25 @@ def test_cache_key_depends_on_reference_examples_and_settings():
     assert key != cache_key({"path": "b"}, examples, tokenizer="t")
     assert key != cache_key({"path": "a"}, [{**examples[0], "chosen_ids": [5]}], tokenizer="t")
     assert key != cache_key({"path": "a"}, examples, tokenizer="u")
+
+
+def test_cache_key_of_cached_examples_names_their_entry_and_selection_without_reading_them(tmp_path, monkeypatch):
+    """Examples read from a data cache entry are keyed by the entry (named by everything that made
+    it) and the selection: another validation sample or other data gives another key, and no
+    example is read to compute it."""
+    rows = varied_pairs(10)
+    keys = []
+    for val_size, data in ((3, rows), (4, rows), (3, rows[:9])):
+        module = PreferenceDataModule(TINY, train=data, val_size=val_size, cache_dir=str(tmp_path))
+        module.prepare_data()
+        module.setup("fit")
+        monkeypatch.setattr(type(module.train_examples), "read", lambda *args: pytest.fail("an example was read"))
+        keys.append([cache_key({"path": "a"}, module.train_examples), cache_key({"path": "a"}, module.val_examples)])
+        monkeypatch.undo()
+    assert len({key for pair in keys for key in pair}) == 6
+    again = PreferenceDataModule(TINY, train=rows, val_size=3, cache_dir=str(tmp_path))
+    again.setup("fit")
+    assert cache_key({"path": "a"}, again.train_examples) == keys[0][0]
 
 
 def single_device_trainer() -> L.Trainer:
