@@ -3,6 +3,9 @@ and how a step splits between generation (sampling and scoring) and the update.
 
     python -m benchmarks.grpo --preset cpu-tiny          # both frameworks, appends to RESULTS.md
 
+plpost samples with its sampler (`plpost.sampling`); the `plpost-generate` row is the same run
+sampling with transformers' `generate`, as TRL does, so the sampler's share of the gap shows.
+
 Same random-weight Llama as the other benchmarks (the preset's), same prompts (the preset's
 synthetic preference prompts, in the same order, unshuffled), same G, completion length, prompts
 per step, sampling (temperature 1, no top-p / top-k), one optimizer step per generation batch, no
@@ -141,9 +144,12 @@ def worker(framework: str, spec_file: str, result_file: str) -> int:
     preset = Preset(**spec["preset"])
     if preset.threads:
         torch.set_num_threads(preset.threads)
-    run = run_plpost if framework == "plpost" else run_trl
+    from plpost.sampling import sampling_backend
+
+    run = run_trl if framework == "trl" else run_plpost
     started = time.perf_counter()
-    result = run(preset, spec["settings"], spec["model_dir"], spec["prompts"])
+    with sampling_backend("generate" if framework == "plpost-generate" else "auto"):
+        result = run(preset, spec["settings"], spec["model_dir"], spec["prompts"])
     result.update(framework=framework, wall_s=time.perf_counter() - started)
     Path(result_file).write_text(json.dumps(result, indent=1))
     return 0
@@ -176,13 +182,13 @@ def markdown(report: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="cpu-tiny")
-    parser.add_argument("--frameworks", default="plpost,trl")
+    parser.add_argument("--frameworks", default="plpost,trl,plpost-generate",
+                        help="plpost-generate: plpost sampling with transformers' generate instead of its sampler")
     parser.add_argument("--results-md", default=str(REPO / "benchmarks" / "RESULTS.md"))
     args = parser.parse_args(argv)
     from transformers import AutoTokenizer
 
     from benchmarks.data import preference_rows
-    from benchmarks.measure import machine
     from benchmarks.run import build_model_folder, subprocess_env
 
     preset, settings = get_preset(args.preset), SETTINGS[args.preset]
@@ -202,15 +208,25 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"{framework} failed with exit code {code}")
         runs.append(json.loads(out.read_text()))
         print(f"[grpo bench] {framework}: {runs[-1]}", flush=True)
-    described = machine()
     report = {"preset": preset.name, "date": datetime.date.today().isoformat(), "settings": settings, "runs": runs,
-              "machine": f"{described.get('cpu', '?')}, {described.get('cores', '?')} cores, {preset.threads or 'all'} "
-                         f"thread(s) per run, load average {described['load_avg'][0]:.1f} at the end"}
-    text = markdown(report)
-    with open(args.results_md, "a") as handle:
+              "machine": machine_line(preset)}
+    append_report(args.results_md, markdown(report))
+    return report
+
+
+def machine_line(preset: Preset) -> str:
+    """The machine, the threads each run had and the load, for a results heading."""
+    from benchmarks.measure import machine
+
+    described = machine()
+    return (f"{described.get('cpu', '?')}, {described.get('cores', '?')} cores, {preset.threads or 'all'} thread(s) "
+            f"per run, load average {described['load_avg'][0]:.1f} at the end")
+
+
+def append_report(results_md: str, text: str) -> None:
+    with open(results_md, "a") as handle:
         handle.write("\n" + text)
     print(text)
-    return report
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from plpost.export import CheckpointError, module_from_checkpoint
 from plpost.generation import encode_prompts, generation_config
 from plpost.hf import DTYPES, load_causal_lm, load_tokenizer
 from plpost.quiet import peft_reading_deprecated_attributes
+from plpost.sampling import complete
 
 HELP = "/clear forgets the conversation, /system TEXT sets the system prompt (and clears), /quit or Ctrl-D leaves"
 SMALLEST_ANSWER_ROOM = 64
@@ -141,11 +142,9 @@ class ChatSession:
         )
         device = next(self.model.parameters()).device
         streamer = StreamTo(self.out or sys.stdout, self.tokenizer)
-        output = self.model.generate(
-            input_ids=input_ids.to(device), attention_mask=torch.ones_like(input_ids).to(device),
-            generation_config=config, streamer=streamer,
-        )
-        answer = self.tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)
+        completion = complete(self.model, input_ids.to(device), torch.ones_like(input_ids).to(device), config,
+                              streamer=streamer)
+        answer = self.tokenizer.decode(completion[0], skip_special_tokens=True)
         self.history = [*history, {"role": "assistant", "content": answer}]
         return answer
 

@@ -11,6 +11,7 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from plpost.data.collate import pad_rows
 from plpost.data.tokenize import Prompt, end_of_turn_ids, prompt_ids
+from plpost.sampling import complete
 
 
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt]) -> tuple[Tensor, Tensor]:
@@ -58,14 +59,6 @@ def eager_sampling():
     return torch.compiler.set_stance("force_eager")
 
 
-UNSYNCED = False
-"""`generate`'s `synced_gpus`: transformers turns it on for a model that FSDP2 shards, and then
-all-reduces at every new token so that the ranks step until the last one is done. plpost
-gathers the full weights for the whole `generate` (`plpost.sharding.full_parameters`), so its
-forwards need no collective: each rank generates on its own and stops when its rows are done,
-and a rank with nothing to generate need not call `generate` at all."""
-
-
 def generate_texts(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -76,8 +69,10 @@ def generate_texts(
     temperature: float = 1.0,
     top_p: float = 1.0,
     batch_size: int = 64,
+    backend: str | None = None,
 ) -> Generations:
-    """Completions for `prompts`, greedy unless `do_sample`; leaves the model in the mode it found it."""
+    """Completions for `prompts` from the sampler (`plpost.sampling.complete`, `backend` as there),
+    greedy unless `do_sample`; leaves the model in the mode it found it."""
     was_training = model.training
     model.eval()
     settings = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, use_cache=True)
@@ -90,9 +85,8 @@ def generate_texts(
         for start in range(0, len(prompts), batch_size):
             input_ids, attention_mask = encode_prompts(tokenizer, prompts[start : start + batch_size])
             with eager_sampling():
-                output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                        generation_config=config, synced_gpus=UNSYNCED)
-            completion_ids = output[:, input_ids.shape[1] :]
+                completion_ids = complete(model, input_ids.to(device), attention_mask.to(device), config,
+                                          backend=backend)
             texts += tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
             batch_lengths, batch_stopped = completion_stats(completion_ids, config.eos_token_id)
             lengths.append(batch_lengths.cpu())

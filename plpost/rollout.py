@@ -1,5 +1,6 @@
-"""Sampling for the online stages (PPO, GRPO, distillation): batched generation with a KV cache, responses cut after their stop token, and
-the one forward pass over (prompt + response) that both the rollout and the PPO update use.
+"""Sampling for the online stages (PPO, GRPO, distillation): responses from the sampler
+(`plpost.sampling`) cut after their stop token, and the one forward pass over (prompt + response)
+that both the rollout and the PPO update use.
 
 Sharing `response_forward` is what makes PPO's ratio exactly 1 until the first optimizer step:
 the old log-probs and the log-probs being trained come from the same function, on the same
@@ -7,10 +8,10 @@ tokens, position ids, mask and temperature, in the same dtype path (under the Tr
 in both), and in the same micro-batches (see `PPOModule.ppo_update`).
 
 What is not recomputed: the sampled tokens, which responses stopped and where (all from
-`generate`'s output). What is: the log-probs of the sampled tokens. `generate` can return its
+the sampler's output). What is: the log-probs of the sampled tokens. The sampler has the
 logits, but they come from the cached, one-token-at-a-time decode, whose floating-point results
-differ from a full forward's in the last bits, which would make the first ratio merely close to
-1. The full forward costs one pass over the batch and also yields the value head's hidden states.
+differ from a full forward's in the last bits, which would make the first ratio merely close
+to 1. The full forward costs one pass over the batch and also yields the value head's hidden states.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ import torch
 from torch import Tensor
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from plpost.generation import UNSYNCED, completion_stats
+from plpost.generation import completion_stats
 from plpost.losses import explained_variance, masked_mean, masked_sum, token_entropy, token_logprobs
+from plpost.sampling import complete
 
 
 class Samples(NamedTuple):
@@ -62,23 +64,27 @@ def sample_responses(
     config: GenerationConfig,
     *,
     pad_token_id: int,
+    num_samples: int = 1,
+    backend: str | None = None,
 ) -> Samples:
-    """Samples one response per left-padded prompt with `model.generate` (KV cache on).
+    """Samples `num_samples` responses per left-padded prompt with the sampler (`plpost.sampling`:
+    one prefill per distinct prompt, KV cache on), those of a prompt consecutive.
 
     input_ids, attention_mask: (B, P) left-padded prompts. `config` says how to sample and
     which tokens stop (`config.eos_token_id`: EOS and end-of-turn, see `generation_config`).
     Everything after a response's first stop token is replaced by `pad_token_id` and masked out.
-    The model is put in eval mode while it generates (with gradient checkpointing on, a model
+    The model is put in eval mode while it samples (with gradient checkpointing on, a model
     in train mode would refuse the KV cache) and given back in the mode it came in.
     """
     was_training = model.training
     model.eval()
     try:
-        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                                synced_gpus=UNSYNCED)
+        response = complete(model, input_ids, attention_mask, config, num_samples=num_samples, backend=backend)
     finally:
         model.train(was_training)
-    response = output[:, input_ids.shape[1] :]
+    if num_samples > 1:
+        input_ids = input_ids.repeat_interleave(num_samples, dim=0)
+        attention_mask = attention_mask.repeat_interleave(num_samples, dim=0)
     lengths, stopped = completion_stats(response, config.eos_token_id)
     response_mask = torch.arange(response.shape[1], device=response.device) < lengths[:, None]
     response = torch.where(response_mask, response, torch.full_like(response, pad_token_id))
