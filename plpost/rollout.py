@@ -5,7 +5,7 @@ that both the rollout and the PPO update use.
 Sharing `response_forward` is what makes PPO's ratio exactly 1 until the first optimizer step:
 the old log-probs and the log-probs being trained come from the same function, on the same
 tokens, position ids, mask and temperature, in the same dtype path (under the Trainer's autocast
-in both), and in the same micro-batches (see `PPOModule.ppo_update`).
+in both), and in the same micro-batches (see `plpost.modules.online.forward_in_layout`).
 
 What is not recomputed: the sampled tokens, which responses stopped and where (all from
 the sampler's output). What is: the log-probs of the sampled tokens. The sampler has the
@@ -16,7 +16,6 @@ to 1. The full forward costs one pass over the batch and also yields the value h
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -226,20 +225,6 @@ def response_forward(
         entropy = token_entropy(out.logits, entropy_mask, temperature=temperature)[:, :length]
     hidden = out.hidden_states[-1][:, -(length + 1) : -1] if with_hidden else None
     return ResponseForward(logprobs, entropy, hidden)
-
-
-def in_chunks(fn: Callable[..., Tensor | tuple[Tensor, ...]], tensors: Sequence[Tensor], chunk_size: int):
-    """fn(*rows) over consecutive row chunks of `tensors`, its tensor (or each tensor of its
-    tuple) concatenated along dim 0.
-
-    The PPO update runs its first epoch over the same chunks in the same order, so the two see
-    bitwise-identical inputs.
-    """
-    rows = tensors[0].shape[0]
-    parts = [fn(*(t[start : start + chunk_size] for t in tensors)) for start in range(0, rows, chunk_size)]
-    if isinstance(parts[0], Tensor):
-        return torch.cat(parts, dim=0)
-    return tuple(torch.cat(column, dim=0) for column in zip(*parts))
 
 
 def rollout_statistics(rollout: Rollout, sequence_kl: Tensor, rewards: Tensor, returns: Tensor) -> dict[str, Tensor]:
