@@ -41,8 +41,8 @@ from plpost.data.sampler import (
     check_group_by_length,
 )
 from plpost.data.source_tables import encoded
-from plpost.data.sources import DataSource, SourceLike, as_data_source, source_fingerprint
-from plpost.data.streaming import StreamedExamples
+from plpost.data.sources import DataSource, SourceLike, source_fingerprint
+from plpost.data.streaming import StreamedExamples, check_streamable, streamed
 from plpost.data.table import ExampleTable
 from plpost.hf import load_tokenizer
 
@@ -230,7 +230,7 @@ class PostTrainingDataModule(L.LightningDataModule):
             self.train_position = DataPosition()
         if self._train_examples is not None or self.val_examples is not None:
             return
-        self.check_streaming()
+        check_streamable(self)
         examples = {split: self.examples_from(split) for split, source in self.sources().items() if streamed(source) is None}
         train, val = examples.get("train"), examples.get("val")
         if self.val_size and train is not None:
@@ -241,19 +241,6 @@ class PostTrainingDataModule(L.LightningDataModule):
             train, val = held_out(train, self.val_size, self.seed)
         self.train_examples, self.val_examples = train, val
         self.log_counts()
-
-    def check_streaming(self) -> None:
-        """Refuses what a streamed set cannot do (see plpost.data.streaming)."""
-        if self.val_source is not None and streamed(self.val_source) is not None:
-            raise ValueError("a validation set is read whole at every validation: give `val` with `streaming: false`")
-        if self.streamed_train is None:
-            return
-        refused = {"val_size": "a random sample of the whole set", "group_by_length": "the lengths of the whole set",
-                   "num_workers": "loader processes, and a stream is tokenized in the training process"}
-        for option, needs in refused.items():
-            if getattr(self, option):
-                raise ValueError(f"{option}={getattr(self, option)!r} needs {needs}; a streamed training set gives "
-                                 f"neither: leave {option} out, or set `streaming: false`")
 
     def examples_from(self, split: str) -> ExampleTable:
         examples = self.example_table_type(self.entry(split))
@@ -347,14 +334,6 @@ class PostTrainingDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.train_position = DataPosition(**state_dict.get("train_position", {}))
-
-
-def streamed(source: SourceLike | None) -> DataSource | None:
-    """`source` as a DataSource if it is streamed."""
-    if source is None or isinstance(source, list):
-        return None
-    source = as_data_source(source)
-    return source if source.streaming else None
 
 
 def held_out(examples: ExampleTable, size: int, seed: int) -> tuple[ExampleTable, ExampleTable]:

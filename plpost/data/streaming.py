@@ -36,13 +36,42 @@ from torch.utils.data import IterableDataset
 from plpost.data.formats import DataValidationError
 from plpost.data.prepared import SkipRecord
 from plpost.data.source_tables import RowKind, table_rows
-from plpost.data.sources import DataSource, binary_lines, checked_format, json_line_texts, local_path
+from plpost.data.sources import (
+    DataSource, SourceLike, as_data_source, binary_lines, checked_format, json_line_texts, local_path,
+)
 
 if TYPE_CHECKING:
     from plpost.data.base import PostTrainingDataModule
 
 RECORD = "_record"
 SHUFFLE_BUFFER = 10_000  # rows; a shuffle drawn from a window this wide of the stream
+
+
+def streamed(source: SourceLike | None) -> DataSource | None:
+    """`source` as a DataSource if it is streamed."""
+    if source is None or isinstance(source, list):
+        return None
+    source = as_data_source(source)
+    return source if source.streaming else None
+
+
+def check_streamable(module: PostTrainingDataModule) -> None:
+    """Refuses what a streamed set cannot give: a streamed validation set, or, for a streamed training
+    set, options that need the whole set."""
+    if module.val_source is not None and streamed(module.val_source) is not None:
+        raise ValueError("a validation set is read whole at every validation: give `val` with `streaming: false`")
+    if module.streamed_train is None:
+        return
+    refused = {
+        "val_size": "holds out a random sample of the whole set",
+        "group_by_length": "sorts by the lengths of the whole set",
+        "num_workers": "starts loader processes, and each would read the whole stream (a stream is tokenized "
+                       "in the training process)",
+    }
+    for option, reason in refused.items():
+        if getattr(module, option):
+            raise ValueError(f"{option}={getattr(module, option)!r} {reason}, which a streamed training set cannot "
+                             f"do: leave {option} out, or set `streaming: false`")
 
 
 def stream_source(source: DataSource) -> tuple[datasets.IterableDataset, RowKind]:

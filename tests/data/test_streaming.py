@@ -7,6 +7,8 @@ import itertools
 import json
 
 import lightning as L
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -51,6 +53,15 @@ def test_a_streamed_set_is_read_in_seeded_passes_without_end_and_never_cached(tm
     assert sorted(first) == sorted(second) == list(range(RECORDS)) and first != second
     assert flat == [r for batch in records(streamed(chats_file(tmp_path)).train_dataloader(), 15) for r in batch]
     assert not (tmp_path / "unused").exists() and not list(tmp_path.glob("*.arrow"))
+
+
+def test_a_parquet_file_streams_as_its_json_lines_twin_does(tmp_path):
+    """The same chats as Parquet (typed by its schema) and as JSON Lines: the same batches."""
+    path = chats_file(tmp_path)
+    rows = [json.loads(line) for line in open(path)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "chats.parquet")
+    from_parquet = records(streamed(str(tmp_path / "chats.parquet")).train_dataloader(), 8)
+    assert from_parquet == records(streamed(path).train_dataloader(), 8)
 
 
 def test_each_rank_reads_its_own_part(tmp_path):
@@ -126,9 +137,9 @@ def test_a_bad_streamed_record_stops_training_when_it_is_reached_naming_it(tmp_p
 
 
 @pytest.mark.parametrize(("options", "refused"), [
-    ({"val_size": 3}, "val_size=3 needs a random sample of the whole set"),
-    ({"group_by_length": 8}, "group_by_length=8 needs the lengths of the whole set"),
-    ({"num_workers": 2}, "num_workers=2 needs loader processes"),
+    ({"val_size": 3}, "val_size=3 holds out a random sample of the whole set"),
+    ({"group_by_length": 8}, "group_by_length=8 sorts by the lengths of the whole set"),
+    ({"num_workers": 2}, "num_workers=2 starts loader processes, and each would read the whole stream"),
 ])
 def test_what_needs_the_whole_set_is_refused_for_a_streamed_one(tmp_path, options, refused):
     with pytest.raises(ValueError, match=refused):
