@@ -143,12 +143,13 @@ def run_job(job: str, kind: str, file: Path, cache: Path, num_proc: int | None) 
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def measure(kind: str, count: int, workdir: Path, num_proc: int | None) -> dict:
+def measure(kind: str, count: int, workdir: Path, num_proc: int | None, with_trl: bool) -> dict:
     file = workdir / f"{kind}-{count}.jsonl"
     if not file.exists():
         write_rows(file, kind, count)
     results = {"kind": kind, "records": count, "file_mib": file.stat().st_size / 2**20}
-    for framework, first, warm in (("plpost", "plpost-first", "plpost-warm"), ("trl", "trl", "trl")):
+    frameworks = [("plpost", "plpost-first", "plpost-warm"), ("trl", "trl", "trl")][: 2 if with_trl else 1]
+    for framework, first, warm in frameworks:
         cache = workdir / f"cache-{framework}-{kind}-{count}"
         subprocess.run(["rm", "-rf", str(cache)], check=True)
         results[f"{framework}_first"] = run_job(first, kind, file, cache, num_proc)
@@ -159,6 +160,8 @@ def measure(kind: str, count: int, workdir: Path, num_proc: int | None) -> dict:
 
 def table(runs: list[dict], num_proc: int | None) -> str:
     def cell(result: dict, key: str, unit: str) -> str:
+        if result is None:
+            return "not run"
         return "failed" if "error" in result else f"{result[key]:.0f} {unit}" if unit == "MiB" else f"{result[key]:.1f} {unit}"
 
     lines = [
@@ -167,11 +170,13 @@ def table(runs: list[dict], num_proc: int | None) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for run in runs:
-        p1, pw, t1, tw = run["plpost_first"], run["plpost_warm"], run["trl_first"], run["trl_warm"]
+        p1, pw, t1, tw = run["plpost_first"], run["plpost_warm"], run.get("trl_first"), run.get("trl_warm")
         name = f"{run['records']:,} {run['kind']} ({run['file_mib']:.0f} MiB)"
-        trl_warm = "failed" if "error" in tw else f"{tw['seconds']:.1f} s / {tw['seconds_from_start']:.1f} s"
+        trl_warm = ("not run" if tw is None else "failed" if "error" in tw
+                    else f"{tw['seconds']:.1f} s / {tw['seconds_from_start']:.1f} s")
         preparing = "failed" if "error" in p1 else f"{p1['peak_rss_mib']:.0f} MiB ({p1['workers_peak_rss_mib']:.0f} MiB)"
-        trl_memory = "failed" if "error" in t1 else f"{t1['peak_rss_mib']:.0f} MiB ({t1['workers_peak_rss_mib']:.0f} MiB)"
+        trl_memory = ("not run" if t1 is None else "failed" if "error" in t1
+                      else f"{t1['peak_rss_mib']:.0f} MiB ({t1['workers_peak_rss_mib']:.0f} MiB)")
         lines.append(f"| {name} | {cell(p1, 'seconds', 's')} | {cell(t1, 'seconds', 's')} | "
                      f"{cell(pw, 'seconds_to_first_batch', 's')} | {trl_warm} | {preparing} | "
                      f"{cell(pw, 'peak_rss_mib', 'MiB')} | {trl_memory} |")
@@ -183,6 +188,7 @@ def main() -> None:
     parser.add_argument("--chats", type=int, nargs="*", default=[10_000, 100_000])
     parser.add_argument("--pairs", type=int, nargs="*", default=[100_000])
     parser.add_argument("--num-proc", type=int, default=None, help="both frameworks (default: each one's own)")
+    parser.add_argument("--trl-up-to", type=int, default=None, help="measure TRL only on files of at most this many records")
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "plpost-data-scale"))
     parser.add_argument("--append", action="store_true", help="append the results to benchmarks/RESULTS.md")
     parser.add_argument("--job")
@@ -203,8 +209,9 @@ def main() -> None:
 
     header = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
               "versions": versions(REPO)}
-    runs = [measure("chats", count, workdir, args.num_proc) for count in args.chats]
-    runs += [measure("pairs", count, workdir, args.num_proc) for count in args.pairs]
+    with_trl = lambda count: args.trl_up_to is None or count <= args.trl_up_to  # noqa: E731
+    runs = [measure("chats", count, workdir, args.num_proc, with_trl(count)) for count in args.chats]
+    runs += [measure("pairs", count, workdir, args.num_proc, with_trl(count)) for count in args.pairs]
     header["load_avg_end"] = list(os.getloadavg())
     (workdir / "results.json").write_text(json.dumps({**header, "runs": runs}, indent=1))
     text = (f"\n\n## Data preparation at scale, {header['date']}\n\n- machine: {header['machine']['cpu']}, "

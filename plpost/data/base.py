@@ -41,7 +41,8 @@ from plpost.data.sampler import (
     check_group_by_length,
 )
 from plpost.data.source_tables import encoded
-from plpost.data.sources import SourceLike, source_fingerprint
+from plpost.data.sources import DataSource, SourceLike, source_fingerprint
+from plpost.data.streaming import StreamedExamples, check_streamable, streamed
 from plpost.data.table import ExampleTable
 from plpost.hf import load_tokenizer
 
@@ -179,7 +180,26 @@ class PostTrainingDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         """Tokenizes the sources into the cache, unless already there (Lightning: once per machine)."""
         for split in self.sources():
-            self.entry(split)
+            if streamed(self.sources()[split]) is None:
+                self.entry(split)
+
+    @property
+    def train_examples(self) -> ExampleTable | None:
+        if self.streamed_train is not None:
+            raise ValueError(
+                f"the training set {self.streamed_train.path} is streamed, so it is never held whole: what needs every "
+                "example before training (precomputed reference log-probs, val_size) needs `streaming: false`"
+            )
+        return self._train_examples
+
+    @train_examples.setter
+    def train_examples(self, examples: ExampleTable | None) -> None:
+        self._train_examples = examples
+
+    @property
+    def streamed_train(self) -> DataSource | None:
+        """The training source, if it is streamed (see plpost.data.streaming)."""
+        return streamed(self.train_source)
 
     @cached_property
     def tokenizer_identity(self) -> dict[str, Any]:
@@ -208,9 +228,10 @@ class PostTrainingDataModule(L.LightningDataModule):
             # Every fit starts at the beginning; resuming from a checkpoint restores the position
             # afterwards (Lightning calls `load_state_dict` after `setup`).
             self.train_position = DataPosition()
-        if self.train_examples is not None or self.val_examples is not None:
+        if self._train_examples is not None or self.val_examples is not None:
             return
-        examples = {split: self.examples_from(split) for split in self.sources()}
+        check_streamable(self)
+        examples = {split: self.examples_from(split) for split, source in self.sources().items() if streamed(source) is None}
         train, val = examples.get("train"), examples.get("val")
         if self.val_size and train is not None:
             if val is not None:
@@ -242,6 +263,8 @@ class PostTrainingDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Starts where `train_position` says training got to (the start, unless resumed)."""
+        if self.streamed_train is not None:
+            return self.streamed_train_dataloader()
         if self.train_examples is None:
             raise RuntimeError("no training data: give `train` and call setup('fit')")
         trainer = self.trainer
@@ -267,6 +290,18 @@ class PostTrainingDataModule(L.LightningDataModule):
             generator=self.loader_generator(),
         )
 
+    def streamed_train_dataloader(self) -> DataLoader:
+        """This rank's part of the streamed training set, after the batches already trained on."""
+        trainer = self.trainer
+        if trainer is not None and trainer.max_steps in (None, -1):
+            raise ValueError("a streamed training set has no length, so its epochs cannot end training: set max_steps")
+        examples = StreamedExamples(
+            self, self.streamed_train, rank=trainer.global_rank if trainer is not None else 0,
+            world_size=trainer.world_size if trainer is not None else 1, shuffle=self.shuffle, seed=self.seed,
+            skip=self.train_position.batches * self.batch_size,
+        )
+        return DataLoader(examples, batch_size=self.batch_size, collate_fn=self.collate_fn())
+
     def val_dataloader(self) -> DataLoader:
         if not self.val_examples:
             return []
@@ -287,8 +322,11 @@ class PostTrainingDataModule(L.LightningDataModule):
     # -- resuming -------------------------------------------------------------------------
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         # Called once per batch that a training step is about to use (not for prefetched ones).
-        if self.trainer is not None and self.trainer.training and self._train_sampler is not None:
-            self.train_position.advance(self._train_sampler.epoch)
+        if self.trainer is not None and self.trainer.training:
+            if self._train_sampler is not None:
+                self.train_position.advance(self._train_sampler.epoch)
+            elif self.streamed_train is not None:
+                self.train_position.advance(0)  # a stream's passes are one epoch without end
         return batch
 
     def state_dict(self) -> dict[str, Any]:

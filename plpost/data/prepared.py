@@ -55,14 +55,22 @@ def default_num_proc(records: int) -> int:
 
 def preprocess_rows(
     batch: dict[str, list], indices: list[int], *, module: PostTrainingDataModule, name: str, kind: RowKind,
-    fields: list[str],
+    fields: list[str], failures: Path,
 ) -> dict[str, list]:
     """The table rows of a batch of records: each kept record's examples (the first carries the record's
-    outcome, "kept"), or one placeholder row naming why the record was skipped."""
+    outcome, "kept"), or one placeholder row naming why the record was skipped.
+
+    A bad record is written to `failures` (see `record_failure`), and the batch ends there."""
     out: dict[str, list] = {field: [] for field in [*fields, "_outcome", "_truncated", "_weight", "_length"]}
-    for index, row in zip(indices, table_rows(name, batch, indices, kind)):
+    if first_failure(failures, before=indices[0]) is not None:
+        return out  # a record before this batch is bad: nothing in it can be the first bad one
+    rows = table_rows(name, batch, indices, kind)
+    for index in indices:
         try:
-            produced = module.preprocess(name, index, row)
+            produced = module.preprocess(name, index, next(rows))
+        except DataValidationError as error:
+            record_failure(failures, index, error)
+            return out
         except SkipRecord as skip:
             for field in fields:
                 out[field].append(None)
@@ -82,6 +90,31 @@ def preprocess_rows(
             out["_weight"].append(module.example_weight(example))
             out["_length"].append(module.example_length(example))
     return out
+
+
+def record_failure(failures: Path, index: int, error: DataValidationError) -> None:
+    """Keeps a bad record's error where every process that preprocesses sees it. Processes read their
+    shards in parallel and the first to fail is not the one with the first bad record, so none raises:
+    each stops at its first bad record, or at a batch after a bad record that another found, and the
+    lowest is raised once all are done (`raise_first_failure`)."""
+    failures.mkdir(parents=True, exist_ok=True)
+    staged = failures / f".{index}.{os.getpid()}"
+    staged.write_text(json.dumps([error.source, error.record, error.field, error.problem]))
+    staged.rename(failures / f"{index:015d}.json")  # whole, or not there
+
+
+def first_failure(failures: Path, before: int | None = None) -> Path | None:
+    """The error file of the lowest bad record found so far (below `before` if given), if any."""
+    if not failures.is_dir():
+        return None
+    found = min((path for path in failures.glob("*.json")), default=None)
+    return found if found is not None and (before is None or int(found.stem) < before) else None
+
+
+def raise_first_failure(failures: Path) -> None:
+    found = first_failure(failures)
+    if found is not None:
+        raise DataValidationError(*json.loads(found.read_text()))
 
 
 def prepared_entry(
@@ -115,9 +148,10 @@ def build_entry(module: PostTrainingDataModule, source: SourceLike, staging: Pat
     quiet = len(rows) < PROGRESS_FROM and not datasets.utils.are_progress_bars_disabled()
     if quiet:
         datasets.utils.disable_progress_bars()
+    failures = staging / "failures"
     try:
         table = rows.map(
-            partial(preprocess_rows, module=module, name=name, kind=kind, fields=fields),
+            partial(preprocess_rows, module=module, name=name, kind=kind, fields=fields, failures=failures),
             batched=True, with_indices=True, num_proc=processes if processes > 1 else None,
             remove_columns=rows.column_names, features=features, load_from_cache_file=False,
             cache_file_name=str(staging / "examples.arrow"), new_fingerprint=digest(staging.name), desc=f"Tokenizing {name}",
@@ -125,6 +159,7 @@ def build_entry(module: PostTrainingDataModule, source: SourceLike, staging: Pat
     finally:
         if quiet:
             datasets.utils.enable_progress_bars()
+    raise_first_failure(failures)
     written = table.data.table
     outcomes = Counter({entry["values"]: entry["counts"] for entry in pc.value_counts(written["_outcome"]).to_pylist()})
     outcomes.pop("", None)  # the second and later examples of a record

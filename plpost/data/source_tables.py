@@ -4,7 +4,7 @@ and the JSON text that plpost's tables hold where a value is kept as written."""
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,15 +47,16 @@ def source_table(source: SourceLike, staging: Path) -> tuple[datasets.Dataset, R
     return encoded_rows(rows, str(local)), "csv" if rows and isinstance(rows[0], CsvRow) else "encoded"
 
 
-def table_rows(name: str, batch: Mapping[str, list], indices: Sequence[int], kind: RowKind) -> list[Any]:
-    """The rows a batch of a `source_table` holds, as `load_source` reads them (record = index)."""
+def table_rows(name: str, batch: Mapping[str, list], indices: Sequence[int], kind: RowKind) -> Iterator[Any]:
+    """The rows a batch of a `source_table` holds, as `load_source` reads them (record = index), one at a
+    time: a record that cannot be read raises when its turn comes, after the records before it."""
     if kind == "json-line":
-        return [json_line_row(name, text, record, line) for text, line, record in zip(batch["_text"], batch["_line"], indices)]
+        return (json_line_row(name, text, record, line) for text, line, record in zip(batch["_text"], batch["_line"], indices))
     if kind == "encoded":
-        return [decoded(row) for row in batch["_row"]]
+        return (decoded(row) for row in batch["_row"])
     if kind == "csv":
-        return [CsvRow(decoded(row)) for row in batch["_row"]]
-    return [dict(zip(batch, values)) for values in zip(*batch.values())]
+        return (CsvRow(decoded(row)) for row in batch["_row"])
+    return (dict(zip(batch, values)) for values in zip(*batch.values()))
 
 
 def encoded(value: Any) -> bytes:

@@ -49,12 +49,16 @@ class DataSource:
             ``train[100:200]``). A local file is one split, ``train``, and takes slices too.
         name: the configuration name of a Hub dataset, if it has several.
         limit: read only the first `limit` rows of the split (for quick runs); None reads everything.
+        streaming: read the rows as training consumes them, tokenized on the fly, never cached (for sets
+            larger than the disk budget; a Hub dataset, or a local JSON Lines or Parquet file). What a
+            streamed set cannot promise is in docs/data-at-scale.md.
     """
 
     path: str
     split: str = "train"
     name: str | None = None
     limit: int | None = None
+    streaming: bool = False
 
     def __post_init__(self) -> None:
         if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1):
@@ -73,7 +77,7 @@ def as_data_source(source: str | DataSource | Mapping[str, Any]) -> DataSource:
         return DataSource(path=source)
     unknown = sorted(set(source) - set(DataSource.__dataclass_fields__))
     if unknown or "path" not in source:
-        raise ValueError(f"a data source takes path, split, name and limit; got {sorted(source)}")
+        raise ValueError(f"a data source takes path, split, name, limit and streaming; got {sorted(source)}")
     return DataSource(**source)
 
 

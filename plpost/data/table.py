@@ -25,7 +25,9 @@ READ_CHUNK = 1024
 # Every page a read faults in (and the kernel's read-around of it) stays in the process's resident set
 # until it is released: released after this many examples, a reading process's memory stays flat however
 # much of the table an epoch reads. The pages stay in the page cache, so reading them again costs no I/O.
-RELEASE_EVERY = 256
+# A read in shuffled order maps about 1 MB per example here (the page cache's large folios are mapped
+# whole, whatever the access advice), so the resident set between releases grows by up to that much each.
+RELEASE_EVERY = 32
 
 
 def memory_mapped(path: Path) -> tuple[pa.Table, mmap.mmap]:

@@ -14,7 +14,7 @@ from typing import Literal, NamedTuple
 from jinja2.exceptions import TemplateError
 from transformers import PreTrainedTokenizerBase
 
-from plpost.data.chat_template import ChatTemplate, TemplateMismatch
+from plpost.data.chat_template import ChatTemplate, Span, TemplateMismatch
 from plpost.data.formats import DataValidationError, Message
 
 IGNORE_INDEX = -100
@@ -147,16 +147,21 @@ def tokenize_supervised(
     """
     if context is None:
         ids, mask = language_model_mask(template.tokenizer, supervised)
+        spans = [Span(0, len(ids))]
     elif isinstance(supervised, str):
         ids, mask = text_mask(template.tokenizer, context, supervised)
+        spans = [Span(mask.index(True), len(ids))]
     else:
-        ids, mask = conversation_mask(template, context, supervised, tools)
+        rendered = template.locate(context + supervised, first=len(context), tools=tools)
+        ids, spans = rendered.input_ids, rendered.turn_spans
     truncated = len(ids) > max_length
     if truncated:
         if overflow == "error":
             raise DataValidationError(source, index, None, f"{len(ids)} tokens exceed max_length={max_length}")
         if overflow == "drop":
             raise Overflowed
-        ids, mask = ids[:max_length], mask[:max_length]
-    labels = [token if supervised_token else IGNORE_INDEX for token, supervised_token in zip(ids, mask)]
+        ids = ids[:max_length]
+    labels = [IGNORE_INDEX] * len(ids)
+    for start, end in spans:  # a span past a truncation keeps what is left of it
+        labels[start:end] = ids[start:end]
     return TokenizedExample(ids, labels, truncated)

@@ -119,6 +119,21 @@ def test_an_error_raised_in_a_worker_process_names_file_record_line_and_field(tm
     assert not any((tmp_path / "cache").glob("ChatDataModule-*"))  # nothing half-built was kept
 
 
+def test_of_bad_records_in_two_processes_the_error_names_the_first_of_the_file(tmp_path):
+    """Two processes read a half of 200 records each. The first half's bad record (98) comes after 98
+    good ones, the second half's (100, not JSON) is its first, so the second process fails first; the
+    error names record 98 all the same, as one process reading the file in order would."""
+    lines = [json.dumps(row) for row in chats(200)]
+    lines[98] = lines[98].replace("assistant", "asistant")
+    lines[100] = '{"messages": [}'
+    path = tmp_path / "chats.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    for num_proc in (2, 1):
+        with pytest.raises(DataValidationError, match=r'record 98, field "messages\[1\].role"'):
+            ChatDataModule(TINY, train=str(path), cache_dir=str(tmp_path / "cache"), num_proc=num_proc).setup("fit")
+    assert not any((tmp_path / "cache").glob("ChatDataModule-*"))
+
+
 def test_the_cache_location_is_the_argument_else_the_environment_and_is_printed_once(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("PLPOST_DATA_CACHE", str(tmp_path / "from-env"))
     with caplog.at_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero"):

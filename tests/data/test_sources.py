@@ -165,5 +165,5 @@ def test_a_source_given_as_a_mapping_is_read_as_yaml_writes_it(tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_bytes(jsonl([{"i": i} for i in range(4)]))
     assert [row["i"] for row in load_source({"path": str(path), "split": "train[1:]", "limit": 2})] == [1, 2]
-    with pytest.raises(ValueError, match="path, split, name and limit"):
+    with pytest.raises(ValueError, match="path, split, name, limit and streaming"):
         load_source({"path": str(path), "splits": "train"})
