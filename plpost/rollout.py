@@ -62,6 +62,7 @@ def sample_responses(
     config: GenerationConfig,
     *,
     pad_token_id: int,
+    logits_processor: list | None = None,
 ) -> Samples:
     """Samples one response per left-padded prompt with `model.generate` (KV cache on).
 
@@ -70,12 +71,13 @@ def sample_responses(
     Everything after a response's first stop token is replaced by `pad_token_id` and masked out.
     The model is put in eval mode while it generates (with gradient checkpointing on, a model
     in train mode would refuse the KV cache) and given back in the mode it came in.
+    logits_processor: extra processors `generate` runs after its own (e.g. `SampledTokenLogprobs`).
     """
     was_training = model.training
     model.eval()
     try:
         output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                                synced_gpus=UNSYNCED)
+                                synced_gpus=UNSYNCED, logits_processor=logits_processor)
     finally:
         model.train(was_training)
     response = output[:, input_ids.shape[1] :]

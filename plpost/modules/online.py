@@ -42,9 +42,11 @@ class OnlineModule(PostTrainingModule):
 
     # -- sampling -------------------------------------------------------------------------
     @torch.no_grad()
-    def sample(self, input_ids: Tensor, attention_mask: Tensor, num_samples: int = 1) -> Samples:
+    def sample(self, input_ids: Tensor, attention_mask: Tensor, num_samples: int = 1,
+               logits_processor: list | None = None) -> Samples:
         """`num_samples` responses per left-padded prompt (B, P), those of a prompt consecutive:
-        (B * num_samples) rows, sampled eagerly (see `plpost.generation.eager_sampling`)."""
+        (B * num_samples) rows, sampled eagerly (see `plpost.generation.eager_sampling`).
+        logits_processor: passed to `generate` (see `plpost.rollout.sample_responses`)."""
         hp = self.hparams
         config = generation_config(
             self.tokenizer, do_sample=True, temperature=hp.temperature, top_p=hp.top_p, top_k=hp.top_k,
@@ -55,7 +57,8 @@ class OnlineModule(PostTrainingModule):
             attention_mask = attention_mask.repeat_interleave(num_samples, dim=0)
         # Sharded (FSDP2), every rank gathers the full weights once for the whole generate.
         with eager_sampling(), full_parameters(self.generation_model()) as model:
-            return sample_responses(model, input_ids, attention_mask, config, pad_token_id=self.tokenizer.pad_token_id)
+            return sample_responses(model, input_ids, attention_mask, config, pad_token_id=self.tokenizer.pad_token_id,
+                                    logits_processor=logits_processor)
 
     def join_sampling(self) -> None:
         """Takes part in a round of sampling that other devices generate in, generating nothing
