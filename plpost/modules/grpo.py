@@ -15,12 +15,11 @@ from transformers import LogitsProcessorList
 from plpost.data.prompts import PromptBatch
 from plpost.losses import group_advantages, group_statistics, grpo_loss_denominator, grpo_loss_terms
 from plpost.losses import grpo_token_losses, kl_penalty, leave_one_out_advantages, loss_scope, masked_sum
-from plpost.losses import IMPORTANCE_SAMPLING_LEVELS, OFF_POLICY_MODES, MomentSums, entropy_bonus_terms, moment_sums
-from plpost.losses import entropy_threshold, off_policy_weights, reinforce_plus_plus_advantages, sampler_mismatch
-from plpost.losses import reinforce_plus_plus_returns, top_entropy_mask
+from plpost.losses import entropy_bonus_terms
 from plpost.losses.grpo import GRPOLossType
 from plpost.losses.importance import ImportanceSamplingLevel, OffPolicyMode
 from plpost.modules.base import LoraSettings, default_optimizer, disable_dropout
+from plpost.modules.grpo_recipes import check_recipe, token_advantages, token_weights
 from plpost.modules.online import OnlineRLModule
 from plpost.rewards import RewardScorer, RewardSource, responses_of
 from plpost.rollout import ResponseForward, Samples, replace_rows, response_forward
@@ -42,33 +41,6 @@ class Groups(NamedTuple):
     """Groups sampled again by dynamic sampling."""
     sampler_logprobs: Tensor | None
     """(B * G, R) the sampler's log-probs of the sampled tokens, with off_policy_correction."""
-
-
-def check_recipe(hp) -> None:
-    """Refuses, at construction, the recipe settings that cannot work together."""
-    reinforce = hp.advantage_estimator.startswith("reinforce_plus_plus")
-    if hp.advantage_estimator not in ("grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline"):
-        raise ValueError(f"unknown advantage_estimator {hp.advantage_estimator!r}; expected grpo, rloo, "
-                         f"reinforce_plus_plus or reinforce_plus_plus_baseline")
-    if (hp.advantage_estimator == "rloo" or reinforce) and hp.scale_rewards != "none":
-        raise ValueError(f"{hp.advantage_estimator}'s advantages are not scaled by scale_rewards: set scale_rewards: "
-                         f"none with advantage_estimator: {hp.advantage_estimator}")
-    if hp.importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
-        raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got {hp.importance_sampling_level!r}")
-    if hp.loss_type == "cispo" and not hp.epsilon_high > 1:
-        raise ValueError(f"loss_type 'cispo' caps the importance weight itself at epsilon_high, which must be > 1 "
-                         f"(ScaleRL: 5.0), got {hp.epsilon_high}")
-    if not 0.0 <= hp.top_entropy_quantile <= 1.0 or hp.entropy_coef < 0:
-        raise ValueError("top_entropy_quantile must be in [0, 1] and entropy_coef >= 0")
-    if not (hp.sapo_temperature_pos > 0 and hp.sapo_temperature_neg > 0):
-        raise ValueError("sapo_temperature_pos and sapo_temperature_neg must be > 0")
-    if hp.off_policy_correction is not None:
-        if hp.off_policy_correction not in OFF_POLICY_MODES:
-            raise ValueError(f"unknown off_policy_correction {hp.off_policy_correction!r}; expected one of "
-                             f"{', '.join(OFF_POLICY_MODES)}")
-        low, high = hp.off_policy_clip_min, hp.off_policy_clip_max
-        if low is not None and high is not None and not low < high:
-            raise ValueError(f"off_policy_clip_min ({low}) must be below off_policy_clip_max ({high})")
 
 
 class GRPOModule(OnlineRLModule):
@@ -322,10 +294,7 @@ class GRPOModule(OnlineRLModule):
         if not hp.advantage_estimator.startswith("reinforce_plus_plus"):
             return advantages
         scores = torch.where(torch.isnan(rewards), rewards, advantages)  # no reward: out of the statistics
-        valid = mask & ~torch.isnan(scores)[:, None]
-        returns = reinforce_plus_plus_returns(scores, valid, token_kl=token_kl, beta=hp.beta)
-        sums = MomentSums(*self.global_sum(torch.stack(moment_sums(returns, valid))).double())
-        return reinforce_plus_plus_advantages(returns, valid, sums=sums)
+        return token_advantages(scores, mask, token_kl, beta=hp.beta, global_sum=self.global_sum)
 
     # -- training -------------------------------------------------------------------------
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
@@ -342,7 +311,8 @@ class GRPOModule(OnlineRLModule):
             if not reinforce:  # REINFORCE++ puts it in each token's return instead
                 rewards = rewards - hp.beta * kl_reward
         advantages = self.advantages(rewards, groups.loss_mask, token_kl)
-        token_weights, recipe_stats = self.token_weights(groups, old_logprobs, entropies)
+        token_weights, recipe_stats = self.token_weights(groups.loss_mask, old_logprobs, groups.sampler_logprobs,
+                                                         entropies)
         generated = time.perf_counter()
         update = self.grpo_update(groups, advantages, old_logprobs, ref_logprobs, layout, token_weights)
         update.update(recipe_stats)
@@ -392,35 +362,9 @@ class GRPOModule(OnlineRLModule):
     def policy_forward(self, *tensors: Tensor, with_entropy: bool = False) -> ResponseForward:
         return response_forward(self.policy, *tensors, temperature=self.hparams.temperature, with_entropy=with_entropy)
 
-    def token_weights(self, groups: Groups, old: Tensor | None, entropies: Tensor | None):
-        """(B * G, R) or (B * G, 1) constants the policy loss of each token is multiplied by (the
-        off-policy correction, the top-entropy mask; None when neither is on), and their statistics."""
-        hp = self.hparams
-        mask, weights, stats = groups.loss_mask, None, {}
-        if hp.off_policy_correction is not None:
-            weights = off_policy_weights(old, groups.sampler_logprobs, mask, mode=hp.off_policy_correction,
-                                         clip_min=hp.off_policy_clip_min, clip_max=hp.off_policy_clip_max)
-            mismatch = sampler_mismatch(old, groups.sampler_logprobs, mask, weights)
-            stats.update({"sampling/sampling_logp_difference/mean": mismatch.logp_difference_mean,
-                          "sampling/sampling_logp_difference/max": mismatch.logp_difference_max,
-                          "sampling/importance_sampling_ratio/min": mismatch.ratio_min,
-                          "sampling/importance_sampling_ratio/mean": mismatch.ratio_mean,
-                          "sampling/importance_sampling_ratio/max": mismatch.ratio_max})
-        if entropies is not None:
-            threshold = self.batch_entropy_threshold(entropies, mask)
-            keep = top_entropy_mask(entropies, mask, quantile=hp.top_entropy_quantile, threshold=threshold)
-            weights = keep.to(entropies.dtype) if weights is None else weights * keep
-            stats["entropy_mask/kept"] = keep.sum().float() / mask.sum().clamp(min=1).float()
-        return weights, stats
-
-    def batch_entropy_threshold(self, entropies: Tensor, mask: Tensor) -> Tensor:
-        """tau_rho over the unmasked entropies of every device (padded with -1, never an entropy)."""
-        local = entropies[mask]
-        size = self.all_gather(torch.tensor(local.numel(), device=local.device)).reshape(-1)
-        padded = torch.cat([local, local.new_full((int(size.max()) - local.numel(),), -1.0)])
-        everything = self.all_gather(padded).reshape(-1)
-        kept = everything[everything >= 0]
-        return entropy_threshold(kept, torch.ones_like(kept, dtype=torch.bool), quantile=self.hparams.top_entropy_quantile)
+    def token_weights(self, mask: Tensor, old: Tensor | None, sampler: Tensor | None, entropies: Tensor | None):
+        """See `plpost.modules.grpo_recipes.token_weights`; the entropy threshold over every device."""
+        return token_weights(self.hparams, mask, old, sampler, entropies, gather=self.all_gather)
 
     def grpo_update(self, groups: Groups, advantages: Tensor, old: Tensor | None, ref: Tensor | None, layout,
                     token_weights: Tensor | None = None):

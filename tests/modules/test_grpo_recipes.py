@@ -67,9 +67,9 @@ def test_first_step_gradients_do_not_depend_on_the_micro_batches(recipe):
 def capture_token_weights(module) -> list:
     seen, original = [], module.token_weights
 
-    def recording(groups, old, entropies):
-        weights, stats = original(groups, old, entropies)
-        seen.append((groups, old, weights, stats))
+    def recording(mask, old, sampler, entropies):
+        weights, stats = original(mask, old, sampler, entropies)
+        seen.append((mask, old, sampler, weights, stats))
         return weights, stats
 
     module.token_weights = recording
@@ -83,9 +83,8 @@ def test_sampler_logprobs_are_those_of_the_distribution_sampled_from():
     module = grpo(off_policy_correction="token_truncate", top_k=1)
     seen = capture_token_weights(module)
     trainer = fit(module)
-    groups, old, weights, stats = seen[0]
-    mask = groups.loss_mask
-    assert torch.equal(groups.sampler_logprobs[mask], torch.zeros_like(old[mask]))
+    mask, old, sampler, weights, stats = seen[0]
+    assert torch.equal(sampler[mask], torch.zeros_like(old[mask]))
     torch.testing.assert_close(weights[mask], old[mask].exp())
     assert float(trainer.callback_metrics["sampling/importance_sampling_ratio/max"]) <= 1.0
     torch.testing.assert_close(stats["sampling/sampling_logp_difference/mean"], (-old[mask]).mean())
@@ -98,7 +97,7 @@ def test_without_truncation_the_sampler_and_trainer_agree_to_rounding():
     module = grpo(off_policy_correction="sequence_truncate", off_policy_clip_min=0.5, off_policy_clip_max=2.0)
     seen = capture_token_weights(module)
     fit(module)
-    groups, old, weights, stats = seen[0]
+    mask, old, sampler, weights, stats = seen[0]
     assert weights.shape == (len(old), 1)
     torch.testing.assert_close(weights, torch.ones_like(weights), rtol=0, atol=1e-4)
     assert float(stats["sampling/sampling_logp_difference/max"]) < 1e-4
