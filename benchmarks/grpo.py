@@ -33,6 +33,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.presets import Preset, get_preset  # noqa: E402
+from plpost.modules import ModelSettings
 
 SETTINGS = {  # per preset: prompts per step, G, new tokens, timed steps
     "cpu-tiny": dict(prompts=8, generations=8, max_new_tokens=32, steps=4),
@@ -68,8 +69,7 @@ def run_plpost(preset: Preset, settings: dict, model_dir: str, prompts: list[dic
 
     module = GRPOModule(
         model_dir, rewards=[RewardFunction(length_reward)], num_generations=settings["generations"],
-        max_new_tokens=settings["max_new_tokens"], loss_type="dapo", epsilon_low=0.2, beta=0.0, dtype="float32",
-        gradient_clip_val=1.0, optimizer=lambda params: torch.optim.AdamW(params, lr=LR, weight_decay=0.0),
+        max_new_tokens=settings["max_new_tokens"], loss_type="dapo", epsilon_low=0.2, beta=0.0, model_settings=ModelSettings(dtype="float32"), gradient_clip_val=1.0, optimizer=lambda params: torch.optim.AdamW(params, lr=LR, weight_decay=0.0),
     )
     data = PromptDataModule(model_dir, train=prompts, batch_size=settings["prompts"], max_prompt_length=preset.max_length,
                             shuffle=False)

@@ -18,6 +18,7 @@ import json
 import resource
 import sys
 from pathlib import Path
+from plpost.modules import ModelSettings
 
 QWEN2_5_0_5B = {
     "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
@@ -77,7 +78,7 @@ def main(workdir: str, processes: int, steps: int, checkpointed: bool = False) -
     strategy = (ModelParallelStrategy(data_parallel_size=processes, tensor_parallel_size=1, process_group_backend="gloo")
                 if processes > 1 else "auto")
     module = SFTModule(folder, optimizer=lambda params: torch.optim.AdamW(params, lr=1e-5),
-                       gradient_checkpointing=checkpointed)
+                       model_settings=ModelSettings(gradient_checkpointing=checkpointed))
     data = ChatDataModule(folder, train=chats(processes * steps), batch_size=1, shuffle=False,
                           max_length=SEQUENCE_LENGTH)
     trainer = L.Trainer(accelerator="cpu", devices=processes, strategy=strategy, max_steps=steps, precision="32-true",

@@ -26,6 +26,7 @@ from benchmarks.frameworks.plpost_stages import PRECISION
 from benchmarks.measure import peak_memory
 from benchmarks.presets import Preset
 from plpost.data.prompts import PromptDataModule
+from plpost.modules import ModelSettings
 from plpost.modules.ppo import PPOModule
 from plpost.rewards import RewardFunction
 
@@ -52,8 +53,7 @@ def measure(preset: Preset, model_dir: str, rows: list[dict]) -> dict:
     torch.manual_seed(preset.seed)
     module = PPOModule(
         model_dir, rewards=[RewardFunction(length_reward)], max_new_tokens=preset.ppo_max_new_tokens,
-        ppo_epochs=2, num_mini_batches=2, dtype="float32", attn_implementation=attention_implementation(),
-        optimizer=adamw(preset),
+        ppo_epochs=2, num_mini_batches=2, model_settings=ModelSettings(dtype="float32", attn_implementation=attention_implementation()), optimizer=adamw(preset),
     )
     needed = preset.ppo_prompts * (preset.ppo_rollouts + 1)
     prompts = [{"prompt": rows[i % len(rows)]["prompt"]} for i in range(needed)]

@@ -8,6 +8,10 @@ Lightning's checkpoints do not hold the random generators, so a resumed run woul
 dropout masks (and PPO other samples) than the uninterrupted run. `rng_states_of_all_ranks`
 collects every rank's generators for the checkpoint; the stage modules put them back at
 `on_train_start`, right before the first batch after the resume (see `PostTrainingModule`).
+
+A stage's checkpoint also says what it holds: the stage class (`STAGE_KEY`, so `plpost export` and
+`plpost chat` rebuild it), the keys it saved (`TRAINED_KEYS`: all but the frozen models', checked
+on load by `check_saved_keys`) and where each frozen model comes from (`FROZEN_SOURCES_KEY`).
 """
 
 from __future__ import annotations
@@ -30,6 +34,31 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 
 RNG_STATES_KEY = "plpost_rng_states"
+STAGE_KEY = "plpost_stage"
+"""Checkpoint entry naming the stage class (`module.Class`)."""
+TRAINED_KEYS = "plpost_trained_keys"
+"""Checkpoint entry listing the state-dict keys saved (all but the frozen models')."""
+FROZEN_SOURCES_KEY = "plpost_frozen_sources"
+"""Checkpoint entry recording each frozen model's source in place of its weights."""
+
+
+# -- what a checkpoint holds ------------------------------------------------------------------
+def check_keys_match(missing: list[str], unexpected: list[str]) -> None:
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def check_saved_keys(expected: set[str], saved: list[str] | None) -> None:
+    """A checkpoint that lists its keys (`TRAINED_KEYS`) holds exactly `expected`: what
+    `load_state_dict` checks where Lightning calls it, and sharded loading (which fills in
+    parameters one by one) does not."""
+    if saved is not None:
+        check_keys_match(sorted(expected - set(saved)), sorted(set(saved) - expected))
+
+
+def is_under(key: str, prefixes: tuple[str, ...]) -> bool:
+    """Whether state-dict `key` belongs to one of the submodules named by `prefixes`."""
+    return any(key.startswith(f"{prefix}.") for prefix in prefixes)
 
 
 def rng_state() -> dict[str, Any]:

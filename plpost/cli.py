@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import importlib
 import sys
+from pathlib import Path
 
 import yaml
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import Logger
+
+from plpost.modules.settings import MOVED_TO_MODEL_SETTINGS
 
 
 class LogConfigToLogger(SaveConfigCallback):
@@ -40,6 +43,27 @@ class PostTrainingCLI(LightningCLI):
         parser.link_arguments("data.init_args.tokenizer", "model.init_args.tokenizer")
 
 
+def moved_settings(argv: list[str]) -> list[str]:
+    """Where `argv` (its `--config` files and its flags) writes a model setting at the stage's top
+    level, the spelling from before `model_settings`: one line each, naming the new spelling."""
+    found = []
+    for index, arg in enumerate(argv):
+        name, _, value = arg.partition("=")
+        if name in ("--config", "-c"):
+            path = value or (argv[index + 1] if index + 1 < len(argv) else "")
+            config = yaml.safe_load(Path(path).read_text()) if Path(path).is_file() else None
+            model = config.get("model") if isinstance(config, dict) else None
+            init_args = model.get("init_args", {}) if isinstance(model, dict) else {}
+            found += [f"{path}: model.init_args.{key} is now model.init_args.model_settings.{key}"
+                      for key in init_args if key in MOVED_TO_MODEL_SETTINGS]
+        for prefix in ("--model.init_args.", "--model."):
+            key = name.removeprefix(prefix).split(".")[0] if name.startswith(prefix) else None
+            if key in MOVED_TO_MODEL_SETTINGS:
+                found.append(f"{name}: now {prefix}model_settings.{name.removeprefix(prefix)}")
+                break
+    return found
+
+
 COMMANDS = {
     "demo": ("plpost.demo", "the whole pipeline on the bundled tiny model, measured (plpost demo --help)"),
     "chat": ("plpost.chat", "talk to a model: export folder, Hub name, plpost:tiny or checkpoint (plpost chat --help)"),
@@ -57,6 +81,10 @@ def main(args: list[str] | None = None) -> None:
         for name, (_, summary) in COMMANDS.items():
             print(f"  {name:<8} {summary}")
         print()
+    moved = moved_settings(argv)
+    if moved:
+        raise SystemExit("the model settings moved into one `model_settings` block (see docs/configuration.md):\n  "
+                         + "\n  ".join(moved))
     PostTrainingCLI(args=args)
 
 

@@ -79,7 +79,8 @@ def module_of(checkpoint: dict[str, Any], path: str | Path, *, stage: str | None
     }
     # Built in the dtype it was trained in (float32 under mixed precision), so nothing is rounded
     # before the export decides the written dtype.
-    module.dtype_name = trained_dtype(weights) or module.dtype_name
+    settings = module.model_settings
+    module.model_settings = replace(settings, dtype=trained_dtype(weights) or settings.dtype)
     model = module.load_pretrained()
     is_classifier = getattr(model, SCORE_HEAD, None) is not None
     module.policy = module.prepare_trainable(model, task_type="SEQ_CLS" if is_classifier else "CAUSAL_LM")
@@ -122,8 +123,9 @@ def export_checkpoint(
         check_push_possible(push_to_hub, out)
     checkpoint = read_checkpoint(path)
     module = module_of(checkpoint, path, stage=stage)
-    if merge is not None and module.lora is not None:
-        module.lora = replace(module.lora, merge_on_export=merge)
+    lora = module.model_settings.lora
+    if merge is not None and lora is not None:
+        module.model_settings = replace(module.model_settings, lora=replace(lora, merge_on_export=merge))
     write_hf_folder(module, out, dtype=dtype)
     write_model_card(module, out, training_record(checkpoint))
     if push_to_hub is not None:

@@ -10,7 +10,7 @@ the stage optimises:
     score = (score - running mean) / running std          (if normalize)
     score = clip(score, -clip, clip)                       (if clip)
 
-`per_token_rewards` then turns a score into PPO's per-token rewards, with the KL penalty.
+`plpost.losses.per_token_rewards` then turns a score into PPO's per-token rewards, with the KL penalty.
 
 Sources are `torch.nn.Module`s so that a reward model moves to the device with the PPO module;
 their weights are frozen and never written into checkpoints (the running statistics are).
@@ -28,8 +28,10 @@ from transformers import AutoModelForSequenceClassification, PreTrainedTokenizer
 from plpost.data.collate import pad_rows
 from plpost.data.formats import Message
 from plpost.data.tokenize import chat_ids, text_mask
+from plpost.frozen import FrozenCopy
 from plpost.hf import load_causal_lm, load_tokenizer
 from plpost.reward_head import sequence_rewards
+from plpost.running_moments import RunningMoments
 from plpost.rollout import Samples, decode_completions, position_ids_from
 
 
@@ -168,7 +170,7 @@ class RewardModel(RewardSource):
         self.max_length = max_length
         self.dtype_name = dtype
         self.trust_remote_code = trust_remote_code
-        self.model: nn.Module | None = None
+        self.model: FrozenCopy | None = None
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.shares_tokens = False
 
@@ -188,11 +190,8 @@ class RewardModel(RewardSource):
                 f"reward model {self.path} has {model.config.num_labels} outputs, but a reward is one number: give a "
                 "RewardModule export (one output), or score with this classifier in a RewardFunction"
             )
-        self.model = model.requires_grad_(False).eval()
+        self.model = FrozenCopy(model, self.path)
         self.shares_tokens = self.tokenizer.get_vocab() == policy_tokenizer.get_vocab()
-
-    def train(self, mode: bool = True) -> RewardModel:
-        return super().train(False)  # frozen: eval mode whatever its owner is switched to
 
     @torch.no_grad()
     def forward(self, responses: Responses) -> Tensor:
@@ -205,7 +204,7 @@ class RewardModel(RewardSource):
         rows = tensors[0].shape[0]
         chunk = self.batch_size or rows
         scores = [
-            sequence_rewards(self.model, *(t[start : start + chunk] for t in tensors))
+            sequence_rewards(self.model.model, *(t[start : start + chunk] for t in tensors))
             for start in range(0, rows, chunk)
         ]
         return torch.cat(scores).float()
@@ -223,39 +222,6 @@ class RewardModel(RewardSource):
         input_ids = pad_rows(rows, self.tokenizer.pad_token_id).to(device)
         attention_mask = pad_rows([[1] * len(row) for row in rows], 0).to(device)
         return [input_ids, attention_mask, position_ids_from(attention_mask)]
-
-
-class RunningMoments(nn.Module):
-    """Running mean and variance of every value seen (Chan et al.'s parallel update), float64 buffers.
-
-    Written by hand: torchmetrics has running means but no running variance to normalise with.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
-        self.register_buffer("mean", torch.zeros((), dtype=torch.float64))
-        self.register_buffer("m2", torch.zeros((), dtype=torch.float64))
-
-    def update(self, values: Tensor) -> None:
-        """values: any shape; merged as a batch of its values that are not NaN."""
-        values = values.detach().to(torch.float64).flatten()
-        values = values[~torch.isnan(values)]
-        n = values.numel()
-        if n == 0:
-            return
-        batch_mean = values.mean()
-        batch_m2 = (values - batch_mean).square().sum()
-        total = self.count + n
-        delta = batch_mean - self.mean
-        self.m2 += batch_m2 + delta.square() * self.count * n / total
-        self.mean += delta * n / total
-        self.count.copy_(total)
-
-    @property
-    def std(self) -> Tensor:
-        """Population standard deviation (1/n) of everything seen."""
-        return (self.m2 / self.count.clamp(min=1)).sqrt()
 
 
 class Scores(NamedTuple):
@@ -311,16 +277,3 @@ class RewardScorer(nn.Module):
         if self.clip is not None:
             scores = scores.clamp(-self.clip, self.clip)
         return Scores(scores, per_source)
-
-
-def per_token_rewards(kl: Tensor, scores: Tensor, mask: Tensor, *, kl_coef: float) -> Tensor:
-    """r_t = -kl_coef * KL_t on every response token, plus the sequence score on the last one.
-
-    kl, mask: (B, R), mask True on a prefix of each row; scores: (B,). Returns (B, R), 0 where
-    mask is False. E.g. kl = (0.1, 0.2), score 1, kl_coef 0.5 -> r = (-0.05, -0.1 + 1) = (-0.05, 0.9).
-    """
-    rewards = torch.where(mask, -kl_coef * kl, torch.zeros((), dtype=kl.dtype, device=kl.device))
-    last = mask.long().sum(1) - 1
-    rows = torch.arange(mask.shape[0], device=mask.device)
-    rewards[rows, last] += scores.to(rewards.dtype)
-    return rewards

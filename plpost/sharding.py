@@ -9,7 +9,7 @@ memory divided like the policy's. Only rank 0 builds these models whole; every o
 them on the meta device and receives its shards from rank 0 (`shard_from_rank0`). Reward models scored from Python (`RewardScorer` sources) are
 not modules of the stage: each rank keeps its own whole copy (replicated). A `precomputed` DPO or
 KTO reference is loaded whole on each rank for its one pass before training (each rank computes
-its share of the batches; see `plpost.modules.reference.precompute_logps`), then freed: the peak
+its share of the batches; see `plpost.modules.precomputed.precompute_logps`), then freed: the peak
 is one unsharded model per rank at the start of fit, and none during training.
 """
 
@@ -46,10 +46,9 @@ def check_strategy(trainer: L.Trainer, *, samples: bool) -> None:
     `GenerationEval` and `HFExport`, needs whole weights, which plpost gathers from FSDP2 units
     only: Lightning's FSDPStrategy (FSDP1) and DeepSpeed's stage 3 partition the parameters in
     ways plpost does not unshard, so a run that needs them is refused rather than left to sample
-    from, or export, one rank's share. (Lightning's FSDPStrategy refuses CPU itself.)"""
+    from, or export, one rank's share. A callback says it needs them with a true
+    `needs_full_weights` attribute. (Lightning's FSDPStrategy refuses CPU itself.)"""
     from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
-
-    from plpost.callbacks import GenerationEval, HFExport
 
     strategy = trainer.strategy
     if isinstance(strategy, ModelParallelStrategy) and strategy.device_mesh["tensor_parallel"].size() != 1:
@@ -58,8 +57,8 @@ def check_strategy(trainer: L.Trainer, *, samples: bool) -> None:
     if not partitioned:
         return
     needs = ["the stage's own sampling"] if samples else []
-    needs += [f"{kind.__name__}" for kind in (GenerationEval, HFExport)
-              if any(isinstance(callback, kind) for callback in trainer.callbacks)]
+    needs += sorted({type(callback).__name__ for callback in trainer.callbacks
+                     if getattr(callback, "needs_full_weights", False)})
     if needs:
         raise ValueError(GATHER_REFUSAL.format(strategy=type(strategy).__name__, needs=" and ".join(needs),
                                                world=trainer.world_size))

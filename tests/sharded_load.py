@@ -18,8 +18,8 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 
 from plpost import (ChatDataModule, DistillationModule, DPOModule, PPOModule, PreferenceDataModule, PromptDataModule,
                     RewardModule, SFTModule)
-from plpost.modules.base import LoraSettings
-from plpost.modules.reference import FrozenCopy
+from plpost.frozen import FrozenCopy
+from plpost.modules import ModelSettings, LoraSettings
 from plpost.rewards import RewardFunction
 from plpost.sharding import full_state_dict
 
@@ -43,7 +43,7 @@ def build(stage: str):
         return DPOModule("plpost:tiny", reference="copy"), pairs
     if stage == "reward":
         return RewardModule("plpost:tiny"), pairs
-    return SFTModule("plpost:tiny", lora=LoraSettings(r=4) if stage == "sft-lora" else None), chats
+    return SFTModule("plpost:tiny", model_settings=ModelSettings(lora=LoraSettings(r=4) if stage == "sft-lora" else None)), chats
 
 
 def load(out: Path, stage: str) -> None:

@@ -22,7 +22,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from plpost import (ChatDataModule, DistillationModule, DPOModule, FeedbackDataModule, GRPOModule, KTOModule, PPOModule,
                     PreferenceDataModule, PromptDataModule, RewardModule, SFTModule)
 from plpost.callbacks import GenerationEval, HFExport
-from plpost.modules.base import LoraSettings
+from plpost.modules import ModelSettings, LoraSettings
 from plpost.rewards import RewardFunction
 
 STEPS = 3
@@ -75,20 +75,20 @@ def build(stage: str, cache: Path):
         return online("plpost:tiny", rewards=[RewardFunction(text_reward)], max_new_tokens=6, optimizer=sgd, **extra), data
     if stage == "distill":  # a random student, so the teacher has something to teach
         data = PromptDataModule("plpost:tiny", prompts(), batch_size=2, shuffle=False)
-        return DistillationModule("plpost:tiny", "plpost:tiny", random_init=True, max_new_tokens=6, optimizer=sgd), data
+        return DistillationModule("plpost:tiny", "plpost:tiny", model_settings=ModelSettings(random_init=True), max_new_tokens=6, optimizer=sgd), data
     if stage == "kto":  # the pairs as unpaired rows: one desirable, one undesirable each
         data = FeedbackDataModule("plpost:tiny", train=pairs(), batch_size=2, shuffle=False)
         return KTOModule("plpost:tiny", optimizer=sgd), data
     if stage.startswith("sft"):
         data = ChatDataModule("plpost:tiny", train=chats(), batch_size=4, shuffle=False, packing=stage == "sft-packed")
-        return SFTModule("plpost:tiny", optimizer=sgd, lora=lora), data
+        return SFTModule("plpost:tiny", optimizer=sgd, model_settings=ModelSettings(lora=lora)), data
     data = PreferenceDataModule("plpost:tiny", train=pairs(), batch_size=2, shuffle=False)
     if stage == "reward":
         return RewardModule("plpost:tiny", optimizer=sgd), data
     if stage == "orpo":
         return DPOModule("plpost:tiny", optimizer=sgd, loss_type="orpo", reference="none"), data
     reference = {"dpo-adapter": "adapter", "dpo-precomputed": "precomputed"}.get(stage, "copy")
-    return DPOModule("plpost:tiny", optimizer=sgd, reference=reference, lora=lora, reference_cache_dir=str(cache)), data
+    return DPOModule("plpost:tiny", optimizer=sgd, reference=reference, model_settings=ModelSettings(lora=lora), reference_cache_dir=str(cache)), data
 
 
 STRATEGIES = {

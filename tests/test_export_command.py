@@ -14,7 +14,7 @@ from plpost import ChatDataModule, DPOModule, PPOModule, PreferenceDataModule, P
 from plpost.callbacks import HFExport
 from plpost.cli import main
 from plpost.export import CheckpointError, export_checkpoint, module_from_checkpoint
-from plpost.modules import LoraSettings
+from plpost.modules import ModelSettings, LoraSettings
 from plpost.rewards import RewardFunction
 from plpost.tasks.addition import exact_match_reward
 
@@ -27,7 +27,7 @@ def sft_stage():
 
 def lora_stage(merge: bool):
     lora = LoraSettings(r=4, alpha=8, dropout=0.0, merge_on_export=merge)
-    return SFTModule(TINY, lora=lora), ChatDataModule(TINY, train=DATA + "sft.jsonl", batch_size=8, max_length=32)
+    return SFTModule(TINY, model_settings=ModelSettings(lora=lora)), ChatDataModule(TINY, train=DATA + "sft.jsonl", batch_size=8, max_length=32)
 
 
 def preference_data():

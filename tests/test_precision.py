@@ -16,6 +16,7 @@ from plpost.hf import load_causal_lm, load_tokenizer
 from plpost.precision import check_dtype_fits
 
 from conftest import TINY, bundled_pairs
+from plpost.modules import ModelSettings
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +139,7 @@ def test_a_copy_reference_is_kept_in_the_compute_dtype(bf16_checkpoint):
 @pytest.mark.parametrize(("dtype", "precision"), [("bfloat16", "bf16-mixed"), ("float32", "bf16-true"),
                                                    ("bfloat16", "32-true"), ("float16", "bf16-mixed")])
 def test_a_dtype_that_contradicts_the_precision_is_refused_before_any_model_loads(dtype, precision):
-    module = SFTModule(TINY, dtype=dtype)
+    module = SFTModule(TINY, model_settings=ModelSettings(dtype=dtype))
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, precision=precision, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     with pytest.raises(ValueError, match=f"dtype: {dtype} contradicts precision: {precision}"):

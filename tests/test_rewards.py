@@ -5,7 +5,9 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from plpost.generation import encode_prompts
-from plpost.rewards import Responses, RewardFunction, RewardModel, RewardScorer, RunningMoments, per_token_rewards
+from plpost.losses import per_token_rewards
+from plpost.rewards import Responses, RewardFunction, RewardModel, RewardScorer
+from plpost.running_moments import RunningMoments
 from plpost.rollout import position_ids_from
 from plpost.tasks.addition import exact_match_reward
 
@@ -90,7 +92,8 @@ def test_reward_model_folder_scores_the_last_real_token(tokenizer, reward_model_
         with torch.no_grad():
             expected = reference(input_ids=alone).logits[0, 0]
         torch.testing.assert_close(scores[i], expected, rtol=1e-5, atol=1e-5)
-    assert not any(p.requires_grad for p in source.parameters()) and not source.model.training
+    source.train()  # as its owner's fit does: a frozen model stays in eval mode
+    assert not any(p.requires_grad for p in source.parameters()) and not source.model.model.training
 
 
 def test_retokenized_path_reproduces_the_shared_tokens(tokenizer, reward_model_dir):

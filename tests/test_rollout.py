@@ -9,7 +9,7 @@ import plpost.modules.ppo as ppo_module
 from plpost.data.prompts import PromptDataModule
 from plpost.generation import encode_prompts, generation_config
 from plpost.hf import load_causal_lm
-from plpost.modules.base import LoraSettings
+from plpost.modules import LoraSettings, ModelSettings
 from plpost.modules.ppo import PPOModule
 from plpost.rewards import RewardFunction
 from plpost.rollout import position_ids_from, response_forward, sample_responses
@@ -114,7 +114,7 @@ def test_ratio_is_exactly_one_until_the_first_optimizer_step(first_rollout):
 def test_kl_is_zero_when_the_reference_is_the_policy_without_its_adapter(monkeypatch):
     """Before any update a LoRA policy (B matrices start at 0) and the same modules with the
     adapter switched off compute the same numbers: every k1 term is exactly 0."""
-    _, metrics = record_first_rollout(monkeypatch, lora=LoraSettings(r=4, alpha=8))
+    _, metrics = record_first_rollout(monkeypatch, model_settings=ModelSettings(lora=LoraSettings(r=4, alpha=8)))
     assert float(metrics["objective/kl"]) == 0.0
     assert float(metrics["objective/non_score_reward"]) == 0.0
 

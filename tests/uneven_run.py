@@ -27,6 +27,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from plpost import (ChatDataModule, DistillationModule, DPOModule, FeedbackDataModule, GRPOModule, KTOModule, PPOModule,
                     PreferenceDataModule, PromptDataModule, SFTModule)
 from plpost.callbacks import GenerationEval
+from plpost.modules import ModelSettings
 from plpost.rewards import RewardFunction
 
 ROWS = 7
@@ -67,7 +68,7 @@ def build(case: str):
         module = stage("plpost:tiny", rewards=[RewardFunction(same_for_even)], **extra, **online)
         return module, PromptDataModule("plpost:tiny", prompts, batch_size=2, shuffle=False)
     if case == "distill":
-        return (DistillationModule("plpost:tiny", "plpost:tiny", random_init=True, **online),
+        return (DistillationModule("plpost:tiny", "plpost:tiny", model_settings=ModelSettings(random_init=True), **online),
                 PromptDataModule("plpost:tiny", prompts, batch_size=2, shuffle=False))
     pairs = [{"prompt": f"{i}+{i}=", "chosen": str(2 * i), "rejected": "4" * (i % 5 + 2)} for i in range(ROWS)]
     if case == "dpo":

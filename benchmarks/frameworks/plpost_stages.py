@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
@@ -11,6 +12,7 @@ from benchmarks.measure import StepClock, matmul_parameters
 from benchmarks.presets import Preset
 from plpost.data.chat import ChatDataModule
 from plpost.data.preference import PreferenceDataModule
+from plpost.modules import ModelSettings
 from plpost.modules.dpo import DPOModule
 from plpost.modules.reward import RewardModule
 from plpost.modules.sft import SFTModule
@@ -32,12 +34,13 @@ class ClockCallback(L.Callback):
 
 
 def build(stage: str, variant: str, preset: Preset, model_dir: str, rows: list[dict], workdir: Path):
-    common = dict(dtype="float32", attn_implementation=attention_implementation(), optimizer=adamw(preset))
+    loading = ModelSettings(dtype="float32", attn_implementation=attention_implementation())
+    common = dict(model_settings=loading, optimizer=adamw(preset))
     data = dict(tokenizer=model_dir, train=rows, batch_size=preset.batch_size, max_length=preset.max_length,
                 shuffle=False, seed=preset.seed)
     if stage == "sft":
-        module = SFTModule(model_dir, gradient_checkpointing=variant == "checkpointed",
-                           torch_compile=variant == "compiled", **common)
+        settings = replace(loading, gradient_checkpointing=variant == "checkpointed", torch_compile=variant == "compiled")
+        module = SFTModule(model_dir, model_settings=settings, optimizer=adamw(preset))
         return module, ChatDataModule(**data, packing=variant == "padding-free")
     if stage == "reward":
         group_by_length = preset.length_group_batches if variant == "length-grouped" else None

@@ -43,6 +43,9 @@ class HFExport(L.Callback):
     also kept in checkpoints, so `plpost export` writes the same card from a checkpoint.
     """
 
+    needs_full_weights = True
+    """It writes the whole policy (see `plpost.sharding.check_strategy`)."""
+
     def __init__(
         self, dirpath: str, every_n_epochs: int = 0, dtype: Literal["float32", "bfloat16", "float16"] | None = None,
         push_to_hub: bool = False, hub_repo_id: str | None = None, hub_private: bool = False,
@@ -108,7 +111,8 @@ class HFExport(L.Callback):
 def write_model_card(pl_module: L.LightningModule, dirpath: Path, record: dict[str, Any]) -> None:
     """README.md in `dirpath`: the card of `plpost.hub.model_card` for this module and run record."""
     settings = {name: value for name, value in dict(pl_module.hparams).items() if not name.startswith("_")}
-    lora = getattr(pl_module, "lora", None)
+    model_settings = getattr(pl_module, "model_settings", None)
+    lora = model_settings.lora if model_settings is not None else None
     text = model_card(
         stage=type(pl_module).__name__, base_model=pl_module.model_name, settings=settings, data=record.get("data"),
         metrics=record.get("metrics"), step=record.get("step"), adapter=lora is not None and not lora.merge_on_export,
@@ -160,9 +164,10 @@ def export_dtype(pl_module: L.LightningModule, requested: str | None) -> str | N
     checkpoint is stored in (None, as trained, for `random_init` or a checkpoint that names none)."""
     from plpost.precision import stored_dtype
 
-    if requested is not None or getattr(pl_module, "random_init", True):
+    settings = getattr(pl_module, "model_settings", None)
+    if requested is not None or settings is None or settings.random_init:
         return requested
-    return stored_dtype(pl_module.model_name, trust_remote_code=pl_module.trust_remote_code)
+    return stored_dtype(pl_module.model_name, trust_remote_code=settings.trust_remote_code)
 
 
 def write_hf_folder(
@@ -177,7 +182,8 @@ def write_hf_folder(
 
     model = pl_module.export_model()
     tokenizer = pl_module.tokenizer
-    lora = getattr(pl_module, "lora", None)
+    settings = getattr(pl_module, "model_settings", None)
+    lora = settings.lora if settings is not None else None
     if lora is not None and lora.merge_on_export:
         model = unsharded_copy(model, state) if state is not None else copy.deepcopy(model)
         model, state = model.merge_and_unload(), None

@@ -36,6 +36,9 @@ class GenerationEval(L.Callback):
         name: the prefix of the logged names.
     """
 
+    needs_full_weights = True
+    """It generates from the whole policy (see `plpost.sharding.check_strategy`)."""
+
     def __init__(
         self,
         prompts: SourceLike,

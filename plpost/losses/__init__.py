@@ -43,6 +43,7 @@ from plpost.losses.ppo import (
     clipped_value_loss,
     explained_variance,
     kl_penalty,
+    per_token_rewards,
     ppo_policy_loss,
 )
 from plpost.losses.reward import RewardLoss, bradley_terry_loss, reward_centering_penalty
@@ -100,6 +101,7 @@ __all__ = [
     "masked_var",
     "masked_whiten",
     "next_token_targets",
+    "per_token_rewards",
     "ppo_policy_loss",
     "reward_centering_penalty",
     "sequence_logprobs",

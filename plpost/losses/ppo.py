@@ -1,4 +1,5 @@
-"""PPO for language models: KL penalty, clipped policy and value losses, adaptive KL, diagnostics.
+"""PPO for language models: KL penalty, per-token rewards, clipped policy and value losses, adaptive
+KL, diagnostics.
 
 All per-token tensors are (B, T) over response tokens; `mask` is 1 on valid response tokens.
 Outputs are unreduced; the caller reduces with `masked_mean` (or a global token count) visibly.
@@ -22,6 +23,7 @@ __all__ = [
     "clipped_value_loss",
     "adaptive_kl_coefficient",
     "explained_variance",
+    "per_token_rewards",
 ]
 
 KL_ESTIMATORS: tuple[str, ...] = ("k1", "k3", "abs", "mse")
@@ -181,3 +183,16 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
     var_residual = masked_var(returns - values, mask, unbiased=False)
     nan = torch.full((), float("nan"), dtype=var_returns.dtype, device=var_returns.device)
     return torch.where(var_returns == 0, nan, 1 - var_residual / var_returns)
+
+
+def per_token_rewards(kl: Tensor, scores: Tensor, mask: Tensor, *, kl_coef: float) -> Tensor:
+    """r_t = -kl_coef * KL_t on every response token, plus the sequence score on the last one.
+
+    kl, mask: (B, R), mask True on a prefix of each row; scores: (B,). Returns (B, R), 0 where
+    mask is False. E.g. kl = (0.1, 0.2), score 1, kl_coef 0.5 -> r = (-0.05, -0.1 + 1) = (-0.05, 0.9).
+    """
+    rewards = torch.where(mask, -kl_coef * kl, torch.zeros((), dtype=kl.dtype, device=kl.device))
+    last = mask.long().sum(1) - 1
+    rows = torch.arange(mask.shape[0], device=mask.device)
+    rewards[rows, last] += scores.to(rewards.dtype)
+    return rewards

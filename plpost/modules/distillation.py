@@ -4,19 +4,19 @@ learns the teacher's next-token distribution on them."""
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from plpost.data.prompts import PromptBatch
+from plpost.frozen import FrozenCopy
 from plpost.hf import check_same_tokenizer, check_vocabulary_fits
 from plpost.losses import masked_sum, token_divergence
 from plpost.losses.distillation import Divergence
-from plpost.modules.base import LoraSettings, default_optimizer, disable_dropout
+from plpost.modules.base import default_optimizer
 from plpost.modules.online import OnlineModule
-from plpost.modules.reference import FrozenCopy, model_fingerprint
+from plpost.modules.settings import ModelSettings
 from plpost.rollout import Samples, join_responses, response_logits
 
 
@@ -41,7 +41,8 @@ class DistillationModule(OnlineModule):
     Args:
         model: the student's initial weights: Hub name, folder or ``plpost:tiny``.
         teacher: the frozen teacher: Hub name or folder, with the student's tokenizer (a teacher
-            whose vocabulary differs is refused before its weights load).
+            whose vocabulary differs is refused before its weights load), loaded as stored (see
+            `plpost.frozen`).
         tokenizer: the tokenizer (default: the model's); linked from the data in the CLI.
         divergence: "forward_kl" KL(teacher || student) (TRL's beta = 0), "reverse_kl"
             KL(student || teacher) (TRL's beta = 1, its DistillationTrainer's default), or "jsd" the
@@ -56,14 +57,12 @@ class DistillationModule(OnlineModule):
         gradient_accumulation_steps: micro-batches the generation batch is split into for the
             forwards and backward (the logits of both models over a micro-batch are in memory at once).
         gradient_clip_val: clip the gradient norm of each optimizer step (None: off).
-        random_init, dtype, attn_implementation, trust_remote_code, lora, gradient_checkpointing,
-            torch_compile: as for `GRPOModule` (the student's; the teacher, never trained, loads
-            in the compute dtype (see `plpost.precision`), and `torch_compile` compiles its forward as well).
+        model_settings: how the student loads and trains (`plpost.modules.ModelSettings`); the
+            teacher, never trained, loads in the compute dtype (see `plpost.precision`) and compiles
+            with the student.
         optimizer: the optimizer, given the student's trainable parameters.
         scheduler: the learning-rate schedule, stepped every optimizer step.
     """
-
-    frozen_modules = ("teacher",)
 
     def __init__(
         self,
@@ -80,21 +79,11 @@ class DistillationModule(OnlineModule):
         top_k: int = 0,
         gradient_accumulation_steps: int = 1,
         gradient_clip_val: float | None = 1.0,
-        random_init: bool = False,
-        dtype: Literal["float32", "bfloat16", "float16"] | None = None,
-        attn_implementation: str | None = None,
-        trust_remote_code: bool = False,
-        lora: LoraSettings | None = None,
-        gradient_checkpointing: bool = False,
-        torch_compile: bool = False,
+        model_settings: ModelSettings = ModelSettings(),
         optimizer: OptimizerCallable = default_optimizer,
         scheduler: LRSchedulerCallable | None = None,
     ) -> None:
-        super().__init__(
-            model, tokenizer, random_init=random_init, dtype=dtype, attn_implementation=attn_implementation,
-            trust_remote_code=trust_remote_code, lora=lora, gradient_checkpointing=gradient_checkpointing,
-            torch_compile=torch_compile, optimizer=optimizer, scheduler=scheduler,
-        )
+        super().__init__(model, tokenizer, model_settings=model_settings, optimizer=optimizer, scheduler=scheduler)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         # Refuses an unknown divergence, a JSD beta outside (0, 1) or a temperature <= 0 now, not at the first step.
         token_divergence(torch.zeros(1, 1, 2), torch.zeros(1, 1, 2), torch.ones(1, 1), divergence=divergence,
@@ -105,8 +94,6 @@ class DistillationModule(OnlineModule):
             raise ValueError(f"gradient_accumulation_steps must be >= 1, got {gradient_accumulation_steps}")
         self.teacher_name = teacher
         self.teacher: FrozenCopy | None = None
-        self.register_buffer("episodes", torch.zeros((), dtype=torch.float64))  # in checkpoints
-        self.automatic_optimization = False
 
     @property
     def optimizer_steps_per_batch(self) -> int:
@@ -121,27 +108,15 @@ class DistillationModule(OnlineModule):
                              f"{1 - self.hparams.lmbda:.0%} of the generation batches: give the data "
                              "completions: true and a 'completion' column, or set lmbda: 1 (on-policy only)")
 
-    def configure_model(self) -> None:
-        if self.policy is not None:
-            return
+    def build_models(self) -> None:
         # Before any weights load: a teacher of another vocabulary cannot be compared token by token.
         check_same_tokenizer(self.tokenizer, self.tokenizer_name, self.teacher_name,
-                             trust_remote_code=self.trust_remote_code)
-        teacher = self.load_pretrained(self.teacher_name, random_init=False, frozen=True)
-        check_vocabulary_fits(self.tokenizer, self.tokenizer_name, teacher, self.teacher_name)
-        self.teacher = FrozenCopy(teacher, self.teacher_name)
-        self.policy = self.prepare_trainable(self.load_pretrained())
-        disable_dropout(self.policy)
-        self.finish_models()
+                             trust_remote_code=self.model_settings.trust_remote_code)
+        super().build_models()
 
-    def sharded_modules(self) -> list[torch.nn.Module | None]:
-        return [self.policy, self.teacher.model if self.teacher is not None else None]
-
-    def compiled_modules(self) -> list[torch.nn.Module | None]:
-        return [self.policy, self.teacher.model if self.teacher is not None else None]
-
-    def frozen_sources(self) -> dict[str, Any]:
-        return {"teacher": model_fingerprint(self.teacher_name)}
+    def build_frozen_models(self, start: torch.nn.Module) -> None:
+        self.teacher = self.frozen_model(self.teacher_name, start)
+        check_vocabulary_fits(self.tokenizer, self.tokenizer_name, self.teacher.model, self.teacher_name)
 
     # -- completions ----------------------------------------------------------------------
     def completions(self, batch: PromptBatch) -> tuple[Samples, bool]:
@@ -158,27 +133,24 @@ class DistillationModule(OnlineModule):
 
     # -- training -------------------------------------------------------------------------
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
-        hp = self.hparams
         started = time.perf_counter()
         samples, on_policy = self.completions(batch)
         generated = time.perf_counter()
-        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         mask = samples.response_mask
-        # A batch with no completion token anywhere has a numerator of 0: a zero gradient, not 0 / 0.
-        tokens = self.global_sum(mask.sum()).clamp(min=1.0)
-        divergence_sum = torch.zeros((), device=mask.device)
-        for rows in torch.arange(len(mask), device=mask.device).tensor_split(hp.gradient_accumulation_steps):
-            numerator = self.micro_batch_divergence(samples, rows)
-            self.manual_backward(numerator / tokens * self.loss_scale())
-            divergence_sum += numerator.detach()
-        if hp.gradient_clip_val is not None:
-            self.clip_gradients(optimizer, gradient_clip_val=hp.gradient_clip_val, gradient_clip_algorithm="norm")
-        optimizer.step()
-        optimizer.zero_grad()
-        if scheduler is not None:
-            scheduler.step()
-        self.episodes += float(len(mask) * self.trainer.world_size)
-        self.log_generation_batch(samples, on_policy, self.global_sum(divergence_sum) / tokens,
+        tokens = self.global_sum(mask.sum())  # the completion tokens of the generation batch on every device
+
+        def micro_batch_loss(rows: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+            divergence = self.micro_batch_divergence(samples, rows)
+            return divergence, {"divergence": divergence.detach()}
+
+        sums = self.update(len(mask), micro_batch_loss, lambda rows: tokens)
+        lengths = mask.sum(1).float()
+        metrics = {
+            "train/loss": self.global_sum(sums["divergence"]) / tokens.clamp(min=1.0),
+            "completions/mean_length": lengths.mean(), "completions/clipped_ratio": (~samples.stopped).float().mean(),
+            "on_policy": float(on_policy),
+        }
+        self.log_generation_batch(metrics, shown="train/loss", episodes=self.count_episodes(len(mask)),
                                   generation_s=generated - started, update_s=time.perf_counter() - generated)
 
     def micro_batch_divergence(self, samples: Samples, rows: Tensor) -> Tensor:
@@ -194,16 +166,3 @@ class DistillationModule(OnlineModule):
         divergences = token_divergence(student_logits, teacher_logits, mask, divergence=hp.divergence, beta=hp.beta,
                                        temperature=hp.temperature)
         return masked_sum(divergences, mask)
-
-    def log_generation_batch(self, samples: Samples, on_policy: bool, divergence: Tensor, *,
-                             generation_s: float, update_s: float) -> None:
-        lengths = samples.response_mask.sum(1).float()
-        metrics = {
-            "completions/mean_length": lengths.mean(), "completions/clipped_ratio": (~samples.stopped).float().mean(),
-            "on_policy": float(on_policy), "time/generation_s": generation_s, "time/update_s": update_s,
-            "perf/episodes_per_s": len(lengths) * self.trainer.world_size / (generation_s + update_s),
-            "train/episodes": self.episodes.float(),
-        }
-        self.log_dict({k: v.float() if isinstance(v, Tensor) else float(v) for k, v in metrics.items()}, sync_dist=True)
-        self.log("train/loss", divergence.float(), prog_bar=True)  # already summed over devices
-        self.log_learning_rate()

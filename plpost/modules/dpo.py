@@ -11,10 +11,12 @@ from torchmetrics import MeanMetric
 
 from plpost.data.preference import PreferenceDataModule
 from plpost.data.shared_prompt import SharedPromptRows, check_shared_prompt_attention, share_prompts
+from plpost.frozen import ReferenceKind
 from plpost.losses import REFERENCE_FREE_LOSS_TYPES, DPOLoss, chosen_nll, dpo_loss
-from plpost.modules.base import LoraSettings, default_optimizer
-from plpost.modules.preference_base import PreferenceModule, ReferenceKind
+from plpost.modules.base import default_optimizer
+from plpost.modules.preference_base import PreferenceModule
 from plpost.modules.preference_logps import ChosenRejected, completion_lengths, pair_logps, shared_pair_logps
+from plpost.modules.settings import ModelSettings
 
 if TYPE_CHECKING:
     from plpost.data.preference import PreferenceBatch
@@ -66,13 +68,14 @@ class DPOModule(PreferenceModule):
             micro-batch on one device they are the same, and TRL's ORPO counts the prompt
             tokens too). Default: "pair" for RPO, "token" for ORPO, whose NLL term is the SFT
             loss it replaces.
-        reference: where the reference log-probs come from. "copy": a frozen second model in
-            memory. "adapter": the policy with its LoRA adapter disabled (needs `lora`; no second
-            copy, one more forward). "precomputed": computed for every training and validation
-            pair once before training (reference loaded only for that pass), cached on disk.
-            "none": no reference, only for the loss_types "simpo" and "orpo".
-        reference_model: the reference's Hub name or folder (default: `model`, the policy's
-            starting weights). Not with "adapter", whose reference is always `model`.
+        reference: where the reference log-probs come from (see `plpost.frozen`). "copy":
+            a frozen second model in memory. "adapter": the policy with its LoRA adapter disabled
+            (needs `lora`; no second copy, one more forward). "precomputed": computed for every
+            training and validation pair once before training (reference loaded only for that
+            pass), cached on disk. "none": no reference, only for the loss_types "simpo" and
+            "orpo". "auto": "none" for those loss types, else "adapter" with LoRA, else "copy".
+        reference_model: the reference's Hub name or folder (default, or `model` itself: the
+            policy's starting weights, copied). Not with "adapter", whose reference is always `model`.
         reference_cache_dir: where "precomputed" keeps its log-probs, one file per reference,
             tokenizer and data; a rerun with the same ones reads them instead of recomputing.
         share_prompt: compute each pair's prompt once, in one row of prompt + chosen + rejected
@@ -82,19 +85,8 @@ class DPOModule(PreferenceModule):
             off, chosen and rejected are two padded rows.
         disable_dropout: turn off every dropout in the policy, so its log-probs are as
             deterministic as the reference's (as TRL's DPO does by default).
-        random_init: build the model from its config with random weights instead of loading them.
-        dtype: the weights' dtype outside a Trainer (exporting, chatting). Training, the Trainer's
-            `precision` decides (float32 trained weights under `*-mixed`, see `plpost.precision`),
-            and a `dtype` that contradicts it is refused.
-        attn_implementation: "sdpa", "eager", "flash_attention_2", ... (default: transformers' choice).
-        trust_remote_code: allow model code from the model's repository (off: it runs arbitrary code).
-        lora: train LoRA adapters instead of all weights.
-        gradient_checkpointing: recompute activations in the backward pass to save memory.
-        torch_compile: compile the forwards of the policy and of a "copy" reference with
-            `torch.compile`, for faster steps. The first step pays for the compile (about 30 s
-            for the tiny model on a CPU, more for larger ones, and again at the first validation
-            step); shapes are compiled dynamic, so batches of other lengths do not recompile.
-            Checkpoints and exports are unchanged.
+        model_settings: how the policy loads and trains (`plpost.modules.ModelSettings`); a "copy"
+            reference loads with its dtype and attention, and compiles with the policy.
         optimizer: the optimizer, given the trainable parameters.
         scheduler: the learning-rate schedule, stepped every optimizer step.
     """
@@ -113,29 +105,21 @@ class DPOModule(PreferenceModule):
         simpo_gamma: float = 0.5,
         rpo_alpha: float | None = None,
         nll_normalization: NLLNormalization | None = None,
-        reference: ReferenceKind = "copy",
+        reference: ReferenceKind = "auto",
         reference_model: str | None = None,
         reference_cache_dir: str = ".plpost-cache/reference",
         share_prompt: bool = True,
         disable_dropout: bool = True,
-        random_init: bool = False,
-        dtype: Literal["float32", "bfloat16", "float16"] | None = None,
-        attn_implementation: str | None = None,
-        trust_remote_code: bool = False,
-        lora: LoraSettings | None = None,
-        gradient_checkpointing: bool = False,
-        torch_compile: bool = False,
+        model_settings: ModelSettings = ModelSettings(),
         optimizer: OptimizerCallable = default_optimizer,
         scheduler: LRSchedulerCallable | None = None,
     ) -> None:
-        super().__init__(
-            model, tokenizer, random_init=random_init, dtype=dtype, attn_implementation=attn_implementation,
-            trust_remote_code=trust_remote_code, lora=lora, gradient_checkpointing=gradient_checkpointing,
-            torch_compile=torch_compile, optimizer=optimizer, scheduler=scheduler,
-        )
+        super().__init__(model, tokenizer, model_settings=model_settings, optimizer=optimizer, scheduler=scheduler)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        if reference == "auto" and loss_type in REFERENCE_FREE_LOSS_TYPES:
+            reference = "none"
+        self.init_reference(reference, reference_model, allowed=("auto", "copy", "adapter", "precomputed", "none"))
         self.check_settings()
-        self.init_reference()
         self.nll_weight = 1.0 if loss_type == "orpo" else rpo_alpha
         self.nll_normalization = nll_normalization or ("token" if loss_type == "orpo" else "pair")
         names = PAIR_METRICS + (("nll_loss",) if self.nll_weight is not None else ())
@@ -145,10 +129,10 @@ class DPOModule(PreferenceModule):
         """Fails on contradictory settings now, not after the model has loaded."""
         h = self.hparams
         free = " and ".join(f"{kind!r}" for kind in REFERENCE_FREE_LOSS_TYPES)
-        if h.loss_type in REFERENCE_FREE_LOSS_TYPES and h.reference != "none":
+        if h.loss_type in REFERENCE_FREE_LOSS_TYPES and self.reference_kind != "none":
             raise ValueError(f"loss_type={h.loss_type!r} is reference-free: set reference='none' (a reference would be "
                              "computed and never used)")
-        if h.reference == "none" and h.loss_type not in REFERENCE_FREE_LOSS_TYPES:
+        if self.reference_kind == "none" and h.loss_type not in REFERENCE_FREE_LOSS_TYPES:
             raise ValueError(f"loss_type={h.loss_type!r} compares against a reference; reference='none' is only "
                              f"for the loss_types {free}")
         if h.rpo_alpha is not None and h.rpo_alpha < 0:

@@ -4,7 +4,6 @@ G samples per prompt, each compared with the others of its group instead of with
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 from typing import Literal, NamedTuple
 
 import torch
@@ -13,14 +12,16 @@ from torch import Tensor
 from transformers import LogitsProcessorList
 
 from plpost.data.prompts import PromptBatch
+from plpost.frozen import ReferenceKind
 from plpost.losses import group_advantages, group_statistics, grpo_loss_denominator, grpo_loss_terms
 from plpost.losses import grpo_token_losses, kl_penalty, leave_one_out_advantages, loss_scope, masked_sum
 from plpost.losses import entropy_bonus_terms
 from plpost.losses.grpo import GRPOLossType
 from plpost.losses.importance import ImportanceSamplingLevel, OffPolicyMode
-from plpost.modules.base import LoraSettings, default_optimizer, disable_dropout
+from plpost.modules.base import default_optimizer
 from plpost.modules.grpo_recipes import check_recipe, token_advantages, token_weights
-from plpost.modules.online import OnlineRLModule
+from plpost.modules.online import OnlineRLModule, forward_in_layout, per_token
+from plpost.modules.settings import ModelSettings
 from plpost.rewards import RewardScorer, RewardSource, responses_of
 from plpost.rollout import ResponseForward, Samples, replace_rows, response_forward
 from plpost.sampler_logprobs import SampledTokenLogprobs, replace_logprob_rows
@@ -109,9 +110,9 @@ class GRPOModule(OnlineRLModule):
         beta: weight of the KL to the frozen reference (0: no reference is loaded at all).
         kl_mode: "loss": beta * the k3 estimator per token in the loss (GRPO's paper, TRL);
             "reward": beta * the summed k1 estimator subtracted from each completion's reward.
-        reference: the KL anchor when beta > 0: "copy": a frozen copy of `reference_model`;
+        reference: the KL anchor when beta > 0 (see `plpost.frozen`): "copy": a frozen copy;
             "adapter": the LoRA policy with its adapter off; "auto": the latter with LoRA.
-        reference_model: the reference's weights for "copy" (default: `model`).
+        reference_model: the reference's weights for "copy" (default: the policy's starting weights).
         mask_truncated_completions: leave completions that hit max_new_tokens without a stop token
             out of the loss (DAPO's overlong filtering); they still count in the reward statistics.
         dynamic_sampling: drop groups whose rewards are all equal (no signal: every advantage is
@@ -123,8 +124,7 @@ class GRPOModule(OnlineRLModule):
         top_p: nucleus sampling threshold (1.0: off).
         top_k: sample among the k most likely tokens (0: off).
         gradient_clip_val: clip the gradient norm of each optimizer step (None: off).
-        random_init, dtype, attn_implementation, trust_remote_code, lora, gradient_checkpointing,
-            torch_compile: as for `PPOModule`.
+        model_settings: how the policy loads and trains (`plpost.modules.ModelSettings`), as for `PPOModule`.
         optimizer: the optimizer, given the policy's trainable parameters.
         scheduler: the learning-rate schedule, stepped every optimizer step.
     """
@@ -155,7 +155,7 @@ class GRPOModule(OnlineRLModule):
         gradient_accumulation_steps: int = 1,
         beta: float = 0.0,
         kl_mode: Literal["loss", "reward"] = "loss",
-        reference: Literal["auto", "copy", "adapter"] = "auto",
+        reference: ReferenceKind = "auto",
         reference_model: str | None = None,
         mask_truncated_completions: bool = False,
         dynamic_sampling: bool = False,
@@ -165,21 +165,11 @@ class GRPOModule(OnlineRLModule):
         top_p: float = 1.0,
         top_k: int = 0,
         gradient_clip_val: float | None = 1.0,
-        random_init: bool = False,
-        dtype: Literal["float32", "bfloat16", "float16"] | None = None,
-        attn_implementation: str | None = None,
-        trust_remote_code: bool = False,
-        lora: LoraSettings | None = None,
-        gradient_checkpointing: bool = False,
-        torch_compile: bool = False,
+        model_settings: ModelSettings = ModelSettings(),
         optimizer: OptimizerCallable = default_optimizer,
         scheduler: LRSchedulerCallable | None = None,
     ) -> None:
-        super().__init__(
-            model, tokenizer, random_init=random_init, dtype=dtype, attn_implementation=attn_implementation,
-            trust_remote_code=trust_remote_code, lora=lora, gradient_checkpointing=gradient_checkpointing,
-            torch_compile=torch_compile, optimizer=optimizer, scheduler=scheduler,
-        )
+        super().__init__(model, tokenizer, model_settings=model_settings, optimizer=optimizer, scheduler=scheduler)
         if epsilon_high is None:
             epsilon_high = epsilon_low
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "rewards"])
@@ -191,35 +181,14 @@ class GRPOModule(OnlineRLModule):
             raise ValueError("num_iterations, num_mini_batches and gradient_accumulation_steps must be >= 1")
         if beta < 0 or epsilon_low < 0 or epsilon_high < 0 or not temperature > 0:
             raise ValueError("beta, epsilon_low and epsilon_high must be >= 0, and temperature > 0")
-        if beta > 0 and reference == "adapter" and lora is None:
-            raise ValueError("reference='adapter' needs a LoRA policy (`lora:`); use 'copy'")
         self.reward_scorer = RewardScorer(rewards, missing_eos_penalty=missing_eos_penalty)
-        self.use_adapter_reference = beta > 0 and (reference == "adapter" or (reference == "auto" and lora is not None))
-        self.reference_name = reference_model or model
-        self.reference = None
-        self.register_buffer("episodes", torch.zeros((), dtype=torch.float64))  # in checkpoints
-        self.automatic_optimization = False
+        # beta = 0: no KL term, so no reference at all.
+        self.choose_reference(reference if beta > 0 else "none", reference_model,
+                              allowed=("auto", "copy", "adapter") if beta > 0 else ("auto", "copy", "adapter", "none"))
 
     @property
     def optimizer_steps_per_batch(self) -> int:
         return self.hparams.num_iterations * self.hparams.num_mini_batches
-
-    def configure_model(self) -> None:
-        if self.policy is not None:
-            return
-        initial = self.load_pretrained()
-        if self.hparams.beta > 0:
-            self.build_reference(initial)
-        self.policy = self.prepare_trainable(initial)
-        disable_dropout(self.policy)
-        self.reward_scorer.setup(self.tokenizer)
-        self.finish_models()
-
-    def sharded_modules(self) -> list[torch.nn.Module | None]:
-        return [self.policy, self.reference.model if self.reference is not None else None]
-
-    def compiled_modules(self) -> list[torch.nn.Module | None]:
-        return [self.policy, self.reference.model if self.reference is not None else None]
 
     # -- generation -----------------------------------------------------------------------
     @torch.no_grad()
@@ -301,8 +270,7 @@ class GRPOModule(OnlineRLModule):
         hp = self.hparams
         started = time.perf_counter()
         groups = self.generate(batch)                                     # sample, score (no gradients)
-        layout = self.micro_batches(len(groups.rewards))
-        old_logprobs, ref_logprobs, entropies = self.old_and_reference_logprobs(groups.samples, layout)
+        old_logprobs, ref_logprobs, entropies = self.old_and_reference_logprobs(groups.samples)
         rewards, kl_reward, token_kl = groups.rewards, None, None
         reinforce = hp.advantage_estimator.startswith("reinforce_plus_plus")
         if hp.beta > 0 and hp.kl_mode == "reward":                        # k1, summed per completion
@@ -311,32 +279,33 @@ class GRPOModule(OnlineRLModule):
             if not reinforce:  # REINFORCE++ puts it in each token's return instead
                 rewards = rewards - hp.beta * kl_reward
         advantages = self.advantages(rewards, groups.loss_mask, token_kl)
-        token_weights, recipe_stats = self.token_weights(groups.loss_mask, old_logprobs, groups.sampler_logprobs,
-                                                         entropies)
+        weights, recipe_stats = self.token_weights(groups.loss_mask, old_logprobs, groups.sampler_logprobs, entropies)
         generated = time.perf_counter()
-        update = self.grpo_update(groups, advantages, old_logprobs, ref_logprobs, layout, token_weights)
-        update.update(recipe_stats)
-        self.episodes += float(len(rewards) * self.trainer.world_size)
-        self.log_generation_batch(groups, update, kl_reward, generation_s=generated - started,
-                                  update_s=time.perf_counter() - generated)
+        mask = groups.loss_mask
+        bonus_mask = self.bonus_mask(mask, weights)
+        step = {}  # the optimizer step's entropy-bonus normaliser, set before its micro-batches
 
-    def micro_batches(self, rows: int) -> list[list[Tensor]]:
-        """The first pass's layout: num_mini_batches optimizer steps of consecutive row ranges, each
-        split into gradient_accumulation_steps micro-batches (sizes may differ by one)."""
-        hp = self.hparams
-        if rows < hp.num_mini_batches * hp.gradient_accumulation_steps:
-            raise ValueError(f"{rows} completions cannot fill num_mini_batches * gradient_accumulation_steps = "
-                             f"{hp.num_mini_batches * hp.gradient_accumulation_steps} micro-batches")
-        return self.layout_of(torch.arange(rows, device=self.device))
+        def denominator(rows: Tensor) -> Tensor:
+            scope = slice(None) if loss_scope(hp.loss_type) == "generation_batch" else rows
+            normaliser = self.global_sum(grpo_loss_denominator(mask[scope], loss_type=hp.loss_type,
+                                                               max_completion_length=hp.max_new_tokens))
+            step["policy"], step["bonus"] = normaliser.clamp(min=1.0), self.global_sum(bonus_mask[rows].sum()).clamp(min=1.0)
+            return normaliser
 
-    def layout_of(self, order: Tensor) -> list[list[Tensor]]:
-        """Rows `order` as num_mini_batches optimizer steps of gradient_accumulation_steps micro-batches."""
-        hp = self.hparams
-        minis = order.tensor_split(hp.num_mini_batches)
-        return [list(mini.tensor_split(hp.gradient_accumulation_steps)) for mini in minis]
+        def micro_batch_loss(rows: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+            numerator, bonus, stats = self.micro_batch_loss(groups, advantages, old_logprobs, ref_logprobs, rows,
+                                                            weights, bonus_mask)
+            # update divides by the policy normaliser: the bonus, divided by its own, is scaled to match.
+            return numerator + hp.entropy_coef * bonus * step["policy"] / step["bonus"], stats
+
+        sums = self.update(len(mask), micro_batch_loss, denominator, passes=hp.num_iterations,
+                           num_mini_batches=hp.num_mini_batches)
+        episodes = self.count_episodes(len(rewards))
+        self.log_groups(groups, {**per_token(sums), **recipe_stats}, kl_reward, episodes=episodes,
+                        generation_s=generated - started, update_s=time.perf_counter() - generated)
 
     @torch.no_grad()
-    def old_and_reference_logprobs(self, samples: Samples, layout: list[list[Tensor]]):
+    def old_and_reference_logprobs(self, samples: Samples):
         """(B * G, R) log-probs of the sampling policy (None when the update's own first forward is
         the only one before any optimizer step), of the reference (None with beta = 0), and the
         sampling policy's token entropies (for top_entropy_quantile < 1, else None), each from one
@@ -346,17 +315,14 @@ class GRPOModule(OnlineRLModule):
         needs_old = (hp.num_iterations > 1 or hp.num_mini_batches > 1 or (hp.beta > 0 and hp.kl_mode == "reward")
                      or with_entropy or hp.off_policy_correction is not None)
         tensors = (samples.input_ids, samples.attention_mask, samples.position_ids, samples.response_mask)
-        micro = [rows for mini in layout for rows in mini]
-
-        def over_rows(fn) -> list:
-            return [fn(*(t[rows] for t in tensors)) for rows in micro]
-
+        layout = self.layout(len(samples.input_ids), hp.num_mini_batches)
         old = entropies = None
-        if needs_old:
-            forwards = over_rows(lambda *t: self.policy_forward(*t, with_entropy=with_entropy))
-            old = torch.cat([forward.logprobs for forward in forwards])
-            entropies = torch.cat([forward.entropy for forward in forwards]) if with_entropy else None
-        reference = torch.cat(over_rows(self.reference_logprobs)) if hp.beta > 0 else None
+        if with_entropy:
+            old, entropies = forward_in_layout(lambda *t: tuple(self.policy_forward(*t, with_entropy=True)[:2]),
+                                               tensors, layout)
+        elif needs_old:
+            old = forward_in_layout(self.policy_logprobs, tensors, layout)
+        reference = forward_in_layout(self.reference_logprobs, tensors, layout) if hp.beta > 0 else None
         return old, reference, entropies
 
     def policy_forward(self, *tensors: Tensor, with_entropy: bool = False) -> ResponseForward:
@@ -366,47 +332,6 @@ class GRPOModule(OnlineRLModule):
         """See `plpost.modules.grpo_recipes.token_weights`; the entropy threshold over every device."""
         return token_weights(self.hparams, mask, old, sampler, entropies, gather=self.all_gather)
 
-    def grpo_update(self, groups: Groups, advantages: Tensor, old: Tensor | None, ref: Tensor | None, layout,
-                    token_weights: Tensor | None = None):
-        """num_iterations passes of optimizer steps; returns token-weighted means of the statistics."""
-        hp = self.hparams
-        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
-        mask = groups.loss_mask
-
-        def denominator_of(rows) -> Tensor:
-            return grpo_loss_denominator(mask[rows], loss_type=hp.loss_type, max_completion_length=hp.max_new_tokens)
-
-        batch_denominator = self.global_sum(denominator_of(slice(None)))
-        sums: dict[str, Tensor] = defaultdict(lambda: torch.zeros((), device=mask.device))
-        for iteration in range(hp.num_iterations):
-            # The first pass keeps the layout the old log-probs were computed in: same rows, same
-            # shapes, so the ratio is exactly 1 until the first optimizer step.
-            if iteration > 0:
-                layout = self.layout_of(torch.randperm(len(mask)).to(mask.device))
-            for mini in layout:
-                if loss_scope(hp.loss_type) == "generation_batch":
-                    denominator = batch_denominator
-                else:
-                    denominator = self.global_sum(denominator_of(torch.cat(mini)))
-                # A step with no unmasked token anywhere has numerators of 0: a zero gradient, not 0 / 0.
-                denominator = denominator.clamp(min=1.0)
-                bonus_tokens = self.global_sum(self.bonus_mask(mask, token_weights)[torch.cat(mini)].sum()).clamp(min=1.0)
-                for rows in mini:
-                    numerator, bonus, stats = self.micro_batch_loss(groups, advantages, old, ref, rows, token_weights)
-                    loss = numerator / denominator + hp.entropy_coef * bonus / bonus_tokens
-                    self.manual_backward(loss * self.loss_scale())
-                    for name, value in stats.items():
-                        sums[name] += value
-                if hp.gradient_clip_val is not None:
-                    self.clip_gradients(optimizer, gradient_clip_val=hp.gradient_clip_val,
-                                        gradient_clip_algorithm="norm")
-                optimizer.step()
-                optimizer.zero_grad()
-                if scheduler is not None:
-                    scheduler.step()
-        tokens = sums.pop("tokens").clamp(min=1.0)
-        return {name: value / tokens for name, value in sums.items()}
-
     def bonus_mask(self, mask: Tensor, token_weights: Tensor | None) -> Tensor:
         """The tokens the entropy bonus acts on: those the policy loss trains (the top-entropy ones)."""
         if self.hparams.top_entropy_quantile < 1.0 and token_weights is not None:
@@ -414,9 +339,9 @@ class GRPOModule(OnlineRLModule):
         return mask
 
     def micro_batch_loss(self, groups: Groups, advantages: Tensor, old: Tensor | None, ref: Tensor | None, rows,
-                         token_weights: Tensor | None = None):
-        """(this micro-batch's numerator of the aggregated loss, its entropy bonus numerator (0 with
-        entropy_coef = 0), summed token statistics)."""
+                         token_weights: Tensor | None, bonus_mask: Tensor):
+        """(this micro-batch's numerator of the aggregated loss, its entropy bonus numerator over
+        `bonus_mask` (0 with entropy_coef = 0), summed token statistics)."""
         hp = self.hparams
         samples, mask = groups.samples, groups.loss_mask[rows]
         forward = self.policy_forward(*(tensor[rows] for tensor in (
@@ -434,7 +359,7 @@ class GRPOModule(OnlineRLModule):
         terms = grpo_loss_terms(out.token_losses, mask, loss_type=hp.loss_type, max_completion_length=hp.max_new_tokens)
         bonus = torch.zeros((), device=mask.device)
         if forward.entropy is not None:
-            bonus = entropy_bonus_terms(forward.entropy, self.bonus_mask(groups.loss_mask, token_weights)[rows]).numerator
+            bonus = entropy_bonus_terms(forward.entropy, bonus_mask[rows]).numerator
         # The full distribution's entropy when the forward computed it, else -log pi of the sampled tokens (an estimate).
         entropy = forward.entropy.detach() if forward.entropy is not None else -logprobs.detach()
         stats = {
@@ -445,8 +370,8 @@ class GRPOModule(OnlineRLModule):
             stats["kl"] = masked_sum(out.kl.detach(), mask)
         return terms.numerator, bonus, stats
 
-    def log_generation_batch(self, groups: Groups, update: dict[str, Tensor], kl_reward: Tensor | None, *,
-                             generation_s: float, update_s: float) -> None:
+
+    def log_groups(self, groups: Groups, update: dict[str, Tensor], kl_reward: Tensor | None, **timing) -> None:
         """Per generation batch, under TRL's names where it has them."""
         hp = self.hparams
         samples, G = groups.samples, hp.num_generations
@@ -459,16 +384,10 @@ class GRPOModule(OnlineRLModule):
             "completions/mean_length": lengths.mean(), "completions/clipped_ratio": (~samples.stopped).float().mean(),
             **update,
             "clip_ratio/region_mean": update["clip_ratio/low_mean"] + update["clip_ratio/high_mean"],
-            "time/generation_s": generation_s, "time/update_s": update_s,
-            "perf/episodes_per_s": len(groups.rewards) * self.trainer.world_size / (generation_s + update_s),
-            "train/episodes": self.episodes.float(),
         }
         if kl_reward is not None:
             metrics["kl"] = kl_reward.sum() / lengths.sum().clamp(min=1.0)  # k1 per token
         if hp.dynamic_sampling:
             metrics["dynamic_sampling/filtered"] = (~groups.kept).float().mean()
             metrics["dynamic_sampling/resampled"] = groups.resampled / len(groups.kept)
-        reward = metrics.pop("reward")
-        self.log_dict({k: v.float() if isinstance(v, Tensor) else float(v) for k, v in metrics.items()}, sync_dist=True)
-        self.log("reward", reward.float(), prog_bar=True, sync_dist=True)
-        self.log_learning_rate()
+        self.log_generation_batch(metrics, shown="reward", **timing)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -10,11 +10,13 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from plpost.data.feedback import FeedbackBatch, FeedbackDataModule
+from plpost.frozen import ReferenceKind
 from plpost.losses import KTOLoss, kto_loss, kto_reference_point
-from plpost.modules.base import LoraSettings, default_optimizer
+from plpost.modules.base import default_optimizer
 from plpost.modules.dpo import metric_key
 from plpost.modules.preference_base import PreferenceModule
 from plpost.modules.preference_logps import completion_logps
+from plpost.modules.settings import ModelSettings
 
 KTO_METRICS = ("loss", "kl", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected")
 """Logged as train/<name> and val/<name> (with rewards/margins), the names TRL's KTOTrainer uses:
@@ -56,14 +58,14 @@ class KTOModule(PreferenceModule):
         undesirable_weight: the weight of the undesirable examples' losses. The paper suggests
             desirable_weight * n_desirable / (undesirable_weight * n_undesirable) in [1, 4/3].
         reference: where the reference log-probs come from: "copy" (a frozen second model),
-            "adapter" (the policy with its LoRA adapter disabled; needs `lora`) or "precomputed"
+            "adapter" (the policy with its LoRA adapter disabled; needs `lora`), "precomputed"
             (computed once before training for every example and its mismatched completion,
-            cached on disk), as for `DPOModule`.
-        reference_model: the reference's Hub name or folder (default: `model`). Not with "adapter".
+            cached on disk) or "auto" ("adapter" with LoRA, else "copy"), as for `DPOModule`.
+        reference_model: the reference's Hub name or folder (default: the policy's starting
+            weights). Not with "adapter".
         reference_cache_dir: where "precomputed" keeps its log-probs.
         disable_dropout: turn off every dropout in the policy (as TRL's KTO does by default).
-        random_init, dtype, attn_implementation, trust_remote_code, lora, gradient_checkpointing,
-            torch_compile, optimizer, scheduler: as for `DPOModule`.
+        model_settings, optimizer, scheduler: as for `DPOModule`.
     """
 
     data_modules = (FeedbackDataModule,)
@@ -77,30 +79,20 @@ class KTOModule(PreferenceModule):
         beta: float = 0.1,
         desirable_weight: float = 1.0,
         undesirable_weight: float = 1.0,
-        reference: Literal["copy", "adapter", "precomputed"] = "copy",
+        reference: ReferenceKind = "auto",
         reference_model: str | None = None,
         reference_cache_dir: str = ".plpost-cache/reference",
         disable_dropout: bool = True,
-        random_init: bool = False,
-        dtype: Literal["float32", "bfloat16", "float16"] | None = None,
-        attn_implementation: str | None = None,
-        trust_remote_code: bool = False,
-        lora: LoraSettings | None = None,
-        gradient_checkpointing: bool = False,
-        torch_compile: bool = False,
+        model_settings: ModelSettings = ModelSettings(),
         optimizer: OptimizerCallable = default_optimizer,
         scheduler: LRSchedulerCallable | None = None,
     ) -> None:
-        super().__init__(
-            model, tokenizer, random_init=random_init, dtype=dtype, attn_implementation=attn_implementation,
-            trust_remote_code=trust_remote_code, lora=lora, gradient_checkpointing=gradient_checkpointing,
-            torch_compile=torch_compile, optimizer=optimizer, scheduler=scheduler,
-        )
+        super().__init__(model, tokenizer, model_settings=model_settings, optimizer=optimizer, scheduler=scheduler)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         one = torch.zeros(1)  # kto_loss validates beta and the weights
         kto_loss(one, one, one.bool(), one[0], beta=beta, desirable_weight=desirable_weight,
                  undesirable_weight=undesirable_weight)
-        self.init_reference()
+        self.init_reference(reference, reference_model, allowed=("auto", "copy", "adapter", "precomputed"))
         self.val_metrics = nn.ModuleDict({metric_key(name): MeanMetric() for name in KTO_METRICS})
 
     def model_logps(self, model: nn.Module, batch: FeedbackBatch, layout: None = None) -> CompletionMismatched:

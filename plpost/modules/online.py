@@ -1,24 +1,54 @@
-"""What the online stages share: sampling from the policy and optimizer steps counted per generation
-batch (PPO, GRPO, distillation); and, for the reinforcement-learning ones (PPO, GRPO), the frozen
-reference they measure KL against and their frozen reward sources."""
+"""What the online stages share (PPO, GRPO, distillation): sampling from the policy, and one
+training step on what was sampled: the micro-batch layout, gradient accumulation, clipping, the
+optimizer and scheduler steps, and the episode metrics and timings; each stage gives its loss.
+The reinforcement-learning ones (PPO, GRPO) also share their reward sources and KL reference."""
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from collections import defaultdict
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
-from transformers import PreTrainedModel
 
 from plpost.data.prompts import PromptDataModule
 from plpost.generation import eager_sampling, generation_config
 from plpost.modules.base import PostTrainingModule
-from plpost.modules.reference import FrozenCopy, adapter_disabled, model_fingerprint, starting_copy
-from plpost.optim import WarmupCosineLR
+from plpost.modules.building import disable_dropout
 from plpost.rewards import RewardFunction, RewardScorer
 from plpost.rollout import Samples, response_forward, sample_responses
 from plpost.sharding import full_parameters
+
+Layout = list[list[Tensor]]
+"""Rows of a generation batch as optimizer steps (outer) of micro-batches (inner), each a (n,) index tensor."""
+MicroBatchLoss = Callable[[Tensor], tuple[Tensor, dict[str, Tensor]]]
+"""rows -> (the loss numerator summed over these rows, statistics summed over them, "tokens" among them)."""
+
+
+def micro_batch_layout(order: Tensor, num_mini_batches: int, accumulation_steps: int) -> Layout:
+    """Rows `order` as `num_mini_batches` optimizer steps of `accumulation_steps` micro-batches,
+    consecutive in `order`, sizes differing by at most one (any number of rows that can fill them)."""
+    if len(order) < num_mini_batches * accumulation_steps:
+        raise ValueError(f"{len(order)} rows cannot fill num_mini_batches * gradient_accumulation_steps = "
+                         f"{num_mini_batches * accumulation_steps} micro-batches: sample more per step, or lower these")
+    return [list(mini.tensor_split(accumulation_steps)) for mini in order.tensor_split(num_mini_batches)]
+
+
+def forward_in_layout(fn: Callable[..., Tensor | tuple[Tensor, ...]], tensors: Sequence[Tensor], layout: Layout):
+    """fn(*rows) over each micro-batch of `layout` in order, concatenated along dim 0 (each tensor
+    of a tuple on its own). The update's first pass runs over the same micro-batches, so the two
+    see bitwise-identical inputs and the first ratio is exactly 1."""
+    parts = [fn(*(t[rows] for t in tensors)) for mini in layout for rows in mini]
+    if isinstance(parts[0], Tensor):
+        return torch.cat(parts, dim=0)
+    return tuple(torch.cat(column, dim=0) for column in zip(*parts))
+
+
+def per_token(sums: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Summed statistics divided by their summed "tokens" (at least 1)."""
+    tokens = sums["tokens"].clamp(min=1.0)
+    return {name: value / tokens for name, value in sums.items() if name != "tokens"}
 
 
 def not_scored(prompts: list, completions: list[str], **columns: Any) -> Tensor:
@@ -28,13 +58,18 @@ def not_scored(prompts: list, completions: list[str], **columns: Any) -> Tensor:
 class OnlineModule(PostTrainingModule):
     """Base of the stages that train on their own samples, with manual optimization.
 
-    Subclasses keep `temperature`, `top_p`, `top_k` and `max_new_tokens` in their hyperparameters,
-    and say how many optimizer steps one training step (one generation batch) takes in
-    `optimizer_steps_per_batch`.
+    Subclasses keep `temperature`, `top_p`, `top_k`, `max_new_tokens`, `gradient_accumulation_steps`
+    and `gradient_clip_val` in their hyperparameters, say how many optimizer steps one training
+    step (one generation batch) takes in `optimizer_steps_per_batch`, and train with `update`.
     """
 
     data_modules = (PromptDataModule,)
     samples_while_training = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.register_buffer("episodes", torch.zeros((), dtype=torch.float64))  # in checkpoints
+        self.automatic_optimization = False
 
     @property
     def optimizer_steps_per_batch(self) -> int:
@@ -60,23 +95,90 @@ class OnlineModule(PostTrainingModule):
             return sample_responses(model, input_ids, attention_mask, config, pad_token_id=self.tokenizer.pad_token_id,
                                     logits_processor=logits_processor)
 
+    def build_models(self) -> None:
+        super().build_models()
+        # Two forwards of the same weights must agree exactly (the first ratio, the KL), as in TRL.
+        disable_dropout(self.policy)
+
     def join_sampling(self) -> None:
         """Takes part in a round of sampling that other devices generate in, generating nothing
         here: the gathering and freeing of the sharded weights are collectives every rank joins."""
         with full_parameters(self.generation_model()):
             pass
 
-    # -- optimizer steps ------------------------------------------------------------------
-    def configure_optimizers(self):
-        config = super().configure_optimizers()
-        scheduler = config["lr_scheduler"]["scheduler"] if isinstance(config, dict) else None
-        # The base class sizes the schedule with Lightning's estimate of stepping batches, which
-        # under manual optimization counts generation batches, not optimizer steps.
-        if isinstance(scheduler, WarmupCosineLR) and scheduler.total_steps == int(self.trainer.estimated_stepping_batches):
-            scheduler.total_steps = self.estimated_optimizer_steps()
-        return config
+    def policy_logprobs(self, *tensors: Tensor) -> Tensor:
+        """(B, R) log-probs of the response tokens under the policy, at the sampling temperature."""
+        return response_forward(self.policy, *tensors, temperature=self.hparams.temperature).logprobs
 
-    def estimated_optimizer_steps(self) -> int:
+    # -- the training step ----------------------------------------------------------------
+    def layout(self, rows: int, num_mini_batches: int = 1, order: Tensor | None = None) -> Layout:
+        """The generation batch's `rows` (in `order`, default as sampled) as `num_mini_batches`
+        optimizer steps of `gradient_accumulation_steps` micro-batches: the one rule of every online stage."""
+        order = torch.arange(rows, device=self.device) if order is None else order
+        return micro_batch_layout(order, num_mini_batches, self.hparams.gradient_accumulation_steps)
+
+    def update(
+        self, rows: int, micro_batch_loss: MicroBatchLoss, denominator: Callable[[Tensor], Tensor], *,
+        passes: int = 1, num_mini_batches: int = 1,
+    ) -> dict[str, Tensor]:
+        """`passes` over the generation batch's `rows`, each `num_mini_batches` optimizer steps (see
+        `layout`); returns the micro-batches' statistics summed over every pass.
+
+        Each micro-batch's numerator is divided by `denominator(rows of its optimizer step)`, the
+        normaliser of that whole step on every device (at least 1: a step with nothing to train has
+        numerators of 0, a zero gradient, not 0 / 0), and scaled by `loss_scale`, so the gradient is
+        the same whatever the micro-batch, accumulation or device split. The first pass keeps the
+        sampled order, the layout the old log-probs were computed in (same rows, same shapes: the
+        ratio is exactly 1 until the first optimizer step); each later pass draws a new order.
+        """
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        sums: dict[str, Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
+        for index in range(passes):
+            order = None if index == 0 else torch.randperm(rows).to(self.device)
+            for mini in self.layout(rows, num_mini_batches, order):
+                normaliser = denominator(torch.cat(mini)).clamp(min=1.0)
+                for micro_rows in mini:
+                    numerator, stats = micro_batch_loss(micro_rows)
+                    self.manual_backward(numerator / normaliser * self.loss_scale())
+                    for name, value in stats.items():
+                        sums[name] += value
+                clip = self.hparams.gradient_clip_val
+                if clip is not None:
+                    self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+                optimizer.step()
+                optimizer.zero_grad()
+                if scheduler is not None:
+                    scheduler.step()
+        return sums
+
+    def count_episodes(self, local: int) -> Tensor:
+        """Adds this generation batch's episodes on every device to `episodes`; returns their number."""
+        episodes = self.global_sum(torch.tensor(float(local), device=self.device))
+        self.episodes += episodes.to(self.episodes.dtype)
+        return episodes
+
+    def log_generation_batch(
+        self, metrics: dict[str, Tensor | float], *, shown: str, episodes: Tensor, generation_s: float,
+        update_s: float,
+    ) -> None:
+        """Logs one generation batch's `metrics` (averaged over devices) with the timings and
+        episode counts every online stage logs, `shown` in the progress bar."""
+        metrics = {
+            **metrics, "time/generation_s": generation_s, "time/update_s": update_s,
+            "perf/episodes_per_s": episodes / (generation_s + update_s), "train/episodes": self.episodes.float(),
+        }
+        shown_value = metrics.pop(shown)
+        # Python numbers go in as they are: Lightning makes them tensors on this module's device, as
+        # the collective of sync_dist needs (a CPU tensor would not reduce over NCCL).
+        self.log_dict({k: v.float() if isinstance(v, Tensor) else float(v) for k, v in metrics.items()}, sync_dist=True)
+        self.log(shown, shown_value.float() if isinstance(shown_value, Tensor) else float(shown_value), prog_bar=True,
+                 sync_dist=True)
+        self.log_learning_rate()
+
+    # -- the schedule ---------------------------------------------------------------------
+    def scheduled_steps(self) -> int:
+        # Lightning's estimate of stepping batches counts generation batches under manual
+        # optimization, not optimizer steps.
         trainer = self.trainer
         batches = trainer.num_training_batches * max(trainer.max_epochs or 1, 1)
         if trainer.max_epochs == -1 or batches == float("inf"):
@@ -88,15 +190,10 @@ class OnlineModule(PostTrainingModule):
 class OnlineRLModule(OnlineModule):
     """Base of the online reinforcement-learning stages (PPO, GRPO): reward sources and a KL reference.
 
-    Subclasses set `reward_scorer`, `reference_name`, `use_adapter_reference` and `reference`
-    (None until `build_reference`) in `__init__`.
+    Subclasses set `reward_scorer` and call `choose_reference` in `__init__`.
     """
 
-    frozen_modules = ("reference", "reward_scorer.sources")
     reward_scorer: RewardScorer
-    reference: FrozenCopy | None
-    reference_name: str
-    use_adapter_reference: bool
 
     @classmethod
     def from_hyperparameters(cls, hyperparameters: dict[str, Any]) -> OnlineRLModule:
@@ -105,32 +202,20 @@ class OnlineRLModule(OnlineModule):
         # score stands in for them.
         return super().from_hyperparameters({"rewards": [RewardFunction(not_scored)], **hyperparameters})
 
-    # -- models ---------------------------------------------------------------------------
-    def build_reference(self, initial: PreTrainedModel) -> None:
-        """A frozen copy of the reference's weights, unless the reference is the disabled adapter.
+    def build_models(self) -> None:
+        super().build_models()
+        self.build_value_model()
+        self.reward_scorer.setup(self.tokenizer)
 
-        The policy's own initial weights are copied when they are the reference (also right for
-        random_init, where loading again would draw different weights).
-        """
-        if self.use_adapter_reference:
-            return
-        same = self.reference_name == self.model_name
-        frozen_dtype = self.weights_dtype(frozen=True)
-        reference = (starting_copy(initial, frozen_dtype) if same
-                     else self.load_pretrained(self.reference_name, random_init=False, frozen=True))
-        self.reference = FrozenCopy(reference, self.reference_name)
+    def build_value_model(self) -> None:
+        """Builds what the stage trains besides the policy (PPO's value head or critic); nothing here."""
 
     def reference_logprobs(self, *tensors: Tensor) -> Tensor:
         """(B, R) log-probs of the response tokens under the reference, at the sampling temperature."""
-        reference = nullcontext(self.reference) if self.reference is not None else adapter_disabled(self.policy)
-        with reference as model:
+        with self.reference_model() as model:
             return response_forward(model, *tensors, temperature=self.hparams.temperature).logprobs
 
     def frozen_sources(self) -> dict[str, Any]:
-        sources = {}
-        if self.reference is not None:
-            sources["reference"] = model_fingerprint(self.reference_name)
-        elif self.use_adapter_reference:
-            sources["reference"] = "the policy without its adapter"
+        sources = super().frozen_sources()
         sources.update({f"reward/{s.name}": s.source() for s in self.reward_scorer.sources})
         return sources

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 from typing import Literal
 
 import torch
@@ -12,15 +11,17 @@ from torch import Tensor
 from transformers import AutoModelForSequenceClassification
 
 from plpost.data.prompts import PromptBatch
+from plpost.frozen import ReferenceKind
 from plpost.hf import load_causal_lm
 from plpost.losses import adaptive_kl_coefficient, clipped_value_loss, gae, kl_penalty, masked_sum, masked_whiten
-from plpost.losses import ppo_policy_loss
-from plpost.modules.base import LoraSettings, default_optimizer, disable_dropout
-from plpost.modules.online import OnlineRLModule
+from plpost.losses import per_token_rewards, ppo_policy_loss
+from plpost.modules.base import default_optimizer
+from plpost.modules.building import disable_dropout
+from plpost.modules.online import OnlineRLModule, forward_in_layout, per_token
 from plpost.modules.ppo_value import ValueHead, critic_values, zero_where_not
-from plpost.modules.reference import FrozenCopy
-from plpost.rewards import RewardModel, RewardScorer, RewardSource, per_token_rewards, responses_of
-from plpost.rollout import ResponseForward, Rollout, in_chunks, response_forward, rollout_statistics
+from plpost.modules.settings import ModelSettings
+from plpost.rewards import RewardModel, RewardScorer, RewardSource, responses_of
+from plpost.rollout import ResponseForward, Rollout, response_forward, rollout_statistics
 
 
 class PPOModule(OnlineRLModule):
@@ -50,16 +51,17 @@ class PPOModule(OnlineRLModule):
             backbone, one forward for both); "critic": a separate model (`critic_model`).
         critic_model: the critic's initial weights (default: the first `RewardModel` source's
             folder); it must share the policy's tokenizer.
-        reference: the KL anchor: "copy": a frozen copy of `reference_model`; "adapter":
-            the LoRA policy with its adapter switched off (no memory); "auto": the latter with LoRA.
-        reference_model: the reference's weights for "copy" (default: `model`).
+        reference: the KL anchor (see `plpost.frozen`): "copy": a frozen copy; "adapter": the
+            LoRA policy with its adapter switched off (no memory); "auto": the latter with LoRA.
+        reference_model: the reference's weights for "copy" (default: the policy's starting weights).
         max_new_tokens: the longest response.
         temperature: sampling temperature; log-probs are taken at the same temperature.
         top_p: nucleus sampling threshold (1.0: off).
         top_k: sample among the k most likely tokens (0: off).
         ppo_epochs: passes over each rollout.
-        num_mini_batches: optimizer steps per pass; must divide the per-device batch size.
-        gradient_accumulation_steps: micro-batches per optimizer step; must divide the mini-batch.
+        num_mini_batches: optimizer steps per pass; the rollout's rows are split into this many
+            (sizes differing by at most one; see `plpost.modules.online.micro_batch_layout`).
+        gradient_accumulation_steps: micro-batches per optimizer step, split the same way.
         clip_ratio: PPO's epsilon: the ratio is clipped to [1 - eps, 1 + eps].
         vf_coef: weight of the value loss.
         cliprange_value: how far a value may move from its rollout value before its loss is clipped.
@@ -74,19 +76,9 @@ class PPOModule(OnlineRLModule):
         kl_horizon: the controller's horizon, in episodes (responses).
         gradient_clip_val: clip the gradient norm of each optimizer step (None: off). Given here,
             not to the Trainer, which does not clip under manual optimization.
-        random_init: build the policy from its config with random weights instead of loading them.
-        dtype: the weights' dtype outside a Trainer (exporting, chatting). Training, the Trainer's
-            `precision` decides (float32 trained weights under `*-mixed`, see `plpost.precision`),
-            and a `dtype` that contradicts it is refused.
-        attn_implementation: "sdpa", "eager", "flash_attention_2", ... (default: transformers' choice).
-        trust_remote_code: allow model code from the model's repository (off: it runs arbitrary code).
-        lora: train LoRA adapters instead of all weights (the critic gets its own adapters).
-        gradient_checkpointing: recompute activations in the backward pass to save memory.
-        torch_compile: compile the forwards of the policy, the "copy" reference and the critic
-            with `torch.compile`: the rollout's scoring and the updates run compiled, sampling
-            runs eagerly (see `compiled_modules`). The first rollout pays for the compile (about
-            25 s for the tiny model on a CPU, more for larger ones); shapes are compiled dynamic,
-            so other lengths do not recompile. Checkpoints and exports are unchanged.
+        model_settings: how the policy loads and trains (`plpost.modules.ModelSettings`); the critic
+            gets its own LoRA adapters, and `torch_compile` compiles the policy, a "copy" reference
+            and the critic (the rollout's scoring and the updates; sampling stays eager).
         optimizer: the optimizer, given the trainable parameters (policy, value head or critic).
         scheduler: the learning-rate schedule, stepped every optimizer step.
     """
@@ -102,7 +94,7 @@ class PPOModule(OnlineRLModule):
         reward_clip: float | None = None,
         value_model: Literal["head", "critic"] = "head",
         critic_model: str | None = None,
-        reference: Literal["auto", "copy", "adapter"] = "auto",
+        reference: ReferenceKind = "auto",
         reference_model: str | None = None,
         max_new_tokens: int = 64,
         temperature: float = 1.0,
@@ -123,24 +115,12 @@ class PPOModule(OnlineRLModule):
         target_kl: float | None = None,
         kl_horizon: int = 10000,
         gradient_clip_val: float | None = 1.0,
-        random_init: bool = False,
-        dtype: Literal["float32", "bfloat16", "float16"] | None = None,
-        attn_implementation: str | None = None,
-        trust_remote_code: bool = False,
-        lora: LoraSettings | None = None,
-        gradient_checkpointing: bool = False,
-        torch_compile: bool = False,
+        model_settings: ModelSettings = ModelSettings(),
         optimizer: OptimizerCallable = default_optimizer,
         scheduler: LRSchedulerCallable | None = None,
     ) -> None:
-        super().__init__(
-            model, tokenizer, random_init=random_init, dtype=dtype, attn_implementation=attn_implementation,
-            trust_remote_code=trust_remote_code, lora=lora, gradient_checkpointing=gradient_checkpointing,
-            torch_compile=torch_compile, optimizer=optimizer, scheduler=scheduler,
-        )
+        super().__init__(model, tokenizer, model_settings=model_settings, optimizer=optimizer, scheduler=scheduler)
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "rewards"])
-        if reference == "adapter" and lora is None:
-            raise ValueError("reference='adapter' needs a LoRA policy (`lora:`); use 'copy'")
         if value_model == "critic" and critic_model is None:
             critic_model = next((s.path for s in rewards if isinstance(s, RewardModel)), None)
             if critic_model is None:
@@ -151,43 +131,29 @@ class PPOModule(OnlineRLModule):
             rewards, missing_eos_penalty=missing_eos_penalty, normalize=normalize_rewards, clip=reward_clip
         )
         self.critic_name = critic_model
-        self.use_adapter_reference = reference == "adapter" or (reference == "auto" and lora is not None)
-        self.reference_name = reference_model or model
-        self.reference: FrozenCopy | None = None
+        self.choose_reference(reference, reference_model, allowed=("auto", "copy", "adapter"))
         self.value_head: ValueHead | None = None
         self.critic: torch.nn.Module | None = None
         # Buffers, so checkpoints carry them: the adaptive KL controller's state and the counters.
         self.register_buffer("kl_coef", torch.tensor(float(kl_coef), dtype=torch.float64))
-        self.register_buffer("episodes", torch.zeros((), dtype=torch.float64))
         self.register_buffer("rollouts", torch.zeros((), dtype=torch.float64))
-        self.automatic_optimization = False
 
     # -- models ---------------------------------------------------------------------------
-    def configure_model(self) -> None:
-        if self.policy is not None:
-            return
-        initial = self.load_pretrained()
-        self.build_reference(initial)
-        self.policy = self.prepare_trainable(initial)
-        disable_dropout(self.policy)
-        text_config = self.policy.config.get_text_config()
+    def build_value_model(self) -> None:
         if self.hparams.value_model == "head":
-            self.value_head = ValueHead(text_config.hidden_size)
-        else:
-            # A reward model folder keeps its trained head (a good start: it already tells good
-            # responses from bad); a causal LM folder gets a new head on its backbone.
-            critic = load_causal_lm(
-                self.critic_name, dtype=self.weights_dtype(), attn_implementation=self.attn_implementation,
-                trust_remote_code=self.trust_remote_code, auto_class=AutoModelForSequenceClassification,
-                empty=self.builds_empty(), num_labels=1, pad_token_id=self.tokenizer.pad_token_id,
-            )
-            self.critic = self.prepare_trainable(critic, task_type="SEQ_CLS")
-            disable_dropout(self.critic)
-        self.reward_scorer.setup(self.tokenizer)
-        self.finish_models()
+            self.value_head = ValueHead(self.policy.config.get_text_config().hidden_size)
+            return
+        # A reward model folder keeps its trained head (a good start: it already tells good
+        # responses from bad); a causal LM folder gets a new head on its backbone.
+        critic = load_causal_lm(
+            self.critic_name, **self.loading_arguments(random_init=False, frozen=False, empty=None),
+            auto_class=AutoModelForSequenceClassification, num_labels=1, pad_token_id=self.tokenizer.pad_token_id,
+        )
+        self.critic = self.prepare_trainable(critic, task_type="SEQ_CLS")
+        disable_dropout(self.critic)
 
-    def sharded_modules(self) -> list[torch.nn.Module | None]:
-        return [self.policy, self.reference.model if self.reference is not None else None, self.critic, self.value_head]
+    def trained_modules(self) -> list[torch.nn.Module | None]:
+        return [self.policy, self.critic, self.value_head]
 
     def compiled_modules(self) -> list[torch.nn.Module | None]:
         """The policy, the frozen reference and the critic's backbone (which `critic_values` calls).
@@ -203,10 +169,7 @@ class PPOModule(OnlineRLModule):
         which plpost's sampling does not use.
         """
         critic = self.critic.get_base_model() if hasattr(self.critic, "get_base_model") else self.critic
-        return [
-            self.policy, self.reference.model if self.reference is not None else None,
-            critic.base_model if critic is not None else None,
-        ]
+        return [self.policy, *self.stage_frozen_models(), critic.base_model if critic is not None else None]
 
     def policy_and_values(
         self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, response_mask: Tensor,
@@ -228,23 +191,14 @@ class PPOModule(OnlineRLModule):
         return forward.logprobs, values
 
     # -- rollout --------------------------------------------------------------------------
-    def micro_batch_size(self, rows: int) -> int:
-        splits = self.hparams.num_mini_batches * self.hparams.gradient_accumulation_steps
-        if rows % splits:
-            raise ValueError(
-                f"the rollout batch ({rows} prompts) must divide into num_mini_batches * gradient_accumulation_steps "
-                f"= {splits} micro-batches; change the data's batch_size or these two"
-            )
-        return rows // splits
-
     @torch.no_grad()
     def make_rollout(self, batch: PromptBatch) -> tuple[Rollout, dict[str, Tensor]]:
         """Samples, then scores: log-probs and values in the update's micro-batch layout."""
         samples = self.sample(batch.input_ids, batch.attention_mask)
         tensors = [samples.input_ids, samples.attention_mask, samples.position_ids, samples.response_mask]
-        micro = self.micro_batch_size(len(samples.input_ids))
-        logprobs, values = in_chunks(self.rollout_logprobs_and_values, tensors, micro)
-        ref_logprobs = in_chunks(self.reference_logprobs, tensors, micro)
+        layout = self.layout(len(samples.input_ids), self.hparams.num_mini_batches)
+        logprobs, values = forward_in_layout(self.rollout_logprobs_and_values, tensors, layout)
+        ref_logprobs = forward_in_layout(self.reference_logprobs, tensors, layout)
         scores = self.reward_scorer(responses_of(self.tokenizer, samples, batch.prompts, batch.columns),
                                     gather=self.all_gather)
         if torch.isnan(scores.scores).any():
@@ -264,41 +218,24 @@ class PPOModule(OnlineRLModule):
         advantages, returns = gae(rewards, rollout.values, mask, gamma=hp.gamma, lam=hp.lam)
         if hp.whiten_advantages:
             advantages = masked_whiten(advantages, mask)
-        update = self.ppo_update(rollout, advantages, returns)        # ppo_epochs x mini-batches
+
+        def micro_batch_loss(rows: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+            return self.micro_batch_loss(rollout, advantages, returns, rows)
+
+        def tokens_of_step(rows: Tensor) -> Tensor:                   # per token of the whole optimizer step
+            return self.global_sum(mask[rows].sum())
+
+        sums = self.update(len(mask), micro_batch_loss, tokens_of_step, passes=hp.ppo_epochs,
+                           num_mini_batches=hp.num_mini_batches)
         sequence_kl = kl.sum(1)
         kl_coef_used = float(self.kl_coef)
-        self.update_kl_coefficient(sequence_kl)
-        self.log_rollout(rollout, sequence_kl, rewards, returns, per_source, update, kl_coef_used,
-                         generation_s=generated - started, update_s=time.perf_counter() - generated)
-
-    def ppo_update(self, rollout: Rollout, advantages: Tensor, returns: Tensor) -> dict[str, Tensor]:
-        """Token-weighted means over every epoch of the update's statistics."""
-        hp = self.hparams
-        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
-        mask = rollout.response_mask
-        rows = mask.shape[0]
-        micro = self.micro_batch_size(rows)
-        mini = micro * hp.gradient_accumulation_steps
-        sums: dict[str, Tensor] = defaultdict(lambda: torch.zeros((), device=mask.device))
-        for epoch in range(hp.ppo_epochs):
-            # Epoch 0 keeps the rollout's order, so each micro-batch is exactly a chunk the rollout's
-            # forward saw (same rows, same shapes): until the first optimizer step the ratio is
-            # exactly 1, bit for bit, not merely close to it.
-            order = torch.arange(rows, device=mask.device) if epoch == 0 else torch.randperm(rows).to(mask.device)
-            for mini_rows in order.split(mini):
-                tokens = self.global_sum(mask[mini_rows].sum())       # per token of the whole optimizer step
-                for micro_rows in mini_rows.split(micro):
-                    loss, stats = self.micro_batch_loss(rollout, advantages, returns, micro_rows)
-                    self.manual_backward(loss / tokens * self.loss_scale())
-                    for name, value in stats.items():
-                        sums[name] += value
-                if hp.gradient_clip_val is not None:
-                    self.clip_gradients(optimizer, gradient_clip_val=hp.gradient_clip_val, gradient_clip_algorithm="norm")
-                optimizer.step()
-                optimizer.zero_grad()
-                if scheduler is not None:
-                    scheduler.step()
-        return {name: value / sums["tokens"] for name, value in sums.items() if name != "tokens"}
+        episodes = self.update_kl_coefficient(sequence_kl)
+        metrics = {
+            **rollout_statistics(rollout, sequence_kl, rewards, returns), "objective/kl_coef": kl_coef_used,
+            **{f"rewards/{name}": value.mean() for name, value in per_source.items()}, **per_token(sums),
+        }
+        self.log_generation_batch(metrics, shown="objective/scores", episodes=episodes,
+                                  generation_s=generated - started, update_s=time.perf_counter() - generated)
 
     def micro_batch_loss(self, rollout: Rollout, advantages: Tensor, returns: Tensor, rows: Tensor):
         """(summed loss of these rows' tokens, summed statistics)."""
@@ -322,33 +259,19 @@ class PPOModule(OnlineRLModule):
             stats["policy/entropy"] = forward.entropy.detach().sum()
         return loss, stats
 
-    def update_kl_coefficient(self, sequence_kl: Tensor) -> None:
-        """Counts the episodes and moves kl_coef towards target_kl (if set) by the KL of all devices."""
-        episodes = self.global_sum(torch.tensor(float(len(sequence_kl)), device=sequence_kl.device))
-        observed = self.global_sum(sequence_kl.sum()) / episodes
-        self.episodes += episodes.to(self.episodes.dtype)
+    def update_kl_coefficient(self, sequence_kl: Tensor) -> Tensor:
+        """Counts the episodes of all devices (returned) and moves kl_coef towards target_kl (if set)
+        by their KL."""
+        episodes = self.count_episodes(len(sequence_kl))
         self.rollouts += 1
         if self.hparams.target_kl is not None:
+            observed = self.global_sum(sequence_kl.sum()) / episodes
             coef = adaptive_kl_coefficient(
                 float(self.kl_coef), observed, target=self.hparams.target_kl, horizon=self.hparams.kl_horizon,
                 n_steps=int(episodes),
             )
             self.kl_coef.fill_(coef)
-
-    def log_rollout(self, rollout, sequence_kl, rewards, returns, per_source, update, kl_coef, *, generation_s, update_s):
-        metrics = {
-            **rollout_statistics(rollout, sequence_kl, rewards, returns), "objective/kl_coef": kl_coef,
-            **{f"rewards/{name}": value.mean() for name, value in per_source.items()}, **update,
-            "time/generation_s": generation_s, "time/update_s": update_s,
-            "perf/episodes_per_s": len(rollout.scores) * self.trainer.world_size / (generation_s + update_s),
-            "train/episodes": self.episodes.float(),
-        }
-        scores = metrics.pop("objective/scores")
-        # Python numbers go in as they are: Lightning makes them tensors on this module's device, as
-        # the collective of sync_dist needs (a CPU tensor would not reduce over NCCL).
-        self.log_dict({k: v.float() if isinstance(v, Tensor) else float(v) for k, v in metrics.items()}, sync_dist=True)
-        self.log("objective/scores", scores, prog_bar=True, sync_dist=True)
-        self.log_learning_rate()
+        return episodes
 
     @property
     def optimizer_steps_per_batch(self) -> int:

@@ -10,57 +10,33 @@ absent ("none", for reference-free losses). A stage says what it computes of a b
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar, Literal, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from plpost.modules.base import PostTrainingModule, disable_dropout
-from plpost.modules.reference import (
-    FrozenCopy,
-    adapter_disabled,
-    cache_key,
-    lookup,
-    model_fingerprint,
-    precompute_logps,
-    starting_copy,
-)
-
-ReferenceKind = Literal["copy", "adapter", "precomputed", "none"]
+from plpost.frozen import FrozenCopy, ReferenceKind, model_fingerprint
+from plpost.modules.base import PostTrainingModule
+from plpost.modules.building import disable_dropout
+from plpost.modules.precomputed import cache_key, lookup, precompute_logps
 
 
 class PreferenceModule(PostTrainingModule):
     """A policy trained against a frozen reference on a fixed dataset (see the module docstring).
 
-    Subclasses call `init_reference()` after `save_hyperparameters()` (which must hold
-    `reference`, `reference_model`, `reference_cache_dir`, `disable_dropout`, `lora`,
-    `random_init`), and define `model_logps`, `example_index` and `logps_type`.
+    Subclasses call `init_reference(reference, reference_model, allowed=...)` in `__init__`, after
+    `save_hyperparameters()` (which must hold `reference_cache_dir` and `disable_dropout`), and
+    define `model_logps`, `example_index` and `logps_type`.
     """
 
-    frozen_modules = ("reference",)
     logps_type: ClassVar[type[NamedTuple]]
     """The NamedTuple `model_logps` returns; its fields are the precomputed table's columns."""
 
-    def init_reference(self) -> None:
-        self.check_reference_settings()
-        self.reference_name = self.hparams.reference_model or self.hparams.model
-        self.reference: FrozenCopy | None = None  # built in configure_model for reference="copy"
+    def init_reference(self, kind: ReferenceKind, reference_model: str | None, *, allowed: tuple[str, ...]) -> None:
+        self.choose_reference(kind, reference_model, allowed=allowed)
         # split -> (the examples it holds, example_index -> reference values, one column per field)
         self.precomputed: dict[str, tuple[list[dict], Tensor]] = {}
         self.reference_cache_files: dict[str, str] = {}
-
-    def check_reference_settings(self) -> None:
-        """Fails on contradictory settings now, not after the model has loaded."""
-        h = self.hparams
-        if h.reference == "adapter" and h.lora is None:
-            raise ValueError("reference='adapter' is the policy with its LoRA adapter disabled, so it needs `lora`; "
-                             "without LoRA use reference='copy' or 'precomputed'")
-        if h.reference == "adapter" and h.reference_model not in (None, h.model):
-            raise ValueError("reference='adapter' always compares against `model` (the adapter's base); "
-                             "for another reference_model use reference='copy' or 'precomputed'")
-        if h.reference == "precomputed" and h.random_init and h.reference_model is None:
-            raise ValueError("random_init gives starting weights that cannot be reloaded for reference='precomputed'; "
-                             "use reference='copy' or give reference_model")
 
     def model_logps(self, model: nn.Module, batch: Any, layout: Any = None) -> NamedTuple:
         """`model`'s values of each example of `batch` (a `logps_type`); layout: what the caller
@@ -75,58 +51,26 @@ class PreferenceModule(PostTrainingModule):
         """Checks the policy can run as the settings ask, once it is built (nothing by default)."""
 
     # -- models ---------------------------------------------------------------------------
-    def configure_model(self) -> None:
-        if self.policy is not None:
-            return
-        start = self.load_pretrained()
-        if self.hparams.reference == "copy":
-            # The policy's own starting weights need no second load (and random_init needs the copy).
-            frozen_dtype = self.weights_dtype(frozen=True)
-            weights = starting_copy(start, frozen_dtype) if self.hparams.reference_model is None else self.load_reference()
-            self.reference = FrozenCopy(weights, source=self.frozen_sources()["reference"])
-        self.policy = self.prepare_trainable(start)
+    def build_models(self) -> None:
+        super().build_models()
         if self.hparams.disable_dropout:
             disable_dropout(self.policy)
         self.check_policy()
-        self.finish_models()
 
-    def sharded_modules(self) -> list[torch.nn.Module | None]:
-        return [self.policy, self.reference.model if self.reference is not None else None]
-
-    def compiled_modules(self) -> list[nn.Module | None]:
-        # The frozen copy runs over the same rows as the policy at every step, a forward as long as
-        # the policy's own, and costs one more compile without a backward (measured on the tiny
-        # model: no longer first step). "adapter" is the policy itself, compiled already (with the
-        # adapter off it compiles once more); "precomputed" runs its reference once, before
-        # training, where the compile would cost about what it saves.
-        return [self.policy, self.reference.model if self.reference is not None else None]
-
-    def load_reference(self, *, empty: bool | None = None) -> nn.Module:
-        return self.load_pretrained(self.reference_name, random_init=False, frozen=True, empty=empty)
-
-    def frozen_sources(self) -> dict[str, str]:
-        kind = self.hparams.reference
-        if kind == "adapter":
-            return {"reference": f"{self.model_name} (the policy with its LoRA adapter disabled)"}
-        if kind == "none":
-            return {}
-        source = self.reference_name
-        if self.hparams.random_init and self.hparams.reference_model is None:
-            source += " (random_init: the starting weights are not reproducible from this name)"
-        sources = {"reference": source}
-        sources.update({f"reference_logps/{split}": path for split, path in self.reference_cache_files.items()})
+    def frozen_sources(self) -> dict[str, Any]:
+        sources = super().frozen_sources()
+        if self.reference_kind == "precomputed":
+            sources["reference"] = model_fingerprint(self.precomputed_source)
+            sources.update({f"reference_logps/{split}": path for split, path in self.reference_cache_files.items()})
         return sources
 
     # -- reference values -----------------------------------------------------------------
     def reference_logps(self, batch: Any, split: str, layout: Any = None) -> NamedTuple | None:
         """From the frozen copy, the policy with its adapter disabled, the precomputed table, or None."""
-        kind = self.hparams.reference
-        if kind == "copy":
-            with torch.no_grad():
-                return self.model_logps(self.reference, batch, layout)
-        if kind == "adapter":
-            with adapter_disabled(self.policy) as base:
-                return self.model_logps(base, batch, layout)
+        kind = self.reference_kind
+        if kind in ("copy", "adapter"):
+            with torch.no_grad(), self.reference_model() as reference:
+                return self.model_logps(reference, batch, layout)
         if kind == "precomputed":
             _, table = self.precomputed[split]
             return self.logps_type(*lookup(table, self.example_index(batch)).unbind(-1))
@@ -140,7 +84,7 @@ class PreferenceModule(PostTrainingModule):
 
     def precompute_reference(self, splits: tuple[str, ...]) -> None:
         """Fills `self.precomputed` for the splits the data module has, from cache or one forward pass."""
-        if self.hparams.reference != "precomputed":
+        if self.reference_kind != "precomputed":
             return
         data = self.trainer.datamodule
         if data is None or not hasattr(data, "train_examples"):
@@ -152,11 +96,12 @@ class PreferenceModule(PostTrainingModule):
         examples = {s: rows for s, rows in examples.items() if rows and self.precomputed.get(s, (None,))[0] is not rows}
         if not examples:
             return
-        reference = model_fingerprint(self.reference_name)
+        reference = model_fingerprint(self.precomputed_source)
         jobs = {}
         for split, rows in examples.items():
             key = cache_key(reference, rows, tokenizer=self.tokenizer_name, dtype=self.weights_dtype(frozen=True),
-                            attn_implementation=self.attn_implementation, precision=self.trainer.precision)
+                            attn_implementation=self.model_settings.attn_implementation,
+                            precision=self.trainer.precision)
             jobs[split] = (Path(self.hparams.reference_cache_dir) / f"{key}.pt", rows)
             self.reference_cache_files[split] = str(jobs[split][0])
         tables = precompute_logps(
@@ -165,11 +110,18 @@ class PreferenceModule(PostTrainingModule):
         )
         self.precomputed.update({split: (examples[split], table.to(self.device)) for split, table in tables.items()})
 
+    @property
+    def precomputed_source(self) -> str:
+        """What a "precomputed" reference loads: `reference_model`, else the policy's `model` as stored."""
+        return self.reference_name or self.model_name
+
     def load_frozen_reference(self) -> nn.Module:
         """The reference on this device, converted as the strategy converted the policy (e.g. bf16-true)."""
         # Loaded whole on every rank, not sharded: each computes its share of the batches with it.
-        model = self.trainer.precision_plugin.convert_module(self.load_reference(empty=False))
-        return FrozenCopy(model, source=self.reference_name).to(self.device)
+        # Loaded, not copied, even from the policy's own name: a resumed run's policy has trained since.
+        reference = self.load_pretrained(self.precomputed_source, random_init=False, frozen=True, empty=False)
+        model = self.trainer.precision_plugin.convert_module(reference)
+        return FrozenCopy(model, source=self.precomputed_source).to(self.device)
 
     def indexed_logps(self, model: nn.Module, batch: Any) -> tuple[Tensor, Tensor]:
         batch = self.transfer_batch_to_device(batch, self.device, 0)

@@ -15,7 +15,8 @@ from plpost.data.preference import PreferenceBatch, PreferenceDataModule
 from plpost.data.shared_prompt import SharedPromptRows, check_shared_prompt_attention, share_prompts
 from plpost.hf import load_causal_lm
 from plpost.losses import RewardLoss, bradley_terry_loss, reward_centering_penalty
-from plpost.modules.base import LoraSettings, PostTrainingModule, default_optimizer
+from plpost.modules.base import PostTrainingModule, default_optimizer
+from plpost.modules.settings import ModelSettings
 from plpost.reward_head import SCORE_HEAD, backbone_and_head, sequence_rewards
 
 PAIR_METRICS = ("loss", "accuracy", "rewards_chosen", "rewards_rejected", "margin")
@@ -66,25 +67,15 @@ class RewardModule(PostTrainingModule):
             with a mask that keeps the rejected tokens from seeing the chosen ones (see
             `plpost.data.shared_prompt`): the same rewards and gradients, fewer tokens. Needs
             attn_implementation "sdpa" or "eager"; off, chosen and rejected are two padded rows.
-        random_init: build the model from its config with random weights instead of loading them.
-        dtype: the weights' dtype outside a Trainer (exporting, chatting). Training, the Trainer's
-            `precision` decides (float32 trained weights under `*-mixed`, see `plpost.precision`),
-            and a `dtype` that contradicts it is refused.
-        attn_implementation: "sdpa", "eager", "flash_attention_2", ... (default: transformers' choice).
-        trust_remote_code: allow model code from the model's repository (off: it runs arbitrary code).
-        lora: train LoRA adapters instead of all weights; the reward head is always trained in
-            full (it is added to `modules_to_save`), since it starts from random weights.
-        gradient_checkpointing: recompute activations in the backward pass to save memory.
-        torch_compile: compile the backbone's forward (which the rewards call) with
-            `torch.compile`, for faster steps. The first step pays for the compile (about 30 s
-            for the tiny model on a CPU, more for larger ones, and again at the first validation
-            step); shapes are compiled dynamic, so batches of other lengths do not recompile.
-            Checkpoints and exports are unchanged.
+        model_settings: how the model loads and trains (`plpost.modules.ModelSettings`). With LoRA
+            the reward head is always trained in full (it is added to `modules_to_save`), since it
+            starts from random weights; `torch_compile` compiles the backbone (which the rewards call).
         optimizer: the optimizer, given the trainable parameters.
         scheduler: the learning-rate schedule, stepped every optimizer step.
     """
 
     data_modules = (PreferenceDataModule,)
+    task_type = "SEQ_CLS"
 
     def __init__(
         self,
@@ -93,31 +84,15 @@ class RewardModule(PostTrainingModule):
         *,
         center_rewards_coefficient: float | None = None,
         share_prompt: bool = True,
-        random_init: bool = False,
-        dtype: Literal["float32", "bfloat16", "float16"] | None = None,
-        attn_implementation: str | None = None,
-        trust_remote_code: bool = False,
-        lora: LoraSettings | None = None,
-        gradient_checkpointing: bool = False,
-        torch_compile: bool = False,
+        model_settings: ModelSettings = ModelSettings(),
         optimizer: OptimizerCallable = default_optimizer,
         scheduler: LRSchedulerCallable | None = None,
     ) -> None:
+        lora = model_settings.lora
         if lora is not None and SCORE_HEAD not in (lora.modules_to_save or []):
             lora = replace(lora, modules_to_save=[*(lora.modules_to_save or []), SCORE_HEAD])
-        super().__init__(
-            model,
-            tokenizer,
-            random_init=random_init,
-            dtype=dtype,
-            attn_implementation=attn_implementation,
-            trust_remote_code=trust_remote_code,
-            lora=lora,
-            gradient_checkpointing=gradient_checkpointing,
-            torch_compile=torch_compile,
-            optimizer=optimizer,
-            scheduler=scheduler,
-        )
+            model_settings = replace(model_settings, lora=lora)
+        super().__init__(model, tokenizer, model_settings=model_settings, optimizer=optimizer, scheduler=scheduler)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.center_rewards_coefficient = center_rewards_coefficient
         self.share_prompt = share_prompt
@@ -132,23 +107,14 @@ class RewardModule(PostTrainingModule):
         # so Hugging Face's own pooling (used by other libraries) works wherever pad != eos;
         # plpost itself never relies on it.
         return load_causal_lm(
-            name_or_path or self.model_name,
-            random_init=self.random_init if random_init is None else random_init,
-            dtype=self.weights_dtype(frozen=frozen),
-            attn_implementation=self.attn_implementation,
-            trust_remote_code=self.trust_remote_code,
-            auto_class=AutoModelForSequenceClassification,
-            empty=self.builds_empty() if empty is None else empty,
-            num_labels=1,
-            pad_token_id=self.tokenizer.pad_token_id,
+            name_or_path or self.model_name, **self.loading_arguments(random_init, frozen, empty),
+            auto_class=AutoModelForSequenceClassification, num_labels=1, pad_token_id=self.tokenizer.pad_token_id,
         )
 
-    def configure_model(self) -> None:
-        if self.policy is None:
-            self.policy = self.prepare_trainable(self.load_pretrained(), task_type="SEQ_CLS")
+    def build_models(self) -> None:
+        super().build_models()
         if self.share_prompt:
             check_shared_prompt_attention(backbone_and_head(self.policy)[0].config._attn_implementation)
-        self.finish_models()
 
     def compiled_modules(self) -> list[nn.Module]:
         # Rewards call the backbone and the head themselves (see `sequence_rewards`), never the

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
@@ -12,7 +10,8 @@ from torchmetrics import MeanMetric
 from plpost.data.chat import ChatDataModule
 from plpost.data.collate import ChatBatch
 from plpost.losses import SFTTokenLosses, next_token_targets, sft_token_losses
-from plpost.modules.base import LoraSettings, PostTrainingModule, default_optimizer
+from plpost.modules.base import PostTrainingModule, default_optimizer
+from plpost.modules.settings import ModelSettings
 
 
 class SFTModule(PostTrainingModule):
@@ -25,18 +24,8 @@ class SFTModule(PostTrainingModule):
     Args:
         model: Hub name, local folder, or bundled name (``plpost:tiny``) of a causal LM.
         tokenizer: the tokenizer (default: the model's); linked from the data in the CLI.
-        random_init: build the model from its config with random weights instead of loading them.
-        dtype: the weights' dtype outside a Trainer (exporting, chatting). Training, the Trainer's
-            `precision` decides (float32 trained weights under `*-mixed`, see `plpost.precision`),
-            and a `dtype` that contradicts it is refused.
-        attn_implementation: "sdpa", "eager", "flash_attention_2", ... (default: transformers' choice).
-        trust_remote_code: allow model code from the model's repository (off: it runs arbitrary code).
-        lora: train LoRA adapters instead of all weights.
-        gradient_checkpointing: recompute activations in the backward pass to save memory.
-        torch_compile: compile the model's forward with `torch.compile`, for faster steps. The
-            first step pays for the compile (about 30 s for the tiny model on a CPU, more for
-            larger ones, and again at the first validation step); shapes are compiled dynamic,
-            so batches of other lengths do not recompile. Checkpoints and exports are unchanged.
+        model_settings: how the model loads and trains (`plpost.modules.ModelSettings`: random_init,
+            dtype, attention, LoRA, gradient checkpointing, torch_compile).
         optimizer: the optimizer, given the trainable parameters.
         scheduler: the learning-rate schedule, stepped every optimizer step.
     """
@@ -48,29 +37,11 @@ class SFTModule(PostTrainingModule):
         model: str,
         tokenizer: str | None = None,
         *,
-        random_init: bool = False,
-        dtype: Literal["float32", "bfloat16", "float16"] | None = None,
-        attn_implementation: str | None = None,
-        trust_remote_code: bool = False,
-        lora: LoraSettings | None = None,
-        gradient_checkpointing: bool = False,
-        torch_compile: bool = False,
+        model_settings: ModelSettings = ModelSettings(),
         optimizer: OptimizerCallable = default_optimizer,
         scheduler: LRSchedulerCallable | None = None,
     ) -> None:
-        super().__init__(
-            model,
-            tokenizer,
-            random_init=random_init,
-            dtype=dtype,
-            attn_implementation=attn_implementation,
-            trust_remote_code=trust_remote_code,
-            lora=lora,
-            gradient_checkpointing=gradient_checkpointing,
-            torch_compile=torch_compile,
-            optimizer=optimizer,
-            scheduler=scheduler,
-        )
+        super().__init__(model, tokenizer, model_settings=model_settings, optimizer=optimizer, scheduler=scheduler)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.val_loss = MeanMetric()
         self.val_accuracy = MeanMetric()

@@ -10,12 +10,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from plpost import ChatDataModule, SFTModule
 from plpost.callbacks import HFExport
 from plpost.generation import generate_texts
-from plpost.modules import LoraSettings
+from plpost.modules import ModelSettings, LoraSettings
 
 
 def train_and_export(tmp_path, lora=None):
     L.seed_everything(0)
-    module = SFTModule(TINY, lora=lora, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    module = SFTModule(TINY, model_settings=ModelSettings(lora=lora), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
     data = ChatDataModule(TINY, train="plpost:data/addition/sft.jsonl", batch_size=16, max_length=32)
     trainer = L.Trainer(
         max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 from contextlib import contextmanager
+from dataclasses import replace
 from functools import partial
 
 import lightning as L
@@ -23,7 +24,7 @@ import plpost.modules.ppo as ppo_module
 from plpost import ChatDataModule, SFTModule
 from plpost.data.preference import PreferenceDataModule
 from plpost.data.prompts import PromptDataModule
-from plpost.modules import LoraSettings
+from plpost.modules import ModelSettings, LoraSettings
 from plpost.modules.base import PostTrainingModule
 from plpost.modules.dpo import DPOModule
 from plpost.modules.ppo import PPOModule
@@ -146,12 +147,12 @@ def graphs() -> int:
 
 # -- the argument -------------------------------------------------------------------------
 @pytest.mark.parametrize("stage", STAGES, ids=lambda s: s.__name__)
-def test_every_stage_takes_and_documents_torch_compile(stage):
-    """The stages repeat the base arguments as the CLI's schema: torch_compile is one of them."""
-    parameter = inspect.signature(stage.__init__).parameters["torch_compile"]
-    assert parameter.default is False and parameter.kind is inspect.Parameter.KEYWORD_ONLY
-    assert "torch_compile:" in stage.__doc__
-    assert inspect.signature(PostTrainingModule.__init__).parameters["torch_compile"].default is False
+def test_every_stage_takes_torch_compile_in_its_model_settings(stage):
+    """torch_compile is a `ModelSettings` field, which every stage takes as `model_settings`."""
+    parameter = inspect.signature(stage.__init__).parameters["model_settings"]
+    assert parameter.default == ModelSettings() and parameter.kind is inspect.Parameter.KEYWORD_ONLY
+    assert parameter.default.torch_compile is False and "torch_compile:" in ModelSettings.__doc__
+    assert "model_settings" in stage.__doc__
 
 
 def test_without_torch_compile_nothing_is_compiled():
@@ -163,7 +164,7 @@ def test_without_torch_compile_nothing_is_compiled():
 
 def test_configure_model_again_compiles_nothing_twice():
     """Each fit/validate calls configure_model; the compiled forward is set once and kept."""
-    module = DPOModule(TINY, torch_compile=True)
+    module = DPOModule(TINY, model_settings=ModelSettings(torch_compile=True))
     module.configure_model()
     compiled = [module.policy._compiled_call_impl, module.reference.model._compiled_call_impl]
     assert all(c is not None for c in compiled)
@@ -177,7 +178,7 @@ def test_sft_compiled_step_matches_eager_on_two_lengths_with_one_graph():
     data = partial(ChatDataModule, TINY, train=chats(), batch_size=4, shuffle=False)
     eager_module = configured(SFTModule(TINY, optimizer=sgd_lr0))
     eager = first_step(eager_module, data())
-    module = configured(SFTModule(TINY, optimizer=sgd_lr0, torch_compile=True))
+    module = configured(SFTModule(TINY, optimizer=sgd_lr0, model_settings=ModelSettings(torch_compile=True)))
     with eager_calls(module.policy.lm_head) as calls:
         compiled = first_step(module, data())
     assert_same_step(eager, compiled)
@@ -196,10 +197,10 @@ def test_sft_compiled_after_lora_with_checkpointing_and_packing_matches_eager():
     too. Dropout is off: compiled code draws its dropout masks from other random streams."""
     lora = LoraSettings(r=4, alpha=8, dropout=0.0)
     data = partial(ChatDataModule, TINY, train=chats(), batch_size=4, shuffle=False, packing=True)
-    settings = dict(lora=lora, gradient_checkpointing=True, optimizer=sgd_lr0)
-    eager_module = configured(SFTModule(TINY, **settings))
+    settings = ModelSettings(lora=lora, gradient_checkpointing=True)
+    eager_module = configured(SFTModule(TINY, model_settings=settings, optimizer=sgd_lr0))
     eager = first_step(eager_module, data())
-    module = configured(SFTModule(TINY, torch_compile=True, **settings))
+    module = configured(SFTModule(TINY, model_settings=replace(settings, torch_compile=True), optimizer=sgd_lr0))
     with eager_calls(module.policy.get_base_model().lm_head) as calls:
         compiled = first_step(module, data())
     assert_same_step(eager, compiled)
@@ -217,7 +218,7 @@ def test_reward_compiles_the_backbone_that_rewards_call(share_prompt):
     data = partial(PreferenceDataModule, TINY, train=pairs(), batch_size=2, shuffle=False)
     eager_module = configured(RewardModule(TINY, share_prompt=share_prompt, optimizer=sgd_lr0))
     eager = first_step(eager_module, data())
-    module = configured(RewardModule(TINY, share_prompt=share_prompt, optimizer=sgd_lr0, torch_compile=True))
+    module = configured(RewardModule(TINY, share_prompt=share_prompt, optimizer=sgd_lr0, model_settings=ModelSettings(torch_compile=True)))
     backbone = backbone_and_head(module.policy)[0].base_model
     assert backbone._compiled_call_impl is not None and module.policy._compiled_call_impl is None
     with eager_calls(backbone.norm) as calls:
@@ -235,7 +236,7 @@ def test_dpo_compiles_policy_and_reference_copy():
     data = partial(PreferenceDataModule, TINY, train=pairs(), batch_size=2, shuffle=False)
     eager_module = configured(DPOModule(TINY, optimizer=sgd_lr0))
     eager = first_step(eager_module, data())
-    module = configured(DPOModule(TINY, optimizer=sgd_lr0, torch_compile=True))
+    module = configured(DPOModule(TINY, optimizer=sgd_lr0, model_settings=ModelSettings(torch_compile=True)))
     with eager_calls(module.policy.lm_head, module.reference.model.lm_head) as calls:
         compiled = first_step(module, data())
     assert_same_step(eager, compiled)
@@ -248,8 +249,11 @@ def test_dpo_adapter_reference_runs_the_compiled_policy_with_its_adapter_off():
     """reference="adapter" calls the compiled policy inside peft's `disable_adapter()`: the compiled
     code must tell adapter on from off (it guards on peft's switch and compiles once more) and not
     reuse the adapter-on graph. LoRA's B starts at 0, where the two agree, so it is moved first."""
-    settings = dict(lora=LoraSettings(r=4, alpha=8, dropout=0.0), reference="adapter")
-    eager_module, module = (configured(DPOModule(TINY, torch_compile=c, **settings)) for c in (False, True))
+    lora = LoraSettings(r=4, alpha=8, dropout=0.0)
+    eager_module, module = (
+        configured(DPOModule(TINY, reference="adapter", model_settings=ModelSettings(lora=lora, torch_compile=c)))
+        for c in (False, True)
+    )
     for m in (eager_module, module):
         torch.manual_seed(1)
         for name, parameter in m.policy.named_parameters():

@@ -17,7 +17,7 @@ from plpost import DistillationModule, PromptDataModule
 from plpost.assets import resolve_pretrained
 from plpost.callbacks import write_hf_folder
 from plpost.hf import load_causal_lm, load_tokenizer
-from plpost.modules.base import LoraSettings
+from plpost.modules import LoraSettings, ModelSettings
 
 SFT_EXAMPLES, STUDENT_STEP, DISTILL_BATCHES = 8000, 375, 125
 RECOVERED = 0.5  # of the held-out accuracy gap between student and teacher, at least (measured: 0.97 to 1.06)
@@ -131,7 +131,7 @@ def test_a_teacher_with_another_tokenizer_is_refused_before_its_weights_load(tmp
 
 def test_a_lora_student_trains_its_adapters_only(perturbed_teacher):
     capture = GradientCapture()
-    module = distill(perturbed_teacher, lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    module = distill(perturbed_teacher, model_settings=ModelSettings(lora=LoraSettings(r=4, alpha=8, dropout=0.0)))
     fit(module, callbacks=[capture])
     assert capture.gradients and all("lora_" in name for name in capture.gradients)
     assert any(g.abs().sum() > 0 for g in capture.gradients.values())

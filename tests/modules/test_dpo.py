@@ -1,6 +1,7 @@
 """DPOModule: log-probs, the step-0 loss, reference strategies, checkpoints, normalisation, learning."""
 
 import math
+from pathlib import Path
 from typing import get_args
 
 import lightning as L
@@ -8,10 +9,11 @@ import pytest
 import torch
 from conftest import TINY, bundled_pairs, first_step_gradients
 
+from plpost.assets import resolve_pretrained
 from plpost.data.preference import PreferenceDataModule
 from plpost.hf import load_causal_lm
 from plpost.losses import DPO_LOSS_TYPES
-from plpost.modules import LoraSettings
+from plpost.modules import LoraSettings, ModelSettings
 from plpost.modules.dpo import DPOLossType, DPOModule
 from plpost.modules.preference_logps import pair_logps, shared_pair_logps
 
@@ -52,12 +54,13 @@ def test_loss_types_are_the_loss_functions():
     [
         (dict(reference="adapter"), "needs `lora`"),
         (dict(reference="none"), "only for the loss_types"),
-        (dict(loss_type="simpo"), "reference-free"),
+        (dict(loss_type="simpo", reference="copy"), "reference-free"),
         (dict(loss_type="hinge", label_smoothing=0.1), "label_smoothing"),
-        (dict(reference="precomputed", random_init=True), "cannot be reloaded"),
-        (dict(reference="adapter", lora=LoraSettings(), reference_model="other"), "always compares against"),
+        (dict(reference="precomputed", model_settings=ModelSettings(random_init=True)), "cannot be reloaded"),
+        (dict(reference="adapter", model_settings=ModelSettings(lora=LoraSettings()), reference_model="other"),
+         "always compares against"),
         (dict(rpo_alpha=-1.0), "rpo_alpha"),
-        (dict(loss_type="orpo"), "reference-free"),
+        (dict(loss_type="orpo", reference="copy"), "reference-free"),
         (dict(loss_type="orpo", reference="none", rpo_alpha=1.0), "add it twice"),
         (dict(nll_normalization="token"), "set rpo_alpha"),
     ],
@@ -104,7 +107,7 @@ def test_loss_is_log2_and_rewards_zero_when_the_policy_is_its_reference():
 def test_adapter_reference_is_the_policy_at_init_and_the_base_model_after():
     """LoRA starts with B = 0, so the policy is its base and the log-ratios are 0 (loss ln 2).
     With B moved, the policy changes but the adapter-disabled reference is still the base model."""
-    module = DPOModule(TINY, reference="adapter", lora=LoraSettings(r=4, alpha=8))
+    module = DPOModule(TINY, reference="adapter", model_settings=ModelSettings(lora=LoraSettings(r=4, alpha=8)))
     module.configure_model()
     module.train()
     batch = batch_of(varied_rows())
@@ -151,8 +154,8 @@ def test_precomputed_reference_equals_the_live_one_and_is_cached_once(tmp_path, 
     of the same reference give the same losses on a batch of other pairs; the first run writes
     one cache file per split, the second loads no reference model at all."""
     loads = []
-    load_reference = DPOModule.load_reference
-    monkeypatch.setattr(DPOModule, "load_reference", lambda self, **kwargs: loads.append(1) or load_reference(self, **kwargs))
+    load_reference = DPOModule.load_frozen_reference
+    monkeypatch.setattr(DPOModule, "load_frozen_reference", lambda self: loads.append(1) or load_reference(self))
     rows = varied_rows() + bundled_pairs(12)[7:]
     cache = tmp_path / "cache"
 
@@ -211,7 +214,8 @@ def test_checkpoints_hold_no_reference_and_resume(tmp_path):
     trainer.save_checkpoint(path)
     checkpoint = torch.load(path, weights_only=False)
     assert not [k for k in checkpoint["state_dict"] if k.startswith("reference.")]
-    assert checkpoint["plpost_frozen_sources"] == {"reference": TINY}
+    assert set(checkpoint["plpost_frozen_sources"]) == {"reference"}  # its source in place of its weights
+    assert checkpoint["plpost_frozen_sources"]["reference"]["path"] == str(Path(resolve_pretrained(TINY)).resolve())
     start = PolicyAtStart()
     resumed = DPOModule(TINY, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
     trainer = L.Trainer(max_steps=3, callbacks=[start], enable_checkpointing=False, default_root_dir=tmp_path, **QUIET)
@@ -353,6 +357,6 @@ def test_shared_prompt_training_step_equals_the_two_row_step():
 
 
 def test_shared_prompt_refuses_an_attention_without_custom_masks_before_training():
-    module = DPOModule(TINY, attn_implementation="flex_attention")
+    module = DPOModule(TINY, model_settings=ModelSettings(attn_implementation="flex_attention"))
     with pytest.raises(ValueError, match="share_prompt"):
         module.configure_model()

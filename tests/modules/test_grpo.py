@@ -50,14 +50,20 @@ def fit(module, *, max_steps=1, callbacks=(), batch_size=4) -> L.Trainer:
 
 
 def capture_updates(module) -> list[dict]:
-    """Wraps the module's real update so a test can read what it was given."""
-    seen, update = [], module.grpo_update
+    """Wraps the module's real sampling and advantages so a test can read what the update was given."""
+    seen, generate, advantages_of = [], module.generate, module.advantages
 
-    def recording(groups, advantages, *args):
-        seen.append({"groups": groups, "advantages": advantages.clone()})
-        return update(groups, advantages, *args)
+    def generating(batch):
+        groups = generate(batch)
+        seen.append({"groups": groups})
+        return groups
 
-    module.grpo_update = recording
+    def advantages(rewards, *args):
+        values = advantages_of(rewards, *args)
+        seen[-1]["advantages"] = values.clone()
+        return values
+
+    module.generate, module.advantages = generating, advantages
     return seen
 
 

@@ -9,7 +9,7 @@ from conftest import TINY, bundled_pairs, first_step_gradients
 from plpost.data.feedback import FeedbackDataModule
 from plpost.hf import load_causal_lm
 from plpost.losses import kto_loss
-from plpost.modules import LoraSettings
+from plpost.modules import ModelSettings, LoraSettings
 from plpost.modules.kto import KTOModule
 from plpost.modules.preference_logps import completion_logps
 
@@ -101,7 +101,7 @@ def test_precomputed_and_adapter_references_equal_the_live_ones(tmp_path, other_
     torch.testing.assert_close(module.reference_logps(batch, "train"), live.reference_logps(batch, "train"),
                                rtol=1e-5, atol=1e-4)
 
-    adapter = KTOModule(TINY, reference="adapter", lora=LoraSettings(r=4, alpha=8))
+    adapter = KTOModule(TINY, reference="adapter", model_settings=ModelSettings(lora=LoraSettings(r=4, alpha=8)))
     adapter.configure_model()
     for name, parameter in adapter.policy.named_parameters():
         if "lora_B" in name:

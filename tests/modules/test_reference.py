@@ -13,18 +13,12 @@ from conftest import TINY
 
 from plpost.assets import resolve_pretrained
 from plpost.data.preference import PreferenceDataModule
+from plpost.frozen import FrozenCopy, adapter_disabled, model_fingerprint
 from plpost.hf import load_causal_lm
-from plpost.modules import LoraSettings
+from plpost.modules import ModelSettings, LoraSettings
 from plpost.modules.base import PostTrainingModule
+from plpost.modules.precomputed import cache_key, lookup, precompute_logps
 from plpost.modules.preference_logps import pair_logps
-from plpost.modules.reference import (
-    FrozenCopy,
-    adapter_disabled,
-    cache_key,
-    lookup,
-    model_fingerprint,
-    precompute_logps,
-)
 
 IDS = torch.tensor([[5, 9, 12, 7, 30, 31]])
 
@@ -54,7 +48,7 @@ def test_frozen_copy_stays_in_eval_mode_and_gives_no_gradients():
 
 
 def lora_policy():
-    module = PostTrainingModule(TINY, lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    module = PostTrainingModule(TINY, model_settings=ModelSettings(lora=LoraSettings(r=4, alpha=8, dropout=0.0)))
     return module.prepare_trainable(module.load_pretrained())
 
 

@@ -11,7 +11,7 @@ from transformers import AutoModelForSequenceClassification
 from plpost.callbacks.export import write_hf_folder
 from plpost.data.preference import PreferenceDataModule
 from plpost.data.sources import DataSource
-from plpost.modules import LoraSettings
+from plpost.modules import LoraSettings, ModelSettings
 from plpost.modules.reward import PAIR_METRICS, RewardModule, sequence_rewards
 from plpost.optim import WarmupCosineLR
 
@@ -172,7 +172,7 @@ def test_export_reloads_as_a_sequence_classifier_with_the_same_rewards(tmp_path)
 
 
 def test_lora_trains_the_score_head_and_merged_export_keeps_it(tmp_path):
-    module = built(lora=LoraSettings(r=4, alpha=8, merge_on_export=True))
+    module = built(model_settings=ModelSettings(lora=LoraSettings(r=4, alpha=8, merge_on_export=True)))
     trainable = [n for n, p in module.named_parameters() if p.requires_grad]
     assert any("lora_" in n for n in trainable) and any("score" in n and "lora_" not in n for n in trainable)
     assert all("lora_" in n or "score" in n for n in trainable)
@@ -209,7 +209,7 @@ def test_shared_prompt_rows_give_the_rewards_and_gradients_of_two_padded_rows(at
     batch = batch_of(pairs(5), padding_side=padding_side)
     outputs = {}
     for share_prompt in (True, False):
-        module = built(share_prompt=share_prompt, attn_implementation=attn_implementation)
+        module = built(share_prompt=share_prompt, model_settings=ModelSettings(attn_implementation=attn_implementation))
         chosen, rejected = module.rewards(batch)
         (chosen - 2 * rejected).sum().backward()
         outputs[share_prompt] = (chosen, rejected, {n: p.grad for n, p in module.policy.named_parameters()})
@@ -221,5 +221,5 @@ def test_shared_prompt_rows_give_the_rewards_and_gradients_of_two_padded_rows(at
 
 def test_shared_prompt_refuses_an_attention_without_custom_masks_before_training():
     with pytest.raises(ValueError, match="share_prompt"):
-        built(attn_implementation="flex_attention")
-    built(attn_implementation="flex_attention", share_prompt=False)
+        built(model_settings=ModelSettings(attn_implementation="flex_attention"))
+    built(model_settings=ModelSettings(attn_implementation="flex_attention"), share_prompt=False)

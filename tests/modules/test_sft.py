@@ -7,7 +7,7 @@ from conftest import TINY, chat, first_step_gradients
 
 from plpost import ChatDataModule, SFTModule
 from plpost.data.sources import DataSource
-from plpost.modules import LoraSettings
+from plpost.modules import ModelSettings, LoraSettings
 
 
 def variable_length_rows(count: int = 8) -> list[dict]:
@@ -57,7 +57,7 @@ def test_per_micro_batch_mean_would_not_be_invariant():
 
 def run_sft(tmp_path, *, steps: int, precision: str = "32-true", lora=None, lr: float = 3e-3, rows=None, **trainer):
     L.seed_everything(0)
-    module = SFTModule(TINY, lora=lora, optimizer=lambda p: torch.optim.AdamW(p, lr=lr))
+    module = SFTModule(TINY, model_settings=ModelSettings(lora=lora), optimizer=lambda p: torch.optim.AdamW(p, lr=lr))
     # As many bundled chats as the steps take: setting up all 20k would cost more than the steps.
     bundled = DataSource("plpost:data/addition/sft.jsonl", limit=32 * steps)
     data = ChatDataModule(TINY, train=rows or bundled, batch_size=32, max_length=32)

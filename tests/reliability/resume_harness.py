@@ -40,6 +40,7 @@ from plpost import (ChatDataModule, DistillationModule, DPOModule, GRPOModule, P
 from plpost import FeedbackDataModule, KTOModule
 from plpost.callbacks.guards import batch_records
 from plpost.data.prompts import PromptBatch
+from plpost.modules import ModelSettings
 from plpost.optim import WarmupCosineLR
 from plpost.rewards import RewardFunction
 
@@ -163,7 +164,7 @@ def grpo(run: Run) -> tuple[L.LightningModule, L.LightningDataModule]:
 def distill(run: Run) -> tuple[L.LightningModule, L.LightningDataModule]:
     # A random student has a teacher to learn from; lmbda = 0.5 draws, every step, whether the
     # student samples or the dataset's completions are used: the restored generators decide both.
-    module = DistillationModule(run.model, TINY, random_init=True, lmbda=0.5, max_new_tokens=4,
+    module = DistillationModule(run.model, TINY, model_settings=ModelSettings(random_init=True), lmbda=0.5, max_new_tokens=4,
                                 gradient_accumulation_steps=run.accumulate, optimizer=adamw, scheduler=warmup_cosine)
     rows = [{"prompt": [{"role": "user", "content": f"{i}+{i * 3}"}],
              "completion": [{"role": "assistant", "content": "7" * (i % 4 + 1)}]} for i in range(RECORDS)]

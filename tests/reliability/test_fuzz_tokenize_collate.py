@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from plpost import ChatDataModule, PreferenceDataModule
 from plpost.data.base import SkipRecord
 from plpost.data.collate import count_loss_tokens
+from plpost.data.chat_markers import RESERVED
 from plpost.data.formats import DataValidationError
 from plpost.data.tokenize import IGNORE_INDEX
 from plpost.hf import load_tokenizer
@@ -30,7 +31,9 @@ TOKENIZER = load_tokenizer(TINY)
 SPECIAL_TEXT = ["<|end|>", "<|assistant|>", "<|user|>", "<pad>"]
 
 words = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=12)
-contents = st.lists(st.one_of(words, st.sampled_from(SPECIAL_TEXT)), min_size=1, max_size=3).map("".join)
+# Text holding plpost's own marker is refused by design (`test_the_reserved_marker_is_refused_by_field`).
+contents = st.lists(st.one_of(words, st.sampled_from(SPECIAL_TEXT)), min_size=1, max_size=3).map("".join).filter(
+    lambda text: RESERVED not in text)
 said = contents.filter(lambda text: text.strip())  # user and assistant turns must say something
 
 
@@ -193,3 +196,13 @@ def test_preference_tokens_and_batches(records, max_length, padding_side):
             targets = batch.labels[row, real]
             assert targets[targets != IGNORE_INDEX].tolist() == example[name]
             assert (batch.labels[row] != IGNORE_INDEX).sum() >= 1
+
+
+def test_the_reserved_marker_is_refused_by_field():
+    """plpost locates assistant spans with a marker text; a record that holds that text is refused,
+    naming where, instead of being split at the wrong place."""
+    row = {"prompt": [{"role": "user", "content": f"what is {RESERVED}?"}],
+           "chosen": [{"role": "assistant", "content": "0"}], "rejected": [{"role": "assistant", "content": "1"}]}
+    with pytest.raises(DataValidationError, match="which plpost reserves") as refusal:
+        PREFERENCE.preprocess("pairs.jsonl", 3, row)
+    assert refusal.value.field == "prompt" and "record 3" in str(refusal.value)

@@ -27,7 +27,7 @@ from resume_harness import TINY, differences, save_dropout_model, seen
 from torch.distributed.checkpoint import FileSystemReader
 
 from plpost import DPOModule
-from plpost.checkpointing import RNG_STATES_KEY
+from plpost.checkpointing import RNG_STATES_KEY, TRAINED_KEYS
 
 SCRIPT = Path(__file__).with_name("resume_harness.py")
 KILL_AFTER = 4
@@ -131,8 +131,8 @@ def test_a_checkpoint_that_does_not_hold_what_the_module_trains_is_refused_by_na
     module.configure_model()
     keys = sorted(module.state_dict())
     assert not [key for key in keys if key.startswith(FROZEN)]
-    module.check_trained_keys(keys)
+    module.on_load_checkpoint({TRAINED_KEYS: keys})
     with pytest.raises(RuntimeError, match=f"missing \\['{keys[0]}'\\]"):
-        module.check_trained_keys(keys[1:])
+        module.on_load_checkpoint({TRAINED_KEYS: keys[1:]})
     with pytest.raises(RuntimeError, match="unexpected \\['policy.extra'\\]"):
-        module.check_trained_keys([*keys, "policy.extra"])
+        module.on_load_checkpoint({TRAINED_KEYS: [*keys, "policy.extra"]})

@@ -20,7 +20,7 @@ from plpost import ChatDataModule, DPOModule, PreferenceDataModule, RewardModule
 from plpost.callbacks.export import write_hf_folder
 from plpost.checkpointing import AtomicCheckpointIO, write_atomically
 from plpost.cli import PostTrainingCLI
-from plpost.modules import LoraSettings
+from plpost.modules import ModelSettings, LoraSettings
 
 PACKAGE = Path(plpost.__file__).parent
 SOURCES = sorted(p for p in PACKAGE.rglob("*.py") if "assets" not in p.parts)
@@ -45,7 +45,7 @@ def test_trust_remote_code_defaults_to_false_everywhere():
         if "trust_remote_code" in parameters:
             assert parameters["trust_remote_code"].default is False, name
             checked.append(name)
-    assert {"plpost.hf.load_tokenizer", "plpost.hf.load_causal_lm", "plpost.modules.sft.SFTModule",
+    assert {"plpost.hf.load_tokenizer", "plpost.hf.load_causal_lm", "plpost.modules.settings.ModelSettings",
             "plpost.data.chat.ChatDataModule"} <= set(checked)
     for path in SOURCES:
         assert "trust_remote_code=True" not in path.read_text(), path
@@ -66,7 +66,7 @@ def test_models_and_tokenizers_load_without_remote_code_by_default(monkeypatch):
                 return _original(*args, **kwargs)
 
             monkeypatch.setattr(auto, method, recording)
-    for module in (SFTModule(TINY), RewardModule(TINY), DPOModule(TINY), SFTModule(TINY, random_init=True)):
+    for module in (SFTModule(TINY), RewardModule(TINY), DPOModule(TINY), SFTModule(TINY, model_settings=ModelSettings(random_init=True))):
         module.configure_model()
         module.tokenizer
     ChatDataModule(TINY, train=[{}]).tokenizer
@@ -81,7 +81,7 @@ def test_models_and_tokenizers_load_without_remote_code_by_default(monkeypatch):
 def test_export_writes_safetensors_and_nothing_pickled(tmp_path, kind):
     lora = {"full": None, "reward": None, "lora-adapter": LoraSettings(r=2, alpha=4),
             "lora-merged": LoraSettings(r=2, alpha=4, merge_on_export=True)}[kind]
-    module = (RewardModule if kind == "reward" else SFTModule)(TINY, lora=lora)
+    module = (RewardModule if kind == "reward" else SFTModule)(TINY, model_settings=ModelSettings(lora=lora))
     module.configure_model()
     write_hf_folder(module, tmp_path)
     files = {p.name for p in tmp_path.iterdir()}
@@ -114,13 +114,13 @@ def test_a_lora_run_resumes_from_its_checkpoint_with_weights_only_loading(tmp_pa
     def fit(steps: int, ckpt_path=None) -> L.Trainer:
         trainer = L.Trainer(max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
                             default_root_dir=tmp_path)
-        trainer.fit(SFTModule(TINY, lora=LoraSettings(r=2, alpha=4)), ChatDataModule(TINY, train=rows, batch_size=2),
+        trainer.fit(SFTModule(TINY, model_settings=ModelSettings(lora=LoraSettings(r=2, alpha=4))), ChatDataModule(TINY, train=rows, batch_size=2),
                     ckpt_path=ckpt_path)
         return trainer
 
     first = fit(1)
     (checkpoint,) = (tmp_path / "checkpoints").glob("*.ckpt")
-    assert torch.load(checkpoint, weights_only=True)["hyper_parameters"]["lora"] == LoraSettings(r=2, alpha=4)
+    assert torch.load(checkpoint, weights_only=True)["hyper_parameters"]["model_settings"].lora == LoraSettings(r=2, alpha=4)
     assert isinstance(first.strategy.checkpoint_io, AtomicCheckpointIO)  # the stage installed it
     assert fit(2, checkpoint).global_step == 2
 

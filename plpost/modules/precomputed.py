@@ -1,26 +1,16 @@
-"""Reference models: the frozen model a policy is compared against (DPO's pi_ref, PPO's KL anchor).
-
-Three ways to have one, by memory cost:
-- `FrozenCopy`: a second model in memory, never trained, always in eval mode.
-- `adapter_disabled(policy)`: a LoRA policy with its adapter switched off *is* its base model,
-  so the reference costs no memory at all, only a second forward.
-- `precompute_logps`: for a fixed dataset (DPO's pairs), the reference's log-probs of every
-  example are computed once before training, cached on disk (`cache_key`), and looked up by
-  example index; the reference model is loaded only for that pass, then freed.
-
-None of them is ever written into a checkpoint: the owning module lists `FrozenCopy`
-attributes in `frozen_modules` and records `model_fingerprint`-style sources instead.
+"""Precomputed reference log-probs ("precomputed", offline stages): for a fixed dataset (DPO's
+pairs, KTO's examples), the reference's log-probs of every example are computed once before
+training, cached on disk (`cache_key`), and looked up by example index; the reference model is
+loaded only for that pass, then freed (see `plpost.frozen` for the other references).
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,82 +18,8 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from plpost.assets import resolve_pretrained
-
 CACHE_FORMAT = 1
 """Bump when what is cached changes meaning, so old cache files are never read as new ones."""
-
-
-class FrozenCopy(nn.Module):
-    """A model that is never trained: no gradients, and eval mode (dropout off) whatever `.train()`
-    its owner receives, so its outputs are a deterministic function of the input.
-
-    model: the frozen model; source: where it comes from (recorded in checkpoints instead of it).
-    Calling it runs `model` under `torch.no_grad()`.
-    """
-
-    def __init__(self, model: nn.Module, source: str) -> None:
-        super().__init__()
-        self.model = model.requires_grad_(False).eval()
-        self.source = source
-
-    def train(self, mode: bool = True) -> FrozenCopy:
-        # Lightning switches the whole LightningModule to train mode; the reference must not follow.
-        return super().train(False)
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        with torch.no_grad():
-            return self.model(*args, **kwargs)
-
-
-def starting_copy(model: nn.Module, dtype: str | None) -> nn.Module:
-    """A copy of `model`'s weights (a reference that is the policy's starting point) in `dtype`
-    (a name of `plpost.hf.DTYPES`; None: the model's own): the frozen model's compute dtype."""
-    from plpost.hf import DTYPES
-
-    duplicate = copy.deepcopy(model)
-    return duplicate.to(DTYPES[dtype]) if dtype is not None else duplicate
-
-
-@contextmanager
-def adapter_disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """`model`, a peft `PeftModel`, as its own base model: adapters off, eval mode, no gradients.
-
-    Yields the same object (no copy). Each submodule's train/eval mode is restored on exit, and
-    the adapters are re-enabled (peft's `disable_adapter()` context does that part).
-    Raises TypeError for a model without adapters.
-    """
-    if not hasattr(model, "disable_adapter"):
-        raise TypeError(f"{type(model).__name__} has no adapter to disable: the policy needs LoRA (`lora:`)")
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad(), model.disable_adapter():
-            yield model
-    finally:
-        for module, training in modes:
-            module.training = training
-
-
-def model_fingerprint(name_or_path: str) -> dict[str, Any]:
-    """What identifies a model's weights without loading them.
-
-    A local folder (or bundled `plpost:` name): its resolved path and the name, size and mtime of
-    every file in it, so rewriting the weights changes the fingerprint. A Hub name: the commit
-    its `config.json` resolves to in the local Hub cache (fetched if missing; the weights are not).
-    """
-    path = Path(resolve_pretrained(name_or_path))
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file())
-        return {
-            "path": str(path.resolve()),
-            "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files],
-        }
-    from transformers.utils import cached_file
-
-    config = Path(cached_file(name_or_path, "config.json"))
-    # The Hub cache stores files under .../snapshots/<commit>/: the commit names the weights.
-    return {"hub": name_or_path, "revision": config.parent.name}
 
 
 def cache_key(reference: dict[str, Any], examples: Sequence[dict], **settings: Any) -> str:
