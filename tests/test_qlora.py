@@ -103,3 +103,36 @@ def test_without_bitsandbytes_the_error_says_how_to_install_it():
             "except ValueError as error:\n    print(type(error).__name__, error)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
     assert out.startswith("QuantizationError") and "pip install 'plpost[qlora]'" in out
+
+
+def test_an_sft_stage_trains_lora_on_four_bit_weights_and_exports_the_adapter(tmp_path):
+    """`model_settings: {lora: ..., quantization: {}}`: the policy's decoder linears load as 4-bit
+    layers, two SFT steps move the adapters only, and HFExport writes a PEFT adapter folder that
+    loads on the base model."""
+    import lightning as L
+    from peft import PeftModel
+
+    from plpost import ChatDataModule, SFTModule
+    from plpost.callbacks import HFExport
+    from plpost.modules.settings import LoraSettings, ModelSettings
+
+    settings = ModelSettings(lora=LoraSettings(r=4, alpha=8, dropout=0.0), quantization=QuantizationSettings())
+    module = SFTModule(TINY, model_settings=settings, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    data = ChatDataModule(TINY, train="plpost:data/addition/sft.jsonl", batch_size=8, max_length=32)
+    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[HFExport(str(tmp_path / "export"))])
+    trainer.fit(module, data)
+    assert any(isinstance(layer, bnb.nn.Linear4bit) for layer in module.policy.modules())
+    assert all("lora_" in name for name, p in module.policy.named_parameters() if p.requires_grad)
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert (tmp_path / "export" / "adapter_config.json").exists()
+    PeftModel.from_pretrained(load_causal_lm(TINY), tmp_path / "export")
+
+
+def test_quantization_without_lora_or_with_a_merged_export_is_refused():
+    from plpost.modules.settings import LoraSettings, ModelSettings
+
+    with pytest.raises(ValueError, match="give `lora:` too"):
+        ModelSettings(quantization=QuantizationSettings())
+    with pytest.raises(ValueError, match="merge_on_export"):
+        ModelSettings(lora=LoraSettings(merge_on_export=True), quantization=QuantizationSettings())
