@@ -47,7 +47,7 @@ def test_the_card_names_the_stage_data_settings_and_last_metrics(tmp_path):
     assert "# SFTModule of plpost:tiny" in body and f"- train: `{SFT_DATA}`" in body
     assert "- data module: `ChatDataModule`" in body
     settings = yaml.safe_load(body.split("```yaml\n")[1].split("```")[0])
-    assert settings["model"] == TINY and settings["lora"] is None
+    assert settings["model"] == TINY and settings["model_settings"]["lora"] is None
     assert trainer.callback_metrics, "the run logged metrics"
     for name, value in trainer.callback_metrics.items():
         assert f"| {name} | {float(value):.6g} |" in body
