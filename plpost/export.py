@@ -1,9 +1,11 @@
-"""`plpost export CKPT OUT`: a Lightning checkpoint of any stage to a Hugging Face folder.
+"""`plpost export CKPT OUT`: a Lightning checkpoint of any stage to a Hugging Face folder (and the Hub).
 
 The checkpoint's own hyperparameters say which base model, tokenizer and LoRA settings the
 policy was built with; the policy is built the same way, its trained weights are read from the
 checkpoint, and the folder is written by the code `HFExport` writes with, so the two folders are
-the same. A `last.ckpt` of a killed run works: plpost writes checkpoints atomically.
+the same, model card included (its data and metrics are those `HFExport` kept in the checkpoint).
+A `last.ckpt` of a killed run works: plpost writes checkpoints atomically. `--push-to-hub REPO`
+uploads the folder (see `plpost.hub`).
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from typing import Any
 
 import torch
 
-from plpost.callbacks.export import write_hf_folder
+from plpost.callbacks.export import write_hf_folder, write_model_card
 from plpost.hf import DTYPES
+from plpost.hub import HubPushError, check_push_possible, push_folder
 from plpost.modules.base import STAGE_KEY, PostTrainingModule
 from plpost.reward_head import SCORE_HEAD
 
@@ -64,7 +67,11 @@ def module_from_checkpoint(path: str | Path, *, stage: str | None = None) -> Pos
     Only the policy is built (the base model named in the hyperparameters, with LoRA and the
     stage's head as configured); frozen models, value heads and critics are not.
     """
-    checkpoint = read_checkpoint(path)
+    return module_of(read_checkpoint(path), path, stage=stage)
+
+
+def module_of(checkpoint: dict[str, Any], path: str | Path, *, stage: str | None = None) -> PostTrainingModule:
+    """`module_from_checkpoint` of a checkpoint already read."""
     module = stage_class(checkpoint, path, stage).from_hyperparameters(checkpoint["hyper_parameters"])
     weights = {
         key[len(POLICY_PREFIX) :]: value for key, value in checkpoint["state_dict"].items()
@@ -93,22 +100,36 @@ def trained_dtype(weights: dict[str, torch.Tensor]) -> str | None:
     return str(dtype).removeprefix("torch.") if dtype is not None else None
 
 
+def training_record(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The data, metrics and step `HFExport` kept in the checkpoint (empty without an HFExport)."""
+    states = checkpoint.get("callbacks", {})
+    return next((state.get("record", {}) for key, state in states.items() if key.startswith("HFExport")), {})
+
+
 def export_checkpoint(
     path: str | Path, out: str | Path, *, merge: bool | None = None, stage: str | None = None,
-    dtype: str | None = None,
+    dtype: str | None = None, push_to_hub: str | None = None, private: bool = False, revision: str | None = None,
 ) -> Path:
-    """Writes the checkpoint's policy to `out` as `HFExport` would have; returns `out`.
+    """Writes the checkpoint's policy to `out` as `HFExport` would have, model card included; returns `out`.
     dtype: a full model's weights' dtype (default: the starting checkpoint's, see `HFExport`).
 
     merge: for a LoRA policy, True writes merged full weights, False a PEFT adapter folder;
     None keeps the run's own `lora.merge_on_export`.
+    push_to_hub: a Hub repo id to upload the folder to, `private` if it is created, on the branch
+    `revision` (None: main); checked before anything is built (see `plpost.hub.check_push_possible`).
     """
-    module = module_from_checkpoint(path, stage=stage)
+    out = Path(out)
+    if push_to_hub is not None:
+        check_push_possible(push_to_hub, out)
+    checkpoint = read_checkpoint(path)
+    module = module_of(checkpoint, path, stage=stage)
     lora = module.model_settings.lora
     if merge is not None and lora is not None:
         module.model_settings = replace(module.model_settings, lora=replace(lora, merge_on_export=merge))
-    out = Path(out)
     write_hf_folder(module, out, dtype=dtype)
+    write_model_card(module, out, training_record(checkpoint))
+    if push_to_hub is not None:
+        push_folder(out, push_to_hub, private=private, revision=revision)
     return out
 
 
@@ -124,11 +145,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES),
                         help="a full model's weights' dtype (default: the dtype the starting checkpoint is stored in)")
     parser.add_argument("--stage", help=f"the stage, for a checkpoint that does not name it ({', '.join(STAGES)})")
+    parser.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload the folder to this Hub model repo")
+    parser.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
+    parser.add_argument("--revision", help="with --push-to-hub: the branch to push to (default: main)")
     parser.add_argument("--quiet", action="store_true", help="print nothing on success")
     args = parser.parse_args(argv)
     try:
-        out = export_checkpoint(args.checkpoint, args.out, merge=args.merge, stage=args.stage, dtype=args.dtype)
-    except CheckpointError as error:
+        out = export_checkpoint(args.checkpoint, args.out, merge=args.merge, stage=args.stage, dtype=args.dtype,
+                                push_to_hub=args.push_to_hub, private=args.private, revision=args.revision)
+    except (CheckpointError, HubPushError) as error:
         parser.exit(2, f"plpost export: error: {error}\n")
     if not args.quiet:
-        print(f"exported {args.checkpoint} to {out}")
+        print(f"exported {args.checkpoint} to {out}" + (f" and pushed it to {args.push_to_hub}" if args.push_to_hub else ""))

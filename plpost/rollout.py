@@ -65,6 +65,7 @@ def sample_responses(
     pad_token_id: int,
     num_samples: int = 1,
     backend: str | None = None,
+    logits_processor: list | None = None,
 ) -> Samples:
     """Samples `num_samples` responses per left-padded prompt with the sampler (`plpost.sampling`:
     one prefill per distinct prompt, KV cache on), those of a prompt consecutive.
@@ -74,11 +75,14 @@ def sample_responses(
     Everything after a response's first stop token is replaced by `pad_token_id` and masked out.
     The model is put in eval mode while it samples (with gradient checkpointing on, a model
     in train mode would refuse the KV cache) and given back in the mode it came in.
+    logits_processor: extra processors `generate` runs after its own (e.g. `SampledTokenLogprobs`);
+        given, the sampling is `generate`'s (see `plpost.sampling.complete`).
     """
     was_training = model.training
     model.eval()
     try:
-        response = complete(model, input_ids, attention_mask, config, num_samples=num_samples, backend=backend)
+        response = complete(model, input_ids, attention_mask, config, num_samples=num_samples, backend=backend,
+                            logits_processor=logits_processor)
     finally:
         model.train(was_training)
     if num_samples > 1:

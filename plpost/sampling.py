@@ -69,12 +69,15 @@ NEUTRAL_SETTINGS = {
 
 
 def generate_backend(model, input_ids: Tensor, attention_mask: Tensor, config: GenerationConfig, num_samples: int,
-                     streamer=None) -> Tensor:
+                     streamer=None, logits_processor: list | None = None) -> Tensor:
     if num_samples > 1:
         input_ids = input_ids.repeat_interleave(num_samples, dim=0)
         attention_mask = attention_mask.repeat_interleave(num_samples, dim=0)
+    extra = {"streamer": streamer} if streamer is not None else {}
+    if logits_processor is not None:
+        extra["logits_processor"] = logits_processor
     output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                            synced_gpus=UNSYNCED, **({"streamer": streamer} if streamer is not None else {}))
+                            synced_gpus=UNSYNCED, **extra)
     return output[:, input_ids.shape[1] :]
 
 
@@ -277,11 +280,15 @@ def choose_backend(model, config: GenerationConfig) -> str:
 
 @torch.no_grad()
 def complete(model, input_ids: Tensor, attention_mask: Tensor, config: GenerationConfig, *, num_samples: int = 1,
-             backend: str | None = None, streamer=None) -> Tensor:
+             backend: str | None = None, streamer=None, logits_processor: list | None = None) -> Tensor:
     """(B * num_samples, R) completions of the left-padded prompts (B, P), those of a prompt
     consecutive, the pad token after each row's first stop token. The model samples in the mode
     it is in (callers put it in eval mode). `backend` overrides `sampling_backend`'s; `streamer`
-    (a transformers streamer, one prompt) is handed each new token."""
+    (a transformers streamer, one prompt) is handed each new token. `logits_processor`: processors
+    for `generate`'s loop (off-policy correction records the sampler's log-probs with one), which
+    the cached loop does not run: given, `generate` samples."""
+    if logits_processor is not None:
+        return generate_backend(model, input_ids, attention_mask, config, num_samples, streamer, logits_processor)
     name = backend or chosen_backend.get()
     if name == "auto":
         name = choose_backend(model, config)

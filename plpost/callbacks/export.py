@@ -1,16 +1,18 @@
-"""HFExport: writes the trained model as a Hugging Face folder that transformers and peft load as is."""
+"""HFExport: writes the trained model as a Hugging Face folder that transformers and peft load as is,
+with a model card, and pushes it to the Hub on request."""
 
 from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
 from torch import Tensor, nn
 from lightning.pytorch.utilities import rank_zero_info
 
 from plpost.generation import stop_token_ids
+from plpost.hub import check_push_possible, describe_source, model_card, push_folder
 from plpost.quiet import no_progress_bars_if_small
 
 
@@ -29,17 +31,40 @@ class HFExport(L.Callback):
             the dtype the starting checkpoint is stored in (a bfloat16 checkpoint trained with
             float32 master weights is written in bfloat16, as its users load it), and the trained
             dtype for `random_init`. Adapter folders keep the adapters as trained.
+        push_to_hub: when training ends, upload the folder to the Hub model repo `hub_repo_id`
+            (`huggingface_hub.HfApi.upload_folder`). A push that cannot succeed (no or a bad repo
+            id, HF_HUB_OFFLINE, no token) stops the run in `setup`, before training.
+        hub_repo_id: the repo, "namespace/name"; created if missing.
+        hub_private: create it private (an existing repo keeps its visibility).
+        hub_revision: the branch to push to (created from main if missing); None: main.
+
+    Every folder gets a model card (README.md): the stage, the starting model, the data, the
+    stage's settings and the last value of each logged metric. The card's data and metrics are
+    also kept in checkpoints, so `plpost export` writes the same card from a checkpoint.
     """
 
     needs_full_weights = True
     """It writes the whole policy (see `plpost.sharding.check_strategy`)."""
 
     def __init__(
-        self, dirpath: str, every_n_epochs: int = 0, dtype: Literal["float32", "bfloat16", "float16"] | None = None
+        self, dirpath: str, every_n_epochs: int = 0, dtype: Literal["float32", "bfloat16", "float16"] | None = None,
+        push_to_hub: bool = False, hub_repo_id: str | None = None, hub_private: bool = False,
+        hub_revision: str | None = None,
     ) -> None:
         self.dirpath = Path(dirpath)
         self.every_n_epochs = every_n_epochs
         self.dtype = dtype
+        self.push_to_hub = push_to_hub
+        self.hub_repo_id = hub_repo_id
+        self.hub_private = hub_private
+        self.hub_revision = hub_revision
+        self.record: dict[str, Any] = {}
+        self.trainer: L.Trainer | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.trainer = trainer
+        if self.push_to_hub and stage == "fit":
+            check_push_possible(self.hub_repo_id, self.dirpath)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
@@ -47,13 +72,52 @@ class HFExport(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.export(trainer, pl_module)
+        if self.push_to_hub and trainer.is_global_zero:
+            url = push_folder(self.dirpath, self.hub_repo_id, private=self.hub_private, revision=self.hub_revision)
+            rank_zero_info(f"pushed {self.dirpath} to {url}")
+        trainer.strategy.barrier("plpost-push")
 
     def export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         state = gathered_state(pl_module.export_model())  # every rank takes part in the gathering
         if trainer.is_global_zero:
             write_hf_folder(pl_module, self.dirpath, state, dtype=self.dtype)
+            write_model_card(pl_module, self.dirpath, self.training_record(trainer))
             rank_zero_info(f"exported to {self.dirpath}")
         trainer.strategy.barrier("plpost-export")
+
+    def training_record(self, trainer: L.Trainer) -> dict[str, Any]:
+        """What the card says of the run besides the module's settings: the data, the last logged
+        metrics and the optimizer step."""
+        data = trainer.datamodule
+        self.record = {
+            "data": {"data module": type(data).__name__ if data is not None else None,
+                     "train": describe_source(getattr(data, "train_source", None)),
+                     "validation": describe_source(getattr(data, "val_source", None))},
+            "metrics": {name: float(value) for name, value in trainer.callback_metrics.items() if value.numel() == 1},
+            "step": trainer.global_step,
+        }
+        return self.record
+
+    def state_dict(self) -> dict[str, Any]:
+        # Called as a checkpoint is written: the checkpoint's own step and metrics, for `plpost export`.
+        if self.trainer is not None:
+            self.training_record(self.trainer)
+        return {"record": self.record}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.record = state_dict.get("record", {})
+
+
+def write_model_card(pl_module: L.LightningModule, dirpath: Path, record: dict[str, Any]) -> None:
+    """README.md in `dirpath`: the card of `plpost.hub.model_card` for this module and run record."""
+    settings = {name: value for name, value in dict(pl_module.hparams).items() if not name.startswith("_")}
+    model_settings = getattr(pl_module, "model_settings", None)
+    lora = model_settings.lora if model_settings is not None else None
+    text = model_card(
+        stage=type(pl_module).__name__, base_model=pl_module.model_name, settings=settings, data=record.get("data"),
+        metrics=record.get("metrics"), step=record.get("step"), adapter=lora is not None and not lora.merge_on_export,
+    )
+    (dirpath / "README.md").write_text(text)
 
 
 def gathered_state(model: nn.Module) -> dict[str, Tensor] | None:

@@ -12,6 +12,10 @@ holds the position, not the DataLoader, because Lightning restores data-module s
 asks for any loader: the sampler is built already in the right epoch and place, whenever
 Lightning then creates the iterator (a stateful DataLoader relies on Lightning restoring it
 before that, which has not always held: Lightning issue #20550).
+
+Over 300 lines: one Lightning lifecycle (prepare, set up, load, resume), in the order Lightning
+calls it; the parts that stand alone are their own modules (`prepared`, `table`, `sampler`,
+`streaming`, `cache`).
 """
 
 from __future__ import annotations

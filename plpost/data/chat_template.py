@@ -15,6 +15,9 @@ end-of-turn token after its last field. The role header is the template's own ge
 boundaries, that opens the turn. So what is supervised is exactly what the model must generate
 after the generation prompt, including text the template adds inside the turn (a ``<think>``
 block, tool-call syntax), and never the header.
+
+Over 300 lines: one algorithm (render, probe, locate each field, map text to tokens), whose steps
+are checked against each other; the marker rendering is `plpost.data.chat_markers`.
 """
 
 from __future__ import annotations

@@ -11,19 +11,8 @@ from typing import Any, Literal
 import datasets
 
 from plpost.data.formats import CsvRow, DataValidationError
-from plpost.data.sources import (
-    Rows,
-    SourceLike,
-    as_data_source,
-    checked_format,
-    in_memory_rows,
-    json_line_row,
-    limited,
-    load_source,
-    local_path,
-    select_split,
-    stage_json_lines,
-)
+from plpost.data.local_files import Rows, checked_format, json_line_row, stage_json_lines
+from plpost.data.sources import SourceLike, as_data_source, in_memory_rows, limited, load_source, local_path, select_split
 
 # How the rows of a source table are stored: a JSON Lines file as each line's text (parsed where the
 # rows are preprocessed, so 1M lines are never Python objects at once), other local files and

@@ -36,9 +36,8 @@ from torch.utils.data import IterableDataset
 from plpost.data.formats import DataValidationError
 from plpost.data.prepared import SkipRecord
 from plpost.data.source_tables import RowKind, table_rows
-from plpost.data.sources import (
-    DataSource, SourceLike, as_data_source, binary_lines, checked_format, json_line_texts, local_path,
-)
+from plpost.data.local_files import binary_lines, checked_format, json_line_texts
+from plpost.data.sources import DataSource, SourceLike, as_data_source, local_path
 
 if TYPE_CHECKING:
     from plpost.data.base import PostTrainingDataModule

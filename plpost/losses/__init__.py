@@ -1,6 +1,17 @@
-"""Pure loss functions of tensors: log-probs, SFT, reward modelling, DPO, PPO, GRPO, advantages, distillation."""
+"""Pure loss functions of tensors: log-probs, SFT, reward modelling, DPO, PPO, GRPO and its variants, importance
+weights, entropy-aware updates, advantages, distillation."""
 
-from plpost.losses.advantages import GroupStatistics, gae, group_advantages, group_statistics, leave_one_out_advantages
+from plpost.losses.advantages import (
+    GroupStatistics,
+    MomentSums,
+    gae,
+    group_advantages,
+    group_statistics,
+    leave_one_out_advantages,
+    moment_sums,
+    reinforce_plus_plus_advantages,
+    reinforce_plus_plus_returns,
+)
 from plpost.losses.distillation import DIVERGENCES, Divergence, token_divergence
 from plpost.losses.dpo import DPO_LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES, DPOLoss, chosen_nll, dpo_loss, log1mexp
 from plpost.losses.grpo import (
@@ -11,6 +22,15 @@ from plpost.losses.grpo import (
     grpo_loss_terms,
     grpo_token_losses,
     loss_scope,
+)
+from plpost.losses.entropy import entropy_bonus_terms, entropy_threshold, top_entropy_mask
+from plpost.losses.importance import (
+    IMPORTANCE_SAMPLING_LEVELS,
+    OFF_POLICY_MODES,
+    SamplerMismatch,
+    importance_log_weights,
+    off_policy_weights,
+    sampler_mismatch,
 )
 from plpost.losses.kto import KTOLoss, kto_loss, kto_reference_point
 from plpost.losses.logprobs import next_token_targets, sequence_logprobs, token_entropy, token_logprobs
@@ -30,6 +50,19 @@ from plpost.losses.reward import RewardLoss, bradley_terry_loss, reward_centerin
 from plpost.losses.sft import SFTTokenLosses, sft_token_losses
 
 __all__ = [
+    "IMPORTANCE_SAMPLING_LEVELS",
+    "OFF_POLICY_MODES",
+    "SamplerMismatch",
+    "MomentSums",
+    "entropy_bonus_terms",
+    "entropy_threshold",
+    "top_entropy_mask",
+    "importance_log_weights",
+    "off_policy_weights",
+    "sampler_mismatch",
+    "moment_sums",
+    "reinforce_plus_plus_advantages",
+    "reinforce_plus_plus_returns",
     "DIVERGENCES",
     "DPO_LOSS_TYPES",
     "Divergence",

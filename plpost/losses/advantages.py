@@ -1,5 +1,6 @@
-"""Advantages: GAE over right-padded response tokens (PPO), and the critic-free baselines that
-compare the G completions of one prompt (GRPO, RLOO).
+"""Advantages: GAE over right-padded response tokens (PPO), the critic-free baselines that
+compare the G completions of one prompt (GRPO, RLOO), and REINFORCE++'s per-token returns with
+their normalisation over the whole batch.
 
 The group functions take rewards of shape (B * G,) with the G completions of each prompt
 consecutive (prompt 0's G, then prompt 1's, ...), which is how the online stages lay samples out.
@@ -14,7 +15,10 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["GroupStatistics", "gae", "group_advantages", "group_statistics", "leave_one_out_advantages"]
+__all__ = [
+    "GroupStatistics", "MomentSums", "gae", "group_advantages", "group_statistics", "leave_one_out_advantages",
+    "moment_sums", "reinforce_plus_plus_advantages", "reinforce_plus_plus_returns",
+]
 
 ScaleRewards = Literal["group", "batch", "none"]
 
@@ -142,3 +146,65 @@ def leave_one_out_advantages(rewards: Tensor, num_generations: int) -> Tensor:
     advantages = stats.count[:, None].to(grouped.dtype) / others * (grouped - stats.mean[:, None])
     usable = valid & (stats.count[:, None] >= 2)
     return torch.where(usable, advantages, torch.zeros((), dtype=grouped.dtype, device=grouped.device)).reshape(-1)
+
+
+def reinforce_plus_plus_returns(
+    scores: Tensor, mask: Tensor, *, token_kl: Tensor | None = None, beta: float = 0.0
+) -> Tensor:
+    """REINFORCE++'s per-token returns (Hu et al. 2025, arXiv 2501.03262): the reward of token t
+    is r_t = -beta * KL_t, plus the completion's score on its last token, and with gamma = 1
+        G_t = score - beta * sum_{s >= t} KL_s.
+    scores: (B,) one per completion (a group-centred score for REINFORCE++-baseline); mask:
+    (B, T) 0/1 completion tokens; token_kl: (B, T) the per-token KL estimate (k1: log pi_old -
+    log pi_ref), None for beta = 0. Returns (B, T), detached, 0 where mask is 0 or the score is NaN.
+
+    E.g. score 1, KL (0.1, 0.2, 0.3), beta 0.5: G = (1 - 0.5 * 0.6, 1 - 0.5 * 0.5, 1 - 0.5 * 0.3)
+    = (0.7, 0.75, 0.85).
+    """
+    keep = mask.to(torch.bool) & ~torch.isnan(scores)[:, None]
+    zero = torch.zeros((), dtype=scores.dtype, device=scores.device)
+    returns = scores.detach()[:, None].expand(keep.shape)
+    if token_kl is not None and beta != 0.0:
+        kl = torch.where(keep, token_kl.detach().to(scores.dtype), zero)
+        returns = returns - beta * kl.flip(-1).cumsum(-1).flip(-1)
+    return torch.where(keep, returns, zero)
+
+
+class MomentSums(NamedTuple):
+    """Sums that whitening statistics are made of; add them over devices before `whiten_with`."""
+
+    total: Tensor
+    squares: Tensor
+    count: Tensor
+
+
+def moment_sums(values: Tensor, mask: Tensor) -> MomentSums:
+    """(sum x, sum x^2, n) over the elements where mask is 1, as float64 scalars."""
+    keep = mask.to(torch.bool)
+    selected = values.detach()[keep].double()
+    return MomentSums(selected.sum(), selected.square().sum(), keep.sum().double())
+
+
+def reinforce_plus_plus_advantages(
+    returns: Tensor, mask: Tensor, *, sums: MomentSums | None = None, eps: float = 1e-8
+) -> Tensor:
+    """REINFORCE++'s global advantage normalisation: A_t = (G_t - mean) / sqrt(var + eps), mean
+    and (Bessel-corrected) variance over every completion token of the batch, not per prompt
+    (Hu et al. 2025, the normalisation of A_{q, o_t} over the global batch; OpenRLHF's).
+
+    returns, mask: (B, T) (`reinforce_plus_plus_returns`). sums: the `moment_sums` of every
+    device's returns added together (default: of these returns alone), so the statistics, and
+    with them the advantages, are the same however the batch is split over devices. Detached,
+    (B, T), 0 where mask is 0. Needs two tokens or more.
+
+    E.g. returns (1, 1) and (0,): mean 2/3, var ((1/3)^2 * 2 + (2/3)^2) / 2 = 1/3, so with eps 0
+    A = (1/3, 1/3) * sqrt(3) and -(2/3) * sqrt(3).
+    """
+    keep = mask.to(torch.bool)
+    sums = moment_sums(returns, keep) if sums is None else sums
+    if float(sums.count) < 2:
+        raise ValueError(f"REINFORCE++ normalises over the batch's tokens and needs two or more, got {int(sums.count)}")
+    mean = sums.total / sums.count
+    variance = ((sums.squares - sums.count * mean.square()) / (sums.count - 1)).clamp(min=0.0)
+    advantages = (returns.detach().double() - mean) * torch.rsqrt(variance + eps)
+    return torch.where(keep, advantages.to(returns.dtype), torch.zeros((), dtype=returns.dtype, device=returns.device))

@@ -45,12 +45,17 @@ class BuildsModels:
     def loading_arguments(self, random_init: bool | None, frozen: bool, empty: bool | None) -> dict[str, Any]:
         """What `load_causal_lm` is given for a model of this stage (see `load_pretrained`)."""
         settings = self.model_settings
+        quantized = {}
+        if settings.quantization is not None and not frozen:  # quantized straight onto the training device
+            device = self._trainer.strategy.root_device if self._trainer is not None else "cpu"
+            quantized = {"quantization": settings.quantization, "device": device}
         return {
             "random_init": settings.random_init if random_init is None else random_init,
             "dtype": self.weights_dtype(frozen=frozen),
             "attn_implementation": settings.attn_implementation,
             "trust_remote_code": settings.trust_remote_code,
             "empty": self.builds_empty() if empty is None else empty,
+            **quantized,
         }
 
     def weights_dtype(self, *, frozen: bool = False) -> str | None:
@@ -78,6 +83,10 @@ class BuildsModels:
             model.config.use_cache = False
             if not input_grads_hook:
                 model.disable_input_require_grads()
+        if settings.quantization is not None:
+            from plpost.hf import prepare_quantized_for_training
+
+            model = prepare_quantized_for_training(model)
         if settings.lora is not None:
             from peft import get_peft_model
 

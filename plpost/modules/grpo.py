@@ -1,5 +1,5 @@
-"""GRPOModule: critic-free online RL (GRPO, Dr. GRPO, DAPO, BNPO, RLOO): G samples per prompt, each
-compared with the others of its group instead of with a value model."""
+"""GRPOModule: critic-free online RL (GRPO, Dr. GRPO, DAPO, BNPO, RLOO, GSPO, CISPO, SAPO, REINFORCE++):
+G samples per prompt, each compared with the others of its group instead of with a value model."""
 
 from __future__ import annotations
 
@@ -9,17 +9,22 @@ from typing import Literal, NamedTuple
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
+from transformers import LogitsProcessorList
 
 from plpost.data.prompts import PromptBatch
 from plpost.frozen import ReferenceKind
 from plpost.losses import group_advantages, group_statistics, grpo_loss_denominator, grpo_loss_terms
 from plpost.losses import grpo_token_losses, kl_penalty, leave_one_out_advantages, loss_scope, masked_sum
+from plpost.losses import entropy_bonus_terms
 from plpost.losses.grpo import GRPOLossType
+from plpost.losses.importance import ImportanceSamplingLevel, OffPolicyMode
 from plpost.modules.base import default_optimizer
+from plpost.modules.grpo_recipes import check_recipe, token_advantages, token_weights
 from plpost.modules.online import OnlineRLModule, forward_in_layout, per_token
 from plpost.modules.settings import ModelSettings
 from plpost.rewards import RewardScorer, RewardSource, responses_of
-from plpost.rollout import Samples, replace_rows
+from plpost.rollout import ResponseForward, Samples, replace_rows, response_forward
+from plpost.sampler_logprobs import SampledTokenLogprobs, replace_logprob_rows
 
 
 class Groups(NamedTuple):
@@ -35,6 +40,8 @@ class Groups(NamedTuple):
     """(B,) bool: groups kept by dynamic sampling (all True without it)."""
     resampled: int
     """Groups sampled again by dynamic sampling."""
+    sampler_logprobs: Tensor | None
+    """(B * G, R) the sampler's log-probs of the sampled tokens, with off_policy_correction."""
 
 
 class GRPOModule(OnlineRLModule):
@@ -66,13 +73,37 @@ class GRPOModule(OnlineRLModule):
         missing_eos_penalty: subtracted from the score of a completion with no stop token.
         num_generations: G, the completions sampled per prompt (>= 2).
         advantage_estimator: "grpo": (r - group mean) scaled by `scale_rewards`; "rloo": r minus
-            the mean of the other G - 1 rewards of its group (RLOO), not scaled.
+            the mean of the other G - 1 rewards of its group (RLOO), not scaled;
+            "reinforce_plus_plus": REINFORCE++'s per-token returns r - beta * (the k1 KL to the
+            reference summed from the token on; with kl_mode "reward"), normalised over every token
+            of the generation batch on all devices; "reinforce_plus_plus_baseline": the same of
+            r - group mean (`plpost.losses.reinforce_plus_plus_advantages`). Neither is scaled by
+            `scale_rewards`, which must then be "none".
         scale_rewards: "group": divide by the group's Bessel-corrected std + 1e-4 (GRPO, TRL);
             "batch": by the std of every reward of the step; "none": do not (Dr. GRPO). Must be
-            "none" with "rloo".
-        loss_type: "grpo" | "bnpo" | "dr_grpo" | "dapo": how token losses are aggregated.
+            "none" with "rloo" and REINFORCE++.
+        loss_type: "grpo" | "bnpo" | "dr_grpo" | "dapo": how token losses are aggregated;
+            "cispo" | "sapo": CISPO's and SAPO's objectives, aggregated as "dapo" and "grpo"
+            (TRL's names; see `plpost.losses.grpo_token_losses`).
+        importance_sampling_level: "token": one ratio per token; "sequence": GSPO's one ratio per
+            completion, exp(mean token log-ratio), clipped as a whole (its paper clips at
+            epsilon_low = 3e-4, epsilon_high = 4e-4).
         epsilon_low: the ratio is clipped below at 1 - epsilon_low.
         epsilon_high: and above at 1 + epsilon_high (DAPO's clip-higher: 0.28; default: epsilon_low).
+            With "cispo", the cap of the importance weight itself (ScaleRL: 5.0), which must be > 1.
+        sapo_temperature_pos, sapo_temperature_neg: SAPO's gate temperatures for A > 0 and A <= 0.
+        top_entropy_quantile: rho, train only the tokens whose entropy is in the top rho of the
+            generation batch's (all devices; under the sampling policy): "Beyond the 80/20 rule"
+            recommends 0.2. 1.0: every token.
+        entropy_coef: weight of the entropy bonus, -coef * the mean token entropy of each optimizer
+            step's trained tokens (the full next-token distribution's entropy, with its gradient).
+        off_policy_correction: weight each token's policy loss by pi_old / pi_sampler, the trainer's
+            probability over the sampler's (`generate` with its KV cache and top_p / top_k), token
+            or sequence level, truncated (TIS) or masked (MIS): "token_truncate" | "token_mask" |
+            "sequence_truncate" | "sequence_mask"; None: off. The mismatch is logged in any case
+            when set (sampling/sampling_logp_difference/*, sampling/importance_sampling_ratio/*).
+        off_policy_clip_min, off_policy_clip_max: the bounds of the weights (TRL's
+            vllm_importance_sampling_clip_min / _max).
         num_iterations: passes over each generation batch (GRPO's mu).
         num_mini_batches: optimizer steps per pass; the B * G rows are split into this many.
         gradient_accumulation_steps: micro-batches per optimizer step.
@@ -106,11 +137,19 @@ class GRPOModule(OnlineRLModule):
         rewards: list[RewardSource],
         missing_eos_penalty: float | None = None,
         num_generations: int = 8,
-        advantage_estimator: Literal["grpo", "rloo"] = "grpo",
+        advantage_estimator: Literal["grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline"] = "grpo",
         scale_rewards: Literal["group", "batch", "none"] = "group",
         loss_type: GRPOLossType = "dapo",
+        importance_sampling_level: ImportanceSamplingLevel = "token",
         epsilon_low: float = 0.2,
         epsilon_high: float | None = None,
+        sapo_temperature_pos: float = 1.0,
+        sapo_temperature_neg: float = 1.05,
+        top_entropy_quantile: float = 1.0,
+        entropy_coef: float = 0.0,
+        off_policy_correction: OffPolicyMode | None = None,
+        off_policy_clip_min: float | None = None,
+        off_policy_clip_max: float | None = 3.0,
         num_iterations: int = 1,
         num_mini_batches: int = 1,
         gradient_accumulation_steps: int = 1,
@@ -137,8 +176,7 @@ class GRPOModule(OnlineRLModule):
         loss_scope(loss_type)  # refuses an unknown loss_type now, not at the first step
         if num_generations < 2:
             raise ValueError(f"num_generations must be >= 2 (a group of one has no baseline), got {num_generations}")
-        if advantage_estimator == "rloo" and scale_rewards != "none":
-            raise ValueError("RLOO's advantages are not scaled: set scale_rewards: none with advantage_estimator: rloo")
+        check_recipe(self.hparams)
         if min(num_iterations, num_mini_batches, gradient_accumulation_steps) < 1:
             raise ValueError("num_iterations, num_mini_batches and gradient_accumulation_steps must be >= 1")
         if beta < 0 or epsilon_low < 0 or epsilon_high < 0 or not temperature > 0:
@@ -154,15 +192,24 @@ class GRPOModule(OnlineRLModule):
 
     # -- generation -----------------------------------------------------------------------
     @torch.no_grad()
-    def sample_and_score(self, batch: PromptBatch, prompts: Tensor) -> tuple[Samples, Tensor, dict[str, Tensor]]:
-        """G completions of each of the `prompts` (indices into the batch), and their scores."""
-        G = self.hparams.num_generations
-        samples = self.sample(batch.input_ids[prompts], batch.attention_mask[prompts], G)
+    def sample_and_score(self, batch: PromptBatch, prompts: Tensor):
+        """G completions of each of the `prompts` (indices into the batch), their scores, and the
+        sampler's log-probs of their tokens (None without off-policy correction)."""
+        hp = self.hparams
+        G = hp.num_generations
+        recorder = None
+        if hp.off_policy_correction is not None:
+            recorder = SampledTokenLogprobs(temperature=hp.temperature, top_k=hp.top_k, top_p=hp.top_p)
+        samples = self.sample(batch.input_ids[prompts], batch.attention_mask[prompts], G,
+                              logits_processor=LogitsProcessorList([recorder]) if recorder is not None else None)
+        sampler_logprobs = None
+        if recorder is not None:
+            sampler_logprobs = recorder.finish(samples.input_ids, samples.response_mask.shape[1])
         chosen = prompts.tolist()
         columns = {key: [values[i] for i in chosen] for key, values in batch.columns.items()}
         responses = responses_of(self.tokenizer, samples, [batch.prompts[i] for i in chosen], columns, G)
         scores = self.reward_scorer(responses)
-        return samples, scores.scores, scores.per_source
+        return samples, scores.scores, scores.per_source, sampler_logprobs
 
     def generate(self, batch: PromptBatch) -> Groups:
         """Samples and scores G completions per prompt; with dynamic sampling, samples the groups
@@ -172,7 +219,7 @@ class GRPOModule(OnlineRLModule):
         the gathering without generating."""
         hp = self.hparams
         G, prompts = hp.num_generations, len(batch.prompts)
-        samples, rewards, per_source = self.sample_and_score(batch, torch.arange(prompts))
+        samples, rewards, per_source, sampler_logprobs = self.sample_and_score(batch, torch.arange(prompts))
         resampled = 0
         degenerate = group_statistics(rewards, G).std == 0
         for _ in range(hp.max_resample_rounds if hp.dynamic_sampling else 0):
@@ -183,8 +230,10 @@ class GRPOModule(OnlineRLModule):
                 continue
             groups = degenerate.nonzero().squeeze(1).cpu()
             rows = (groups[:, None] * G + torch.arange(G)).reshape(-1).to(rewards.device)
-            new_samples, new_rewards, new_per_source = self.sample_and_score(batch, groups)
+            new_samples, new_rewards, new_per_source, new_sampler_logprobs = self.sample_and_score(batch, groups)
             samples = replace_rows(samples, rows, new_samples, pad_token_id=self.tokenizer.pad_token_id)
+            if sampler_logprobs is not None:
+                sampler_logprobs = replace_logprob_rows(sampler_logprobs, rows, new_sampler_logprobs)
             rewards[rows] = new_rewards
             for name, values in new_per_source.items():
                 per_source[name][rows] = values
@@ -194,81 +243,133 @@ class GRPOModule(OnlineRLModule):
         loss_mask = samples.response_mask & kept.repeat_interleave(G)[:, None]
         if hp.mask_truncated_completions:
             loss_mask = loss_mask & samples.stopped[:, None]
-        return Groups(samples, rewards, per_source, loss_mask, kept, resampled)
+        return Groups(samples, rewards, per_source, loss_mask, kept, resampled, sampler_logprobs)
 
-    def advantages(self, rewards: Tensor) -> Tensor:
+    def advantages(self, rewards: Tensor, mask: Tensor, token_kl: Tensor | None = None) -> Tensor:
         """(B * G,) advantages, computed over the rewards of every device (so "batch" scaling is the
-        same however many devices share the prompts), this device's slice returned."""
+        same however many devices share the prompts), this device's slice returned; REINFORCE++'s
+        are (B * G, R), per token of `mask`, with `token_kl` (k1, kl_mode "reward") in the returns."""
         hp = self.hparams
         everything = self.all_gather(rewards).reshape(-1)
         if hp.advantage_estimator == "rloo":
             advantages = leave_one_out_advantages(everything, hp.num_generations)
+        elif hp.advantage_estimator == "reinforce_plus_plus":
+            advantages = everything  # the score itself; normalised over the tokens below
         else:
-            advantages = group_advantages(everything, hp.num_generations, scale_rewards=hp.scale_rewards)
+            scaling = "none" if hp.advantage_estimator == "reinforce_plus_plus_baseline" else hp.scale_rewards
+            advantages = group_advantages(everything, hp.num_generations, scale_rewards=scaling)
         start = self.trainer.global_rank * len(rewards)
-        return advantages[start : start + len(rewards)]
+        advantages = advantages[start : start + len(rewards)]
+        if not hp.advantage_estimator.startswith("reinforce_plus_plus"):
+            return advantages
+        scores = torch.where(torch.isnan(rewards), rewards, advantages)  # no reward: out of the statistics
+        return token_advantages(scores, mask, token_kl, beta=hp.beta, global_sum=self.global_sum)
 
     # -- training -------------------------------------------------------------------------
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
         hp = self.hparams
         started = time.perf_counter()
         groups = self.generate(batch)                                     # sample, score (no gradients)
-        old_logprobs, ref_logprobs = self.old_and_reference_logprobs(groups.samples)
-        rewards, kl_reward = groups.rewards, None
+        old_logprobs, ref_logprobs, entropies = self.old_and_reference_logprobs(groups.samples)
+        rewards, kl_reward, token_kl = groups.rewards, None, None
+        reinforce = hp.advantage_estimator.startswith("reinforce_plus_plus")
         if hp.beta > 0 and hp.kl_mode == "reward":                        # k1, summed per completion
-            kl_reward = masked_sum(kl_penalty(old_logprobs, ref_logprobs), groups.samples.response_mask, dim=1)
-            rewards = rewards - hp.beta * kl_reward
-        advantages = self.advantages(rewards)
+            token_kl = kl_penalty(old_logprobs, ref_logprobs)
+            kl_reward = masked_sum(token_kl, groups.samples.response_mask, dim=1)
+            if not reinforce:  # REINFORCE++ puts it in each token's return instead
+                rewards = rewards - hp.beta * kl_reward
+        advantages = self.advantages(rewards, groups.loss_mask, token_kl)
+        weights, recipe_stats = self.token_weights(groups.loss_mask, old_logprobs, groups.sampler_logprobs, entropies)
         generated = time.perf_counter()
         mask = groups.loss_mask
+        bonus_mask = self.bonus_mask(mask, weights)
+        step = {}  # the optimizer step's entropy-bonus normaliser, set before its micro-batches
 
         def denominator(rows: Tensor) -> Tensor:
             scope = slice(None) if loss_scope(hp.loss_type) == "generation_batch" else rows
-            return self.global_sum(grpo_loss_denominator(mask[scope], loss_type=hp.loss_type,
-                                                         max_completion_length=hp.max_new_tokens))
+            normaliser = self.global_sum(grpo_loss_denominator(mask[scope], loss_type=hp.loss_type,
+                                                               max_completion_length=hp.max_new_tokens))
+            step["policy"], step["bonus"] = normaliser.clamp(min=1.0), self.global_sum(bonus_mask[rows].sum()).clamp(min=1.0)
+            return normaliser
 
         def micro_batch_loss(rows: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-            return self.micro_batch_loss(groups, advantages, old_logprobs, ref_logprobs, rows)
+            numerator, bonus, stats = self.micro_batch_loss(groups, advantages, old_logprobs, ref_logprobs, rows,
+                                                            weights, bonus_mask)
+            # update divides by the policy normaliser: the bonus, divided by its own, is scaled to match.
+            return numerator + hp.entropy_coef * bonus * step["policy"] / step["bonus"], stats
 
         sums = self.update(len(mask), micro_batch_loss, denominator, passes=hp.num_iterations,
                            num_mini_batches=hp.num_mini_batches)
         episodes = self.count_episodes(len(rewards))
-        self.log_groups(groups, per_token(sums), kl_reward, episodes=episodes, generation_s=generated - started,
-                        update_s=time.perf_counter() - generated)
+        self.log_groups(groups, {**per_token(sums), **recipe_stats}, kl_reward, episodes=episodes,
+                        generation_s=generated - started, update_s=time.perf_counter() - generated)
 
     @torch.no_grad()
-    def old_and_reference_logprobs(self, samples: Samples) -> tuple[Tensor | None, Tensor | None]:
+    def old_and_reference_logprobs(self, samples: Samples):
         """(B * G, R) log-probs of the sampling policy (None when the update's own first forward is
-        the only one before any optimizer step) and of the reference (None with beta = 0), each
-        from one forward per micro-batch of the first pass's layout."""
+        the only one before any optimizer step), of the reference (None with beta = 0), and the
+        sampling policy's token entropies (for top_entropy_quantile < 1, else None), each from one
+        forward per micro-batch of the first pass's layout."""
         hp = self.hparams
-        needs_old = hp.num_iterations > 1 or hp.num_mini_batches > 1 or (hp.beta > 0 and hp.kl_mode == "reward")
+        with_entropy = hp.top_entropy_quantile < 1.0
+        needs_old = (hp.num_iterations > 1 or hp.num_mini_batches > 1 or (hp.beta > 0 and hp.kl_mode == "reward")
+                     or with_entropy or hp.off_policy_correction is not None)
         tensors = (samples.input_ids, samples.attention_mask, samples.position_ids, samples.response_mask)
         layout = self.layout(len(samples.input_ids), hp.num_mini_batches)
-        old = forward_in_layout(self.policy_logprobs, tensors, layout) if needs_old else None
+        old = entropies = None
+        if with_entropy:
+            old, entropies = forward_in_layout(lambda *t: tuple(self.policy_forward(*t, with_entropy=True)[:2]),
+                                               tensors, layout)
+        elif needs_old:
+            old = forward_in_layout(self.policy_logprobs, tensors, layout)
         reference = forward_in_layout(self.reference_logprobs, tensors, layout) if hp.beta > 0 else None
-        return old, reference
+        return old, reference, entropies
 
-    def micro_batch_loss(self, groups: Groups, advantages: Tensor, old: Tensor | None, ref: Tensor | None, rows):
-        """(this micro-batch's numerator of the aggregated loss, summed token statistics)."""
+    def policy_forward(self, *tensors: Tensor, with_entropy: bool = False) -> ResponseForward:
+        return response_forward(self.policy, *tensors, temperature=self.hparams.temperature, with_entropy=with_entropy)
+
+    def token_weights(self, mask: Tensor, old: Tensor | None, sampler: Tensor | None, entropies: Tensor | None):
+        """See `plpost.modules.grpo_recipes.token_weights`; the entropy threshold over every device."""
+        return token_weights(self.hparams, mask, old, sampler, entropies, gather=self.all_gather)
+
+    def bonus_mask(self, mask: Tensor, token_weights: Tensor | None) -> Tensor:
+        """The tokens the entropy bonus acts on: those the policy loss trains (the top-entropy ones)."""
+        if self.hparams.top_entropy_quantile < 1.0 and token_weights is not None:
+            return mask & (token_weights > 0)
+        return mask
+
+    def micro_batch_loss(self, groups: Groups, advantages: Tensor, old: Tensor | None, ref: Tensor | None, rows,
+                         token_weights: Tensor | None, bonus_mask: Tensor):
+        """(this micro-batch's numerator of the aggregated loss, its entropy bonus numerator over
+        `bonus_mask` (0 with entropy_coef = 0), summed token statistics)."""
         hp = self.hparams
         samples, mask = groups.samples, groups.loss_mask[rows]
-        logprobs = self.policy_logprobs(*(tensor[rows] for tensor in (
-            samples.input_ids, samples.attention_mask, samples.position_ids, samples.response_mask)))
+        forward = self.policy_forward(*(tensor[rows] for tensor in (
+            samples.input_ids, samples.attention_mask, samples.position_ids, samples.response_mask)),
+            with_entropy=hp.entropy_coef > 0)
+        logprobs = forward.logprobs
         out = grpo_token_losses(
             logprobs, old[rows] if old is not None else logprobs.detach(), advantages[rows], mask,
             epsilon_low=hp.epsilon_low, epsilon_high=hp.epsilon_high,
             ref_logprobs=ref[rows] if ref is not None and hp.kl_mode == "loss" else None, beta=hp.beta,
+            loss_type=hp.loss_type, importance_sampling_level=hp.importance_sampling_level,
+            sapo_temperature_pos=hp.sapo_temperature_pos, sapo_temperature_neg=hp.sapo_temperature_neg,
+            token_weights=token_weights[rows] if token_weights is not None else None,
         )
         terms = grpo_loss_terms(out.token_losses, mask, loss_type=hp.loss_type, max_completion_length=hp.max_new_tokens)
+        bonus = torch.zeros((), device=mask.device)
+        if forward.entropy is not None:
+            bonus = entropy_bonus_terms(forward.entropy, bonus_mask[rows]).numerator
+        # The full distribution's entropy when the forward computed it, else -log pi of the sampled tokens (an estimate).
+        entropy = forward.entropy.detach() if forward.entropy is not None else -logprobs.detach()
         stats = {
             "tokens": mask.sum().float(), "clip_ratio/low_mean": out.clipped_low.sum().float(),
-            "clip_ratio/high_mean": out.clipped_high.sum().float(),
-            "entropy": -masked_sum(logprobs.detach(), mask),  # -log pi of the sampled tokens: an estimate
+            "clip_ratio/high_mean": out.clipped_high.sum().float(), "entropy": masked_sum(entropy, mask),
         }
         if out.kl is not None:
             stats["kl"] = masked_sum(out.kl.detach(), mask)
-        return terms.numerator, stats
+        return terms.numerator, bonus, stats
+
 
     def log_groups(self, groups: Groups, update: dict[str, Tensor], kl_reward: Tensor | None, **timing) -> None:
         """Per generation batch, under TRL's names where it has them."""

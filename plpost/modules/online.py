@@ -77,20 +77,21 @@ class OnlineModule(PostTrainingModule):
 
     # -- sampling -------------------------------------------------------------------------
     @torch.no_grad()
-    def sample(self, input_ids: Tensor, attention_mask: Tensor, num_samples: int = 1) -> Samples:
+    def sample(self, input_ids: Tensor, attention_mask: Tensor, num_samples: int = 1,
+               logits_processor: list | None = None) -> Samples:
         """`num_samples` responses per left-padded prompt (B, P), those of a prompt consecutive:
-        (B * num_samples) rows, sampled eagerly (see `plpost.generation.eager_sampling`)."""
+        (B * num_samples) rows, sampled eagerly (see `plpost.generation.eager_sampling`) by the
+        sampler (`plpost.sampling`: one prefill per prompt). logits_processor: for `generate`'s loop
+        (see `plpost.rollout.sample_responses`)."""
         hp = self.hparams
         config = generation_config(
             self.tokenizer, do_sample=True, temperature=hp.temperature, top_p=hp.top_p, top_k=hp.top_k,
             max_new_tokens=hp.max_new_tokens, use_cache=True,
         )
-        if num_samples > 1:
-            input_ids = input_ids.repeat_interleave(num_samples, dim=0)
-            attention_mask = attention_mask.repeat_interleave(num_samples, dim=0)
-        # Sharded (FSDP2), every rank gathers the full weights once for the whole generate.
+        # Sharded (FSDP2), every rank gathers the full weights once for the whole sampling call.
         with eager_sampling(), full_parameters(self.generation_model()) as model:
-            return sample_responses(model, input_ids, attention_mask, config, pad_token_id=self.tokenizer.pad_token_id)
+            return sample_responses(model, input_ids, attention_mask, config, pad_token_id=self.tokenizer.pad_token_id,
+                                    num_samples=num_samples, logits_processor=logits_processor)
 
     def build_models(self) -> None:
         super().build_models()

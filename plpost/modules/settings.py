@@ -9,6 +9,8 @@ from typing import Any, Literal
 
 import torch
 
+from plpost.hf import QuantizationSettings
+
 Dtype = Literal["float32", "bfloat16", "float16"]
 
 
@@ -66,6 +68,8 @@ class ModelSettings:
         attn_implementation: "sdpa", "eager", "flash_attention_2", ... (default: transformers' choice).
         trust_remote_code: allow model code from the model's repository (off: it runs arbitrary code).
         lora: train LoRA adapters instead of all weights.
+        quantization: the base weights in 4 (or 8) bits through bitsandbytes, under `lora` (QLoRA;
+            see `plpost.hf.QuantizationSettings`); frozen copies (references, teachers) load unquantized.
         gradient_checkpointing: recompute activations in the backward pass to save memory.
         torch_compile: compile the forwards each step runs (the policy's, a frozen copy's, a
             critic's) with `torch.compile`, for faster steps; sampling stays eager. The first step
@@ -83,8 +87,16 @@ class ModelSettings:
     attn_implementation: str | None = None
     trust_remote_code: bool = False
     lora: LoraSettings | None = None
+    quantization: QuantizationSettings | None = None
     gradient_checkpointing: bool = False
     torch_compile: bool = False
+
+    def __post_init__(self) -> None:
+        if self.quantization is not None and self.lora is None:
+            raise ValueError("quantization (QLoRA) trains LoRA adapters on frozen quantized weights: give `lora:` too")
+        if self.quantization is not None and self.lora.merge_on_export:
+            raise ValueError("lora.merge_on_export with quantization would merge into rounded 4-bit weights: export "
+                             "the adapter and merge it into the full-precision base model")
 
 
 MOVED_TO_MODEL_SETTINGS = tuple(ModelSettings.__dataclass_fields__)
@@ -105,4 +117,4 @@ def settings_from_flat(arguments: dict[str, Any]) -> dict[str, Any]:
 
 # Checkpoints hold the hyperparameters, these settings included, and Lightning reads them back
 # with torch.load(weights_only=True) (torch's default), which refuses classes not allowlisted.
-torch.serialization.add_safe_globals([LoraSettings, ModelSettings])
+torch.serialization.add_safe_globals([LoraSettings, ModelSettings, QuantizationSettings])

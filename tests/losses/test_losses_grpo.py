@@ -128,11 +128,13 @@ MASK = torch.tensor([[1, 1], [1, 0]])
 
 @pytest.mark.parametrize(
     ("loss_type", "numerator", "denominator"),
-    [("grpo", 1.5 + 3.0, 2), ("bnpo", 6.0, 3), ("dapo", 6.0, 3), ("dr_grpo", 6.0, 2 * 4)],
+    [("grpo", 1.5 + 3.0, 2), ("bnpo", 6.0, 3), ("dapo", 6.0, 3), ("dr_grpo", 6.0, 2 * 4), ("cispo", 6.0, 3),
+     ("sapo", 1.5 + 3.0, 2)],
 )
 def test_each_aggregation_by_hand(loss_type, numerator, denominator):
-    """Completions with token losses (1, 2) and (3,): grpo averages per completion, then over the 2
-    completions; bnpo and dapo divide the token sum 6 by the 3 tokens; dr_grpo by 2 x max length 4."""
+    """Completions with token losses (1, 2) and (3,): grpo (and sapo) average per completion, then
+    over the 2 completions; bnpo, dapo (and cispo) divide the token sum 6 by the 3 tokens; dr_grpo
+    by 2 x max length 4."""
     terms = grpo_loss_terms(TOKEN_LOSSES, MASK, loss_type=loss_type, max_completion_length=4)
     torch.testing.assert_close(terms.numerator, torch.tensor(numerator, dtype=F64))
     assert float(terms.denominator) == denominator
@@ -151,7 +153,7 @@ def naive_loss(token_losses, mask, loss_type, max_length):
     """The per-step definitions written out over python lists of completions."""
     rows = [[float(v) for v, m in zip(row, keep) if m] for row, keep in zip(token_losses, mask)]
     rows = [row for row in rows if row]
-    if loss_type == "grpo":
+    if loss_type in ("grpo", "sapo"):
         return sum(sum(row) / len(row) for row in rows) / len(rows)
     total = sum(sum(row) for row in rows)
     if loss_type == "dr_grpo":
@@ -185,7 +187,7 @@ def test_aggregation_is_invariant_to_micro_batches_and_devices(loss_type):
 
 def test_only_bnpo_normalises_over_the_whole_generation_batch():
     assert [loss_scope(t) for t in GRPO_LOSS_TYPES] == ["optimizer_step", "generation_batch", "optimizer_step",
-                                                         "optimizer_step"]
+                                                         "optimizer_step", "optimizer_step", "optimizer_step"]
     with pytest.raises(ValueError, match="unknown loss_type"):
         grpo_loss_terms(TOKEN_LOSSES, MASK, loss_type="token_mean")
     with pytest.raises(ValueError, match="max_completion_length"):
