@@ -1,5 +1,8 @@
 """GRPOModule: critic-free online RL (GRPO, Dr. GRPO, DAPO, BNPO, RLOO, GSPO, CISPO, SAPO, REINFORCE++):
-G samples per prompt, each compared with the others of its group instead of with a value model."""
+G samples per prompt, each compared with the others of its group instead of with a value model.
+
+Over 300 lines: a third of it is the class docstring, the `--help` of its thirty arguments; the
+shared step is `plpost.modules.online`, the recipes' helpers `plpost.modules.grpo_recipes`."""
 
 from __future__ import annotations
 
