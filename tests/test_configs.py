@@ -76,7 +76,7 @@ def sft_export(tmp_path_factory) -> str:
     model = SFTModule("plpost:tiny", optimizer=lambda params: torch.optim.AdamW(params, lr=3e-3))
     data = ChatDataModule("plpost:tiny", train={"path": "plpost:data/addition/sft.jsonl", "limit": 4000},
                           batch_size=64, max_length=64)
-    L.Trainer(max_steps=60, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+    L.Trainer(max_steps=150, logger=False, enable_checkpointing=False, enable_progress_bar=False,
               enable_model_summary=False, callbacks=[HFExport(path)]).fit(model, data)
     return path
 
