@@ -84,7 +84,6 @@ class DistillationModule(OnlineModule):
         scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__(model, tokenizer, model_settings=model_settings, optimizer=optimizer, scheduler=scheduler)
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         # Refuses an unknown divergence, a JSD beta outside (0, 1) or a temperature <= 0 now, not at the first step.
         token_divergence(torch.zeros(1, 1, 2), torch.zeros(1, 1, 2), torch.ones(1, 1), divergence=divergence,
                          beta=beta, temperature=temperature)

@@ -115,7 +115,6 @@ class DPOModule(PreferenceModule):
         scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__(model, tokenizer, model_settings=model_settings, optimizer=optimizer, scheduler=scheduler)
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         if reference == "auto" and loss_type in REFERENCE_FREE_LOSS_TYPES:
             reference = "none"
         self.init_reference(reference, reference_model, allowed=("auto", "copy", "adapter", "precomputed", "none"))

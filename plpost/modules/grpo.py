@@ -172,10 +172,9 @@ class GRPOModule(OnlineRLModule):
         optimizer: OptimizerCallable = default_optimizer,
         scheduler: LRSchedulerCallable | None = None,
     ) -> None:
-        super().__init__(model, tokenizer, model_settings=model_settings, optimizer=optimizer, scheduler=scheduler)
         if epsilon_high is None:
             epsilon_high = epsilon_low
-        self.save_hyperparameters(ignore=["optimizer", "scheduler", "rewards"])
+        super().__init__(model, tokenizer, model_settings=model_settings, optimizer=optimizer, scheduler=scheduler)
         loss_scope(loss_type)  # refuses an unknown loss_type now, not at the first step
         if num_generations < 2:
             raise ValueError(f"num_generations must be >= 2 (a group of one has no baseline), got {num_generations}")

@@ -88,7 +88,6 @@ class KTOModule(PreferenceModule):
         scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__(model, tokenizer, model_settings=model_settings, optimizer=optimizer, scheduler=scheduler)
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         one = torch.zeros(1)  # kto_loss validates beta and the weights
         kto_loss(one, one, one.bool(), one[0], beta=beta, desirable_weight=desirable_weight,
                  undesirable_weight=undesirable_weight)

@@ -120,7 +120,6 @@ class PPOModule(OnlineRLModule):
         scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__(model, tokenizer, model_settings=model_settings, optimizer=optimizer, scheduler=scheduler)
-        self.save_hyperparameters(ignore=["optimizer", "scheduler", "rewards"])
         if value_model == "critic" and critic_model is None:
             critic_model = next((s.path for s in rewards if isinstance(s, RewardModel)), None)
             if critic_model is None:

@@ -24,9 +24,9 @@ from plpost.modules.precomputed import cache_key, lookup, precompute_logps
 class PreferenceModule(PostTrainingModule):
     """A policy trained against a frozen reference on a fixed dataset (see the module docstring).
 
-    Subclasses call `init_reference(reference, reference_model, allowed=...)` in `__init__`, after
-    `save_hyperparameters()` (which must hold `reference_cache_dir` and `disable_dropout`), and
-    define `model_logps`, `example_index` and `logps_type`.
+    Subclasses take `reference_cache_dir` and `disable_dropout` arguments, call
+    `init_reference(reference, reference_model, allowed=...)` in `__init__`, and define
+    `model_logps`, `example_index` and `logps_type`.
     """
 
     logps_type: ClassVar[type[NamedTuple]]

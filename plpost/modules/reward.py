@@ -93,7 +93,6 @@ class RewardModule(PostTrainingModule):
             lora = replace(lora, modules_to_save=[*(lora.modules_to_save or []), SCORE_HEAD])
             model_settings = replace(model_settings, lora=lora)
         super().__init__(model, tokenizer, model_settings=model_settings, optimizer=optimizer, scheduler=scheduler)
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.center_rewards_coefficient = center_rewards_coefficient
         self.share_prompt = share_prompt
         self.train_metrics = nn.ModuleDict({name: MeanMetric() for name in PAIR_METRICS})

@@ -42,7 +42,6 @@ class SFTModule(PostTrainingModule):
         scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__(model, tokenizer, model_settings=model_settings, optimizer=optimizer, scheduler=scheduler)
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.val_loss = MeanMetric()
         self.val_accuracy = MeanMetric()
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.float64))
