@@ -57,7 +57,7 @@ class DemoScale:
         ]
 
 
-QUICK = DemoScale(sft_limit=1500, sft_epochs=1, clean_size=300, clean_epochs=1, preference_prompts=300, samples_per_prompt=2,
+QUICK = DemoScale(sft_limit=4000, sft_epochs=1, clean_size=300, clean_epochs=1, preference_prompts=300, samples_per_prompt=2,
                   reward_epochs=1, dpo_limit=600, style_pairs=200, ppo_steps=4, grpo_steps=2, kl_coefs=(0.0, 1.0),
                   probe_every=1, probe_prompts=20, eval_limit=40)
 
