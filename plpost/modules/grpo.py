@@ -287,10 +287,15 @@ class GRPOModule(OnlineRLModule):
         bonus_mask = self.bonus_mask(mask, weights)
         step = {}  # the optimizer step's entropy-bonus normaliser, set before its micro-batches
 
+        def tokens_denominator(rows: Tensor | slice) -> Tensor:
+            return self.global_sum(grpo_loss_denominator(mask[rows], loss_type=hp.loss_type,
+                                                         max_completion_length=hp.max_new_tokens))
+
+        # Scoped to the generation batch, the normaliser is one number for all its steps: reduced once.
+        whole_batch = tokens_denominator(slice(None)) if loss_scope(hp.loss_type) == "generation_batch" else None
+
         def denominator(rows: Tensor) -> Tensor:
-            scope = slice(None) if loss_scope(hp.loss_type) == "generation_batch" else rows
-            normaliser = self.global_sum(grpo_loss_denominator(mask[scope], loss_type=hp.loss_type,
-                                                               max_completion_length=hp.max_new_tokens))
+            normaliser = whole_batch if whole_batch is not None else tokens_denominator(rows)
             step["policy"], step["bonus"] = normaliser.clamp(min=1.0), self.global_sum(bonus_mask[rows].sum()).clamp(min=1.0)
             return normaliser
 
