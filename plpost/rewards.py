@@ -14,6 +14,9 @@ the stage optimises:
 
 Sources are `torch.nn.Module`s so that a reward model moves to the device with the PPO module;
 their weights are frozen and never written into checkpoints (the running statistics are).
+
+Over 300 lines: every kind of source (functions, reward models, an environment's rewards) and the
+scorer that sums them are one module, the one configs name (``plpost.rewards.RewardModel``).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from transformers import AutoModelForSequenceClassification, PreTrainedTokenizer
 from plpost.data.collate import pad_rows
 from plpost.data.formats import Message
 from plpost.data.tokenize import chat_ids, text_mask
+from plpost.episodes import Episodes
 from plpost.frozen import FrozenCopy
 from plpost.hf import load_causal_lm, load_tokenizer
 from plpost.reward_head import sequence_rewards
@@ -43,7 +47,10 @@ class Responses(NamedTuple):
     input_ids, attention_mask, position_ids: (B, T) the policy's prompt + response tokens
     (left-padded prompt, response padded after its stop token); stopped: (B,) bool;
     completion_lengths: (B,) the response tokens up to and including the stop token (None where
-    only texts are scored, as in `plpost.evaluation`).
+    only texts are scored, as in `plpost.evaluation`); the policy's tokens in an episode.
+    conversations: in multi-turn episodes (`plpost.episodes`), each one's messages after its
+        prompt (completions are then the last assistant turns' texts); else None.
+    environment_rewards: (B,) the environment's reward of each episode (NaN: none), or None.
     """
 
     prompts: list[str | list[Message]]
@@ -54,6 +61,8 @@ class Responses(NamedTuple):
     position_ids: Tensor
     stopped: Tensor
     completion_lengths: Tensor | None = None
+    conversations: list[list[Message]] | None = None
+    environment_rewards: Tensor | None = None
 
 
 def responses_of(
@@ -72,6 +81,22 @@ def responses_of(
         repeat(prompts), decode_completions(tokenizer, samples), {key: repeat(v) for key, v in columns.items()},
         samples.input_ids, samples.attention_mask, samples.position_ids, samples.stopped,
         samples.response_mask.sum(1),
+    )
+
+
+def responses_of_episodes(episodes: Episodes, prompts: Sequence[list[Message]], columns: dict[str, list[Any]],
+                          num_samples: int = 1) -> Responses:
+    """`responses_of` for multi-turn episodes: completions are the last assistant turns, and each
+    episode's conversation is also a column, ``conversation``, for reward functions."""
+    def repeat(values: Sequence[Any]) -> list[Any]:
+        return [value for value in values for _ in range(num_samples)]
+
+    samples = episodes.samples
+    columns = {**{key: repeat(v) for key, v in columns.items()}, "conversation": episodes.conversations}
+    return Responses(
+        repeat(prompts), episodes.completions, columns, samples.input_ids, samples.attention_mask,
+        samples.position_ids, samples.stopped, samples.response_mask.sum(1), episodes.conversations,
+        episodes.environment_rewards,
     )
 
 
@@ -132,13 +157,27 @@ class RewardFunction(RewardSource):
         return scores
 
 
+class EnvironmentReward(RewardSource):
+    """The sum of the rewards an environment gave in each episode (`plpost.environments.Reply.reward`;
+    0 where it gave none: an episode cut short is never answered), for a stage with an environment."""
+
+    def __init__(self, weight: float = 1.0, name: str = "environment") -> None:
+        super().__init__(weight, name)
+
+    def forward(self, responses: Responses) -> Tensor:
+        if responses.environment_rewards is None:
+            raise ValueError("EnvironmentReward scores episodes an environment played; these responses are not")
+        return responses.environment_rewards.float()
+
+
 class RewardModel(RewardSource):
     """A trained reward model folder (`RewardModule`'s export: an AutoModelForSequenceClassification
     with one output), read at the last real token of prompt + response.
 
     When its tokenizer has the policy's vocabulary, it scores the policy's own tokens (no decoding).
     Otherwise each pair is decoded and re-tokenized with its tokenizer: message prompts through its
-    chat template with the completion as the assistant turn, string prompts as prompt + completion
+    chat template with the completion as the assistant turn (a multi-turn episode's whole
+    conversation after the prompt), string prompts as prompt + completion
     + EOS (as the preference data was); the LAST max_length tokens are kept, since the score is
     read at the end. Re-rendering closes every turn, so a response cut at max_new_tokens looks
     finished to it: use `missing_eos_penalty` for those.
@@ -211,12 +250,13 @@ class RewardModel(RewardSource):
 
     def retokenize(self, responses: Responses) -> list[Tensor]:
         rows = []
-        for prompt, completion in zip(responses.prompts, responses.completions):
+        conversations = responses.conversations or [None] * len(responses.completions)
+        for prompt, completion, conversation in zip(responses.prompts, responses.completions, conversations):
             if isinstance(prompt, str):
                 ids = text_mask(self.tokenizer, prompt, completion)[0]
             else:
-                turn = {"role": "assistant", "content": completion}
-                ids = chat_ids(self.tokenizer, [*prompt, turn], add_generation_prompt=False)
+                after = conversation if conversation is not None else [{"role": "assistant", "content": completion}]
+                ids = chat_ids(self.tokenizer, [*prompt, *after], add_generation_prompt=False)
             rows.append(ids[-self.max_length :])
         device = responses.input_ids.device
         input_ids = pad_rows(rows, self.tokenizer.pad_token_id).to(device)

@@ -33,8 +33,9 @@ class Samples(NamedTuple):
     input_ids: (B, P + R), the left-padded prompt then the response, padded after the stop token.
     attention_mask: (B, P + R), 1 on real prompt tokens and on response tokens up to the stop.
     position_ids: (B, P + R), counted from each row's first real token (0 on left padding).
-    response_mask: (B, R) bool, True up to and including the first stop token (all of the
-        response when it never stopped).
+    response_mask: (B, R) bool, True on the policy's tokens: up to and including the first stop
+        token (all of the response when it never stopped); in a multi-turn episode
+        (`plpost.episodes`), the policy's turns, the environment's replies between them False.
     stopped: (B,) bool, the response ended with a stop token within max_new_tokens.
     """
 
@@ -78,6 +79,23 @@ def sample_responses(
     logits_processor: extra processors `generate` runs after its own (e.g. `SampledTokenLogprobs`);
         given, the sampling is `generate`'s (see `plpost.sampling.complete`).
     """
+    response, response_mask, stopped = sampled_completions(
+        model, input_ids, attention_mask, config, pad_token_id=pad_token_id, num_samples=num_samples, backend=backend,
+        logits_processor=logits_processor)
+    if num_samples > 1:
+        input_ids = input_ids.repeat_interleave(num_samples, dim=0)
+        attention_mask = attention_mask.repeat_interleave(num_samples, dim=0)
+    return join_responses(input_ids, attention_mask, response, response_mask, stopped)
+
+
+@torch.no_grad()
+def sampled_completions(
+    model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, config: GenerationConfig, *, pad_token_id: int,
+    num_samples: int = 1, backend: str | None = None, logits_processor: list | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(B * num_samples, R) completions with `pad_token_id` after each first stop token, their
+    (B * num_samples, R) bool mask up to and including it, and (B * num_samples,) whether they
+    stopped; sampled in eval mode, the model given back in the mode it came in (see `sample_responses`)."""
     was_training = model.training
     model.eval()
     try:
@@ -85,13 +103,9 @@ def sample_responses(
                             logits_processor=logits_processor)
     finally:
         model.train(was_training)
-    if num_samples > 1:
-        input_ids = input_ids.repeat_interleave(num_samples, dim=0)
-        attention_mask = attention_mask.repeat_interleave(num_samples, dim=0)
     lengths, stopped = completion_stats(response, config.eos_token_id)
     response_mask = torch.arange(response.shape[1], device=response.device) < lengths[:, None]
-    response = torch.where(response_mask, response, torch.full_like(response, pad_token_id))
-    return join_responses(input_ids, attention_mask, response, response_mask, stopped)
+    return torch.where(response_mask, response, torch.full_like(response, pad_token_id)), response_mask, stopped
 
 
 def join_responses(

@@ -114,3 +114,12 @@ def test_per_token_rewards_by_hand():
     mask = torch.tensor([[True, True], [True, False]])
     rewards = per_token_rewards(kl, torch.tensor([1.0, -1.0]), mask, kl_coef=0.5)
     torch.testing.assert_close(rewards, torch.tensor([[-0.05, 0.9], [-1.2, 0.0]], dtype=torch.float64))
+
+
+def test_the_score_lands_on_the_policys_last_token_of_a_multi_turn_row():
+    """Policy tokens at 0, 1 and 4 (the environment's at 2, 3): the score goes to position 4, the
+    last token the policy wrote, never to a reply token or padding. kl = 0.1 everywhere, kl_coef 1,
+    score 2: r = (-0.1, -0.1, 0, 0, -0.1 + 2, 0)."""
+    mask = torch.tensor([[1, 1, 0, 0, 1, 0]], dtype=torch.bool)
+    rewards = per_token_rewards(torch.full((1, 6), 0.1), torch.tensor([2.0]), mask, kl_coef=1.0)
+    assert torch.allclose(rewards, torch.tensor([[-0.1, -0.1, 0.0, 0.0, 1.9, 0.0]]))

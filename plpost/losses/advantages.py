@@ -28,8 +28,11 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float, lam: flo
 
     rewards, values, mask: (B, T). rewards[b, t] is the reward after token t (typically the
     per-token KL penalty, plus the score on the last valid token); values[b, t] is V(s_t);
-    mask is 1 on valid response tokens, which form a prefix of each row (right padding).
-    The episode ends after the last valid token, so the value after it is 0:
+    mask is 1 on the policy's tokens: a prefix of each row (right padding), or, in a multi-turn
+    episode, the policy's turns with the environment's replies between them. The recursion runs
+    over the policy's tokens only: t + 1 is the policy's next token, wherever it sits (the
+    environment's tokens are not actions, so they are skipped, not counted as steps). The episode
+    ends after the last valid token, so the value after it is 0:
         delta_t = r_t + gamma * V_{t+1} - V_t        (V_{t+1} = 0 after the last valid token)
         A_t     = delta_t + gamma * lam * A_{t+1}    (A = 0 after the last valid token)
         R_t     = A_t + V_t                          (the value targets)
@@ -53,8 +56,10 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float, lam: flo
         delta = rewards[:, t] + gamma * next_value - values[:, t]
         advantage = torch.where(keep[:, t], delta + gamma * lam * next_advantage, zero)
         advantages[:, t] = advantage
-        next_value = torch.where(keep[:, t], values[:, t], zero)
-        next_advantage = advantage
+        # A masked position passes the next valid token's value and advantage on unchanged;
+        # after the last valid token they are still the initial zeros.
+        next_value = torch.where(keep[:, t], values[:, t], next_value)
+        next_advantage = torch.where(keep[:, t], advantage, next_advantage)
     returns = torch.where(keep, advantages + values, zero)
     return advantages, returns
 

@@ -188,11 +188,12 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
 def per_token_rewards(kl: Tensor, scores: Tensor, mask: Tensor, *, kl_coef: float) -> Tensor:
     """r_t = -kl_coef * KL_t on every response token, plus the sequence score on the last one.
 
-    kl, mask: (B, R), mask True on a prefix of each row; scores: (B,). Returns (B, R), 0 where
-    mask is False. E.g. kl = (0.1, 0.2), score 1, kl_coef 0.5 -> r = (-0.05, -0.1 + 1) = (-0.05, 0.9).
+    kl, mask: (B, R), mask True on the policy's tokens (a prefix of each row, or the turns of a
+    multi-turn episode); scores: (B,). Returns (B, R), 0 where mask is False. E.g. kl = (0.1, 0.2),
+    score 1, kl_coef 0.5 -> r = (-0.05, -0.1 + 1) = (-0.05, 0.9).
     """
     rewards = torch.where(mask, -kl_coef * kl, torch.zeros((), dtype=kl.dtype, device=kl.device))
-    last = mask.long().sum(1) - 1
+    last = mask.shape[1] - 1 - mask.flip(1).long().argmax(1)
     rows = torch.arange(mask.shape[0], device=mask.device)
     rewards[rows, last] += scores.to(rewards.dtype)
     return rewards

@@ -74,8 +74,9 @@ class PostTrainingModule(BuildsModels, HoldsFrozenModels, L.LightningModule):
         quiet_known_noise()
         # The arguments of the stage's own __init__ too (Lightning reads every __init__ frame of this
         # object, as the caller left its locals): the hyperparameters checkpoints and loggers record.
-        # Optimizers and schedulers are callables, reward sources Python objects: not hyperparameters.
-        self.save_hyperparameters(ignore=["optimizer", "scheduler", "rewards"])
+        # Optimizers and schedulers are callables, reward sources and environments Python objects:
+        # not hyperparameters.
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "rewards", "environment"])
         self.model_name = model
         self.tokenizer_name = tokenizer or model
         self.model_settings = model_settings

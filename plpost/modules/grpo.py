@@ -25,7 +25,8 @@ from plpost.modules.base import default_optimizer
 from plpost.modules.grpo_recipes import check_recipe, token_advantages, token_weights
 from plpost.modules.online import OnlineRLModule, forward_in_layout, per_token
 from plpost.modules.settings import ModelSettings
-from plpost.rewards import RewardScorer, RewardSource, responses_of
+from plpost.environments import Environment
+from plpost.rewards import RewardSource
 from plpost.rollout import ResponseForward, Samples, replace_rows, response_forward
 from plpost.sampler_logprobs import SampledTokenLogprobs, replace_logprob_rows
 
@@ -45,6 +46,8 @@ class Groups(NamedTuple):
     """Groups sampled again by dynamic sampling."""
     sampler_logprobs: Tensor | None
     """(B * G, R) the sampler's log-probs of the sampled tokens, with off_policy_correction."""
+    episode_statistics: dict[str, Tensor]
+    """name -> (B * G,) per episode, with an environment (see `plpost.episodes.Episodes`); else empty."""
 
 
 class GRPOModule(OnlineRLModule):
@@ -73,6 +76,11 @@ class GRPOModule(OnlineRLModule):
             `plpost.rewards.RewardModel`, the verifiable rewards of `plpost.verifiable`). A source
             may return None (NaN) for a completion it does not apply to; a completion no source
             applies to is left out of its group's statistics and gets advantage 0.
+        environment: makes every episode multi-turn (`plpost.environments.Environment`: Python
+            tools, or a world of its own): the policy writes a turn, the environment answers,
+            up to its max_turns; only the policy's tokens are trained (`plpost.episodes`). Its
+            rewards count through a `plpost.rewards.EnvironmentReward` source; reward functions
+            read the last assistant turn as the completion, the episode in the ``conversation`` column.
         missing_eos_penalty: subtracted from the score of a completion with no stop token.
         num_generations: G, the completions sampled per prompt (>= 2).
         advantage_estimator: "grpo": (r - group mean) scaled by `scale_rewards`; "rloo": r minus
@@ -122,7 +130,8 @@ class GRPOModule(OnlineRLModule):
             0), sampling them again first up to `max_resample_rounds` times (DAPO). Dropped groups
             stay in the batch with their tokens masked out of the loss and its normalisation.
         max_resample_rounds: how many times the degenerate groups are sampled again.
-        max_new_tokens: the longest completion (also Dr. GRPO's constant normaliser).
+        max_new_tokens: the longest completion, or turn of an episode (Dr. GRPO's constant normaliser:
+            this, or with an environment the most policy tokens of an episode).
         temperature: sampling temperature; log-probs are taken at the same temperature.
         top_p: nucleus sampling threshold (1.0: off).
         top_k: sample among the k most likely tokens (0: off).
@@ -137,7 +146,8 @@ class GRPOModule(OnlineRLModule):
         model: str,
         tokenizer: str | None = None,
         *,
-        rewards: list[RewardSource],
+        rewards: list[RewardSource] | None = None,
+        environment: Environment | None = None,
         missing_eos_penalty: float | None = None,
         num_generations: int = 8,
         advantage_estimator: Literal["grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline"] = "grpo",
@@ -183,7 +193,10 @@ class GRPOModule(OnlineRLModule):
             raise ValueError("num_iterations, num_mini_batches and gradient_accumulation_steps must be >= 1")
         if beta < 0 or epsilon_low < 0 or epsilon_high < 0 or not temperature > 0:
             raise ValueError("beta, epsilon_low and epsilon_high must be >= 0, and temperature > 0")
-        self.reward_scorer = RewardScorer(rewards, missing_eos_penalty=missing_eos_penalty)
+        if environment is not None and off_policy_correction is not None:
+            raise ValueError("off_policy_correction records the sampler's log-probs of one turn; with an environment "
+                             "the episodes are multi-turn: leave off_policy_correction unset")
+        self.score_with(rewards or [], environment, missing_eos_penalty=missing_eos_penalty)
         # beta = 0: no KL term, so no reference at all.
         self.choose_reference(reference if beta > 0 else "none", reference_model,
                               allowed=("auto", "copy", "adapter") if beta > 0 else ("auto", "copy", "adapter", "none"))
@@ -202,16 +215,16 @@ class GRPOModule(OnlineRLModule):
         recorder = None
         if hp.off_policy_correction is not None:
             recorder = SampledTokenLogprobs(temperature=hp.temperature, top_k=hp.top_k, top_p=hp.top_p)
-        samples = self.sample(batch.input_ids[prompts], batch.attention_mask[prompts], G,
-                              logits_processor=LogitsProcessorList([recorder]) if recorder is not None else None)
+        chosen = prompts.tolist()
+        columns = {key: [values[i] for i in chosen] for key, values in batch.columns.items()}
+        samples, responses, statistics = self.sample_responses(
+            batch.input_ids[prompts], batch.attention_mask[prompts], [batch.prompts[i] for i in chosen], columns, G,
+            logits_processor=LogitsProcessorList([recorder]) if recorder is not None else None)
         sampler_logprobs = None
         if recorder is not None:
             sampler_logprobs = recorder.finish(samples.input_ids, samples.response_mask.shape[1])
-        chosen = prompts.tolist()
-        columns = {key: [values[i] for i in chosen] for key, values in batch.columns.items()}
-        responses = responses_of(self.tokenizer, samples, [batch.prompts[i] for i in chosen], columns, G)
         scores = self.reward_scorer(responses)
-        return samples, scores.scores, scores.per_source, sampler_logprobs
+        return samples, scores.scores, scores.per_source, sampler_logprobs, statistics
 
     def generate(self, batch: PromptBatch) -> Groups:
         """Samples and scores G completions per prompt; with dynamic sampling, samples the groups
@@ -221,7 +234,7 @@ class GRPOModule(OnlineRLModule):
         the gathering without generating."""
         hp = self.hparams
         G, prompts = hp.num_generations, len(batch.prompts)
-        samples, rewards, per_source, sampler_logprobs = self.sample_and_score(batch, torch.arange(prompts))
+        samples, rewards, per_source, sampler_logprobs, statistics = self.sample_and_score(batch, torch.arange(prompts))
         resampled = 0
         degenerate = group_statistics(rewards, G).std == 0
         for _ in range(hp.max_resample_rounds if hp.dynamic_sampling else 0):
@@ -232,20 +245,23 @@ class GRPOModule(OnlineRLModule):
                 continue
             groups = degenerate.nonzero().squeeze(1).cpu()
             rows = (groups[:, None] * G + torch.arange(G)).reshape(-1).to(rewards.device)
-            new_samples, new_rewards, new_per_source, new_sampler_logprobs = self.sample_and_score(batch, groups)
+            new_samples, new_rewards, new_per_source, new_sampler_logprobs, new_statistics = self.sample_and_score(
+                batch, groups)
             samples = replace_rows(samples, rows, new_samples, pad_token_id=self.tokenizer.pad_token_id)
             if sampler_logprobs is not None:
                 sampler_logprobs = replace_logprob_rows(sampler_logprobs, rows, new_sampler_logprobs)
             rewards[rows] = new_rewards
             for name, values in new_per_source.items():
                 per_source[name][rows] = values
+            for name, values in new_statistics.items():
+                statistics[name][rows] = values
             resampled += len(groups)
             degenerate = group_statistics(rewards, G).std == 0
         kept = ~degenerate if hp.dynamic_sampling else torch.ones_like(degenerate)
         loss_mask = samples.response_mask & kept.repeat_interleave(G)[:, None]
         if hp.mask_truncated_completions:
             loss_mask = loss_mask & samples.stopped[:, None]
-        return Groups(samples, rewards, per_source, loss_mask, kept, resampled, sampler_logprobs)
+        return Groups(samples, rewards, per_source, loss_mask, kept, resampled, sampler_logprobs, statistics)
 
     def advantages(self, rewards: Tensor, mask: Tensor, token_kl: Tensor | None = None) -> Tensor:
         """(B * G,) advantages, computed over the rewards of every device (so "batch" scaling is the
@@ -289,7 +305,7 @@ class GRPOModule(OnlineRLModule):
 
         def tokens_denominator(rows: Tensor | slice) -> Tensor:
             return self.global_sum(grpo_loss_denominator(mask[rows], loss_type=hp.loss_type,
-                                                         max_completion_length=hp.max_new_tokens))
+                                                         max_completion_length=self.completion_budget))
 
         # Scoped to the generation batch, the normaliser is one number for all its steps: reduced once.
         whole_batch = tokens_denominator(slice(None)) if loss_scope(hp.loss_type) == "generation_batch" else None
@@ -363,7 +379,8 @@ class GRPOModule(OnlineRLModule):
             sapo_temperature_pos=hp.sapo_temperature_pos, sapo_temperature_neg=hp.sapo_temperature_neg,
             token_weights=token_weights[rows] if token_weights is not None else None,
         )
-        terms = grpo_loss_terms(out.token_losses, mask, loss_type=hp.loss_type, max_completion_length=hp.max_new_tokens)
+        terms = grpo_loss_terms(out.token_losses, mask, loss_type=hp.loss_type,
+                                max_completion_length=self.completion_budget)
         bonus = torch.zeros((), device=mask.device)
         if forward.entropy is not None:
             bonus = entropy_bonus_terms(forward.entropy, bonus_mask[rows]).numerator
@@ -389,7 +406,7 @@ class GRPOModule(OnlineRLModule):
             "frac_reward_zero_std": (stats.std == 0).float().mean(),
             **{f"rewards/{name}/mean": values.nanmean() for name, values in groups.per_source.items()},
             "completions/mean_length": lengths.mean(), "completions/clipped_ratio": (~samples.stopped).float().mean(),
-            **update,
+            **self.episode_metrics(groups.episode_statistics), **update,
             "clip_ratio/region_mean": update["clip_ratio/low_mean"] + update["clip_ratio/high_mean"],
         }
         if kl_reward is not None:

@@ -7,17 +7,24 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from functools import cached_property
 from typing import Any
 
 import torch
 from torch import Tensor
+from transformers import GenerationConfig
 
+from plpost.data.base import PostTrainingDataModule
+from plpost.data.chat_template import ChatTemplate
 from plpost.data.prompts import PromptDataModule
+from plpost.environments import Environment
+from plpost.episodes import EpisodePlayer, Episodes
 from plpost.generation import eager_sampling, generation_config
 from plpost.modules.base import PostTrainingModule
 from plpost.modules.building import disable_dropout
-from plpost.rewards import RewardFunction, RewardScorer
-from plpost.rollout import Samples, response_forward, sample_responses
+from plpost.rewards import EnvironmentReward, RewardFunction, RewardScorer, RewardSource, Responses
+from plpost.rewards import responses_of, responses_of_episodes
+from plpost.rollout import Samples, response_forward, sample_responses, sampled_completions
 from plpost.sharding import full_parameters
 
 Layout = list[list[Tensor]]
@@ -76,6 +83,13 @@ class OnlineModule(PostTrainingModule):
         raise NotImplementedError
 
     # -- sampling -------------------------------------------------------------------------
+    def sampling_config(self) -> GenerationConfig:
+        hp = self.hparams
+        return generation_config(
+            self.tokenizer, do_sample=True, temperature=hp.temperature, top_p=hp.top_p, top_k=hp.top_k,
+            max_new_tokens=hp.max_new_tokens, use_cache=True,
+        )
+
     @torch.no_grad()
     def sample(self, input_ids: Tensor, attention_mask: Tensor, num_samples: int = 1,
                logits_processor: list | None = None) -> Samples:
@@ -83,15 +97,11 @@ class OnlineModule(PostTrainingModule):
         (B * num_samples) rows, sampled eagerly (see `plpost.generation.eager_sampling`) by the
         sampler (`plpost.sampling`: one prefill per prompt). logits_processor: for `generate`'s loop
         (see `plpost.rollout.sample_responses`)."""
-        hp = self.hparams
-        config = generation_config(
-            self.tokenizer, do_sample=True, temperature=hp.temperature, top_p=hp.top_p, top_k=hp.top_k,
-            max_new_tokens=hp.max_new_tokens, use_cache=True,
-        )
         # Sharded (FSDP2), every rank gathers the full weights once for the whole sampling call.
         with eager_sampling(), full_parameters(self.generation_model()) as model:
-            return sample_responses(model, input_ids, attention_mask, config, pad_token_id=self.tokenizer.pad_token_id,
-                                    num_samples=num_samples, logits_processor=logits_processor)
+            return sample_responses(model, input_ids, attention_mask, self.sampling_config(),
+                                    pad_token_id=self.tokenizer.pad_token_id, num_samples=num_samples,
+                                    logits_processor=logits_processor)
 
     def build_models(self) -> None:
         super().build_models()
@@ -186,12 +196,78 @@ class OnlineModule(PostTrainingModule):
 
 
 class OnlineRLModule(OnlineModule):
-    """Base of the online reinforcement-learning stages (PPO, GRPO): reward sources and a KL reference.
+    """Base of the online reinforcement-learning stages (PPO, GRPO): reward sources, a KL
+    reference, and an optional environment that makes every episode multi-turn.
 
-    Subclasses set `reward_scorer` and call `choose_reference` in `__init__`.
+    Subclasses call `score_with` and `choose_reference` in `__init__`.
     """
 
     reward_scorer: RewardScorer
+    environment: Environment | None = None
+
+    def score_with(self, rewards: Sequence[RewardSource], environment: Environment | None, **shaping: Any) -> None:
+        """Scores with `rewards` (see `plpost.rewards.RewardScorer` for `shaping`); `environment`,
+        when given, plays every episode (its rewards count through an `EnvironmentReward` source)."""
+        if environment is not None and not isinstance(environment, Environment):
+            raise TypeError(f"environment must be a plpost.environments.Environment, got {type(environment).__name__}")
+        if environment is None and any(isinstance(source, EnvironmentReward) for source in rewards):
+            raise ValueError("an EnvironmentReward source reads an environment's rewards: give the stage an environment")
+        self.environment = environment
+        self.reward_scorer = RewardScorer(rewards, **shaping)
+
+    @property
+    def completion_budget(self) -> int:
+        """The most policy tokens after a prompt: max_new_tokens, or every turn of an episode."""
+        if self.environment is None:
+            return self.hparams.max_new_tokens
+        budget = self.environment.max_turns * self.hparams.max_new_tokens
+        limit = self.environment.max_episode_tokens
+        return budget if limit is None else min(budget, limit)
+
+    @cached_property
+    def episode_player(self) -> EpisodePlayer:
+        data = self.trainer.datamodule if self._trainer is not None else None
+        template = data.template if isinstance(data, PostTrainingDataModule) else ChatTemplate(self.tokenizer)
+        return EpisodePlayer(self.environment, template, stop_ids=self.sampling_config().eos_token_id,
+                             max_new_tokens=self.hparams.max_new_tokens,
+                             max_positions=getattr(self.policy.config, "max_position_embeddings", None))
+
+    @torch.no_grad()
+    def play_episodes(self, prompts: Sequence, columns: dict[str, list[Any]], num_samples: int) -> Episodes:
+        """`num_samples` episodes of each prompt with the environment, those of a prompt consecutive,
+        each turn sampled as `sample` samples (all turns inside one gathering of sharded weights)."""
+        config, pad = self.sampling_config(), self.tokenizer.pad_token_id
+        with eager_sampling(), full_parameters(self.generation_model()) as model:
+            def sample_turn(input_ids: Tensor, attention_mask: Tensor, n: int) -> Tensor:
+                return sampled_completions(model, input_ids, attention_mask, config, pad_token_id=pad, num_samples=n)[0]
+
+            return self.episode_player.play(sample_turn, prompts, columns, num_samples, device=self.device)
+
+    def sample_responses(self, input_ids: Tensor, attention_mask: Tensor, prompts: Sequence,
+                         columns: dict[str, list[Any]], num_samples: int = 1, logits_processor: list | None = None,
+                         ) -> tuple[Samples, Responses, dict[str, Tensor]]:
+        """The samples of these prompts, what the reward sources read of them, and the episode
+        statistics (none without an environment)."""
+        if self.environment is None:
+            samples = self.sample(input_ids, attention_mask, num_samples, logits_processor=logits_processor)
+            return samples, responses_of(self.tokenizer, samples, prompts, columns, num_samples), {}
+        episodes = self.play_episodes(prompts, columns, num_samples)
+        if episodes.rewarded and not any(isinstance(s, EnvironmentReward) for s in self.reward_scorer.sources):
+            raise ValueError(f"{type(self.environment).__name__} gives rewards, which no reward source reads: add "
+                             "plpost.rewards.EnvironmentReward to `rewards` (or give no rewards in its replies)")
+        return episodes.samples, responses_of_episodes(episodes, prompts, columns, num_samples), episodes.statistics
+
+    def episode_metrics(self, statistics: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Per episode means of the statistics of `plpost.episodes`, and TRL's tool frequencies
+        (calls per episode, failures per call, over every device)."""
+        if not statistics:
+            return {}
+        calls, failures = (self.global_sum(statistics[name].sum()) for name in ("tool_calls", "tool_errors"))
+        episodes = self.global_sum(torch.tensor(float(len(statistics["turns"])), device=self.device))
+        return {
+            **{f"episodes/{name}": values.mean() for name, values in statistics.items()},
+            "tools/call_frequency": calls / episodes, "tools/failure_frequency": failures / calls.clamp(min=1.0),
+        }
 
     @classmethod
     def from_hyperparameters(cls, hyperparameters: dict[str, Any]) -> OnlineRLModule:

@@ -20,7 +20,8 @@ from plpost.modules.building import disable_dropout
 from plpost.modules.online import OnlineRLModule, forward_in_layout, per_token
 from plpost.modules.ppo_value import ValueHead, critic_values, zero_where_not
 from plpost.modules.settings import ModelSettings
-from plpost.rewards import RewardModel, RewardScorer, RewardSource, responses_of
+from plpost.environments import Environment
+from plpost.rewards import RewardModel, RewardSource
 from plpost.rollout import ResponseForward, Rollout, response_forward, rollout_statistics
 
 
@@ -43,6 +44,8 @@ class PPOModule(OnlineRLModule):
         tokenizer: the tokenizer (default: the model's); linked from the data in the CLI.
         rewards: the reward sources, summed with their weights (`plpost.rewards.RewardFunction`
             for a Python function, `plpost.rewards.RewardModel` for a trained reward model folder).
+        environment: makes every episode multi-turn, as for `GRPOModule`; GAE then runs over the
+            policy's tokens only, the environment's replies skipped (`plpost.losses.gae`).
         missing_eos_penalty: subtracted from the score of a response that never produced a stop
             token within max_new_tokens (None: no penalty).
         normalize_rewards: standardise scores with their running mean and std.
@@ -88,7 +91,8 @@ class PPOModule(OnlineRLModule):
         model: str,
         tokenizer: str | None = None,
         *,
-        rewards: list[RewardSource],
+        rewards: list[RewardSource] | None = None,
+        environment: Environment | None = None,
         missing_eos_penalty: float | None = None,
         normalize_rewards: bool = False,
         reward_clip: float | None = None,
@@ -121,14 +125,13 @@ class PPOModule(OnlineRLModule):
     ) -> None:
         super().__init__(model, tokenizer, model_settings=model_settings, optimizer=optimizer, scheduler=scheduler)
         if value_model == "critic" and critic_model is None:
-            critic_model = next((s.path for s in rewards if isinstance(s, RewardModel)), None)
+            critic_model = next((s.path for s in rewards or [] if isinstance(s, RewardModel)), None)
             if critic_model is None:
                 raise ValueError("value_model='critic' needs `critic_model` (or a RewardModel source to start from)")
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.reward_scorer = RewardScorer(
-            rewards, missing_eos_penalty=missing_eos_penalty, normalize=normalize_rewards, clip=reward_clip
-        )
+        self.score_with(rewards or [], environment, missing_eos_penalty=missing_eos_penalty,
+                        normalize=normalize_rewards, clip=reward_clip)
         self.critic_name = critic_model
         self.choose_reference(reference, reference_model, allowed=("auto", "copy", "adapter"))
         self.value_head: ValueHead | None = None
@@ -191,25 +194,26 @@ class PPOModule(OnlineRLModule):
 
     # -- rollout --------------------------------------------------------------------------
     @torch.no_grad()
-    def make_rollout(self, batch: PromptBatch) -> tuple[Rollout, dict[str, Tensor]]:
-        """Samples, then scores: log-probs and values in the update's micro-batch layout."""
-        samples = self.sample(batch.input_ids, batch.attention_mask)
+    def make_rollout(self, batch: PromptBatch) -> tuple[Rollout, dict[str, Tensor], dict[str, Tensor]]:
+        """Samples, then scores: log-probs and values in the update's micro-batch layout; the
+        rollout, each source's scores, and the episode statistics (none without an environment)."""
+        samples, responses, statistics = self.sample_responses(batch.input_ids, batch.attention_mask, batch.prompts,
+                                                               batch.columns)
         tensors = [samples.input_ids, samples.attention_mask, samples.position_ids, samples.response_mask]
         layout = self.layout(len(samples.input_ids), self.hparams.num_mini_batches)
         logprobs, values = forward_in_layout(self.rollout_logprobs_and_values, tensors, layout)
         ref_logprobs = forward_in_layout(self.reference_logprobs, tensors, layout)
-        scores = self.reward_scorer(responses_of(self.tokenizer, samples, batch.prompts, batch.columns),
-                                    gather=self.all_gather)
+        scores = self.reward_scorer(responses, gather=self.all_gather)
         if torch.isnan(scores.scores).any():
             raise ValueError("a reward source returned None (not applicable) for a response, which PPO has no "
                              "baseline to leave it out of; score every response, or use GRPOModule")
-        return Rollout(*samples, logprobs, ref_logprobs, values, scores.scores), scores.per_source
+        return Rollout(*samples, logprobs, ref_logprobs, values, scores.scores), scores.per_source, statistics
 
     # -- training -------------------------------------------------------------------------
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
         hp = self.hparams
         started = time.perf_counter()
-        rollout, per_source = self.make_rollout(batch)                # generate, score (no gradients)
+        rollout, per_source, statistics = self.make_rollout(batch)    # generate, score (no gradients)
         generated = time.perf_counter()
         mask = rollout.response_mask
         kl = zero_where_not(mask, kl_penalty(rollout.logprobs, rollout.ref_logprobs, estimator=hp.kl_estimator))
@@ -232,6 +236,7 @@ class PPOModule(OnlineRLModule):
         metrics = {
             **rollout_statistics(rollout, sequence_kl, rewards, returns), "objective/kl_coef": kl_coef_used,
             **{f"rewards/{name}": value.mean() for name, value in per_source.items()}, **per_token(sums),
+            **self.episode_metrics(statistics),
         }
         self.log_generation_batch(metrics, shown="objective/scores", episodes=episodes,
                                   generation_s=generated - started, update_s=time.perf_counter() - generated)

@@ -72,3 +72,23 @@ def test_lam_zero_is_one_step_td_error():
     values = torch.tensor([[0.5, 1.0, 2.0]], dtype=F64)
     adv, _ = gae(rewards, values, torch.ones(1, 3), gamma=0.5, lam=0.0)
     torch.testing.assert_close(adv, torch.tensor([[1.0 + 0.5 - 0.5, 2.0 + 1.0 - 1.0, 3.0 - 2.0]], dtype=F64))
+
+
+def test_environment_tokens_between_turns_are_skipped_by_the_recursion():
+    """A multi-turn row: policy tokens at positions 0, 1, 4, 5, the environment's at 2, 3, padding
+    after. The policy's tokens are the steps of the episode, so GAE must equal GAE over the
+    compacted row (0, 1, 4, 5 -> 0, 1, 2, 3), whatever rewards and values sit at the gaps; by hand,
+    gamma = lam = 1, r = (0, 0, 0, 1), V = (0.5, 0.5, 0.5, 0.5): A_t = 1 - V_t = 0.5 on every step."""
+    mask = torch.tensor([[1, 1, 0, 0, 1, 1, 0]], dtype=torch.bool)
+    rewards = torch.tensor([[0.0, 0.0, 7.0, 7.0, 0.0, 1.0, 7.0]], dtype=F64)
+    values = torch.tensor([[0.5, 0.5, 9.0, 9.0, 0.5, 0.5, 9.0]], dtype=F64)
+    advantages, returns = gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    assert advantages.tolist() == [[0.5, 0.5, 0.0, 0.0, 0.5, 0.5, 0.0]]
+    assert returns.tolist() == [[1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0]]
+
+    generator = torch.Generator().manual_seed(0)
+    rewards, values = torch.randn(1, 7, generator=generator, dtype=F64), torch.randn(1, 7, generator=generator, dtype=F64)
+    advantages, returns = gae(rewards, values, mask, gamma=0.9, lam=0.8)
+    kept = mask[0]
+    compact_advantages, compact_returns = naive_gae(rewards[:, kept], values[:, kept], torch.ones(1, 4), 0.9, 0.8)
+    assert torch.allclose(advantages[:, kept], compact_advantages) and torch.allclose(returns[:, kept], compact_returns)

@@ -69,7 +69,7 @@ def test_losses_stay_finite_for_extreme_log_ratios():
     data = PromptDataModule(TINY, ROWS, batch_size=8)
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
-    rollout, _ = module.make_rollout(batch)
+    rollout, *_ = module.make_rollout(batch)
     signs = torch.where(torch.arange(rollout.logprobs.numel()).view_as(rollout.logprobs) % 2 == 0, 1.0, -1.0)
     rollout = rollout._replace(logprobs=rollout.logprobs + 1e4 * signs, ref_logprobs=rollout.logprobs - 1e4)
     advantages = torch.where(rollout.response_mask, torch.randn_like(rollout.values), 0.0)
