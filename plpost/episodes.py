@@ -4,11 +4,10 @@ what was played becomes `Samples` that the online stages train on as they train 
 Exact tokens. The ids the policy sampled are the ids it is trained on: a policy turn is never
 decoded and encoded again (a re-tokenized turn can differ from the sampled one, and the ratio
 and KL would then be those of tokens nobody sampled). Only the environment's replies are
-rendered, by the chat template, and appended as ids: the ids the template gives a minimal
-conversation ending in the assistant's turn, [user, assistant (its tool calls, no content)],
-are a prefix of those it gives that conversation followed by the reply and the generation
-prompt, up to and including the prefix's last stop token; what follows is the reply. That is
-how the template would write the reply after the turn the policy ended with its stop token.
+rendered, by the chat template, and appended as ids: the template renders a minimal
+conversation, [user, assistant (the turn's tool calls, no content)], followed by the reply and
+the generation prompt; what follows the stop token that ends the assistant's turn is the reply.
+That is how the template would write the reply after the turn the policy ended with its stop token.
 
 What the stages see: `Samples` whose response part is everything after the prompt, the
 environment's tokens attended to (attention_mask 1) but outside `response_mask`, which holds
@@ -18,6 +17,7 @@ environment token is ever supervised, penalised or counted.
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -106,7 +106,7 @@ class EpisodePlayer:
         self.stop_ids = set(stop_ids)
         self.max_new_tokens = max_new_tokens
         self.max_positions = max_positions
-        self.parses = bool(environment.tools) and check_response_parsing(template.tokenizer)
+        self.response_template = response_template_of(template, stop_ids) if environment.tools else None
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -192,17 +192,20 @@ class EpisodePlayer:
         """The turn as a message, and the environment's reply to it (None for a turn cut short)."""
         text = self.tokenizer.decode(turn, skip_special_tokens=True)
         finished = bool(turn) and turn[-1] in self.stop_ids
-        if not self.parses:
+        if self.response_template is None:
             message = {"role": "assistant", "content": text}
             return message, episode.episode.respond(message) if finished else None
+        context = episode.prompt_ids + episode.ids[: len(episode.ids) - len(turn)]
         try:
-            message = self.tokenizer.parse_response(turn, tools=self.environment.schemas or None)
+            message = self.tokenizer.parse_response(turn, self.response_template, prefix=context,
+                                                    tools=self.environment.schemas)
         except Exception as error:  # whatever the parser raises, the turn is unreadable, not the run broken
             if not finished:
                 return {"role": "assistant", "content": text}, None
             episode.counts["malformed"] += 1
             return {"role": "assistant", "content": text}, episode.episode.malformed(text, error)
-        message = {"role": "assistant", **message}
+        # A turn of calls alone parses with no content, which templates (Qwen3) read all the same.
+        message = {"role": "assistant", **message, "content": message.get("content") or ""}
         return message, episode.episode.respond(message) if finished else None
 
     def reply_ids(self, message: Message, reply: list[Message]) -> list[int]:
@@ -224,11 +227,15 @@ class EpisodePlayer:
         if not stops:
             raise ValueError(f"the chat template of {self.tokenizer.name_or_path} ends an assistant turn with none of "
                              f"the stop tokens {sorted(self.stop_ids)}, so the policy's turn has no end to follow")
-        prefix = prefix[: stops[-1] + 1]
-        if full[: len(prefix)] != prefix:
+        # The reply follows the stop token that ends the assistant's turn, the same-numbered stop in
+        # the full rendering: the turn itself may render otherwise once it is no longer the last
+        # message (Qwen3 writes an empty <think> block into a last turn only), the user turn may not.
+        full_stops = [i for i, token in enumerate(full) if token in self.stop_ids]
+        user_turn = stops[-2] + 1 if len(stops) > 1 else 0
+        if len(full_stops) < len(stops) or full[:user_turn] != prefix[:user_turn]:
             raise ValueError(f"the chat template of {self.tokenizer.name_or_path} renders a conversation otherwise once "
                              "a reply follows it, so the reply cannot be appended to the policy's turn")
-        return full[len(prefix) :]
+        return full[full_stops[len(stops) - 1] + 1 :]
 
     def episodes(self, played: list[Played], device) -> Episodes:
         prompt_ids = pad_rows([e.prompt_ids for e in played], self.tokenizer.pad_token_id, left=True)
@@ -262,12 +269,46 @@ def checked_messages(reply: Reply, environment: Environment) -> list[Message]:
     return messages
 
 
-def check_response_parsing(tokenizer: PreTrainedTokenizerBase) -> bool:
-    """True, or an error naming the tokenizer when it cannot read tool calls from a turn."""
-    if getattr(tokenizer, "response_template", None) is None:
-        raise ValueError(
-            f"the tokenizer of {tokenizer.name_or_path} has no response_template, so the tool calls of a turn cannot "
-            "be read in its model family's format: set tokenizer.response_template (transformers' response parsing; "
-            "plpost.episodes.RESPONSE_TEMPLATES has those of common families)"
-        )
-    return True
+HERMES_PROBE = '<tool_call>\n{"name": "probe", "arguments": {"x": 1}}\n</tool_call>'
+"""How the Hermes format (Qwen2.5, Qwen3, Hermes, and the templates derived from them) writes a
+call of probe(x=1): a JSON object inside <tool_call> tags."""
+
+
+def hermes_response_template(assistant_header: str, end_texts: Sequence[str]) -> dict[str, Any]:
+    """transformers' response template for the Hermes format: an optional <think> trace, <tool_call>
+    JSON objects, and the content up to one of `end_texts` (the stop tokens)."""
+    ends = "|".join(re.escape(text) for text in end_texts)
+    return {
+        "defaults": {"role": "assistant"},
+        "start_anchor": assistant_header,
+        "fields": {
+            "reasoning_content": {"open": "<think>", "close_pattern": r"</think>\s*", "content": "text"},
+            "tool_calls": {"open": "<tool_call>", "close_pattern": r"</tool_call>\s*", "repeats": True,
+                           "content": "json", "transform": {"type": "function", "function": "{content}"}},
+            "content": {"close_pattern": rf"(?:{ends})\s*", "content": "text"},
+        },
+    }
+
+
+def response_template_of(template: ChatTemplate, stop_ids: Sequence[int]) -> dict[str, Any]:
+    """How a turn's tool calls are read: the tokenizer's own `response_template` (transformers'
+    response parsing), else the Hermes one when the chat template writes calls that way, else an
+    error naming the template."""
+    tokenizer = template.tokenizer
+    own = getattr(tokenizer, "response_template", None)
+    if own is not None:
+        return own
+    user = [{"role": "user", "content": "."}]
+    call = {"type": "function", "function": {"name": "probe", "arguments": {"x": 1}}}
+    try:
+        written = template.render([*user, {"role": "assistant", "content": "", "tool_calls": [call]}])
+        header = template.render(user, add_generation_prompt=True)[len(template.render(user)):]
+    except Exception:  # a template that cannot write a tool call at all
+        written, header = "", ""
+    if HERMES_PROBE in written and header:
+        return hermes_response_template(header, tokenizer.convert_ids_to_tokens(sorted(stop_ids)))
+    raise ValueError(
+        f"the tokenizer of {tokenizer.name_or_path} has no response_template and its chat template does not write "
+        "tool calls in the Hermes format (<tool_call> JSON), so the tool calls of a turn cannot be read: set "
+        "tokenizer.response_template (transformers' response parsing) to one for its model family"
+    )

@@ -7,6 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from transformers.utils import get_json_schema
+
 from plpost.data.chat_template import ChatTemplate
 from plpost.environments import Environment, Episode, Reply
 from plpost.episodes import EpisodePlayer
@@ -176,3 +178,90 @@ def test_a_reply_that_is_not_a_message_names_the_environment(template, tokenizer
 def test_string_prompts_are_refused_with_the_fix(template, tokenizer):
     with pytest.raises(ValueError, match="message prompts"):
         player(template, Nagging(rounds=2)).play(Scripted(tokenizer, ["x<|end|>"]), ["12+34"], {}, 1)
+
+
+# -- tool calls on real templates (Qwen2.5 and Qwen3 write them in the Hermes format) ---------------
+
+def add(a: int, b: int) -> int:
+    """Adds two integers.
+
+    Args:
+        a: the first addend
+        b: the second addend
+    """
+    return a + b
+
+
+@pytest.fixture(scope="module", params=["Qwen-Qwen2.5-7B-Instruct.jinja", "Qwen-Qwen3-0.6B.jinja"])
+def qwen(request) -> ChatTemplate:
+    from transformers import AutoTokenizer
+
+    from templates.assets import llama_cpp_models, tokenizer_folder
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder("qwen-standin")))
+    tokenizer.chat_template = (llama_cpp_models() / "templates" / request.param).read_text()
+    return ChatTemplate(tokenizer)
+
+
+def tool_call(name: str, arguments: str) -> str:
+    return f'<tool_call>\n{{"name": "{name}", "arguments": {arguments}}}\n</tool_call><|im_end|>'
+
+
+def test_a_tool_call_runs_and_its_result_is_rendered_as_the_template_would(qwen):
+    """Turn 1 calls add(a=12, b=34) in the Hermes format; the environment runs it and the reply is
+    the template's <tool_response> block (both templates write a tool result after the turn's
+    <|im_end|> as below); turn 2 answers. The mask holds exactly the sampled turns. Qwen2.5 writes
+    a turn as it was sampled, so there the ids equal its rendering of the whole conversation; Qwen3
+    writes an empty <think> block into a last turn, which the policy did not sample."""
+    tokenizer = qwen.tokenizer
+    turns = [tool_call("add", '{"a": 12, "b": 34}'), "46<|im_end|>"]
+    policy = Scripted(tokenizer, turns)
+    episodes = player(qwen, Environment(tools=[add])).play(policy, [USER], {}, 1)
+    assert episodes.conversations[0][0]["tool_calls"] == [
+        {"type": "function", "function": {"name": "add", "arguments": {"a": 12, "b": 34}}}]
+    assert episodes.conversations[0][1] == {"role": "tool", "name": "add", "content": "46"}
+    assert episodes.completions == ["46"]
+    assert episodes.statistics["tool_calls"].tolist() == [1.0] and episodes.statistics["tool_errors"].tolist() == [0.0]
+    samples = episodes.samples
+    prompt = qwen.prompt_ids(USER, [get_json_schema(add)])
+    width = samples.input_ids.shape[1] - samples.response_mask.shape[1]
+    after = samples.input_ids[0, width:][samples.attention_mask[0, width:].bool()].tolist()
+    assert samples.input_ids[0, :width][samples.attention_mask[0, :width].bool()].tolist() == prompt
+    reply = samples.input_ids[0, width:][samples.attention_mask[0, width:].bool() & ~samples.response_mask[0]]
+    assert tokenizer.decode(reply) == "\n<|im_start|>user\n<tool_response>\n46\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
+    assert samples.input_ids[0, width:][samples.response_mask[0]].tolist() == sum((policy.ids(t) for t in turns), [])
+    if "<think>" not in tokenizer.chat_template:  # Qwen2.5
+        conversation = [*USER, *episodes.conversations[0][:2], {"role": "assistant", "content": "46"}]
+        assert prompt + after == qwen.encode(qwen.render(conversation, tools=[get_json_schema(add)]))[0][:-1]
+    assert episodes.statistics["turns"].tolist() == [2.0]
+
+
+@pytest.mark.parametrize("call, error", [
+    (tool_call("subtract", '{"a": 1, "b": 2}'), "error: LookupError: no tool named 'subtract'"),
+    (tool_call("add", '{"a": 1}'), "error: TypeError"),
+])
+def test_a_failing_call_is_answered_with_its_error(qwen, call, error):
+    policy = Scripted(qwen.tokenizer, [call, "3<|im_end|>"])
+    episodes = player(qwen, Environment(tools=[add])).play(policy, [USER], {}, 1)
+    assert episodes.conversations[0][1]["content"].startswith(error)
+    assert episodes.statistics["tool_errors"].tolist() == [1.0] and episodes.statistics["turns"].tolist() == [2.0]
+
+
+def test_a_malformed_call_is_an_answer_the_policy_sees_not_a_crash(qwen):
+    policy = Scripted(qwen.tokenizer, ['<tool_call>\n{"name": "add", "argu\n</tool_call><|im_end|>', "3<|im_end|>"])
+    episodes = player(qwen, Environment(tools=[add])).play(policy, [USER], {}, 1)
+    assert episodes.statistics["malformed"].tolist() == [1.0] and episodes.statistics["tool_calls"].tolist() == [0.0]
+    assert episodes.conversations[0][1]["content"].startswith("error: malformed tool call")
+    assert episodes.statistics["turns"].tolist() == [2.0]
+    assert "<tool_response>\nerror: malformed tool call" in qwen.tokenizer.decode(policy.contexts[1])
+
+
+def test_a_template_whose_tool_calls_cannot_be_read_is_named():
+    from transformers import AutoTokenizer
+
+    from templates.assets import llama_cpp_models, tokenizer_folder
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder("llama-bpe")))
+    tokenizer.chat_template = (llama_cpp_models() / "templates" / "meta-llama-Llama-3.1-8B-Instruct.jinja").read_text()
+    with pytest.raises(ValueError, match="has no response_template and its chat template does not write tool calls"):
+        player(ChatTemplate(tokenizer), Environment(tools=[add]))
