@@ -63,24 +63,6 @@ def assert_it_trained(cli: PostTrainingCLI, weights: TrainedWeights) -> None:
     assert logged and all(math.isfinite(value) for value in logged.values()), logged
 
 
-@pytest.fixture(scope="module")
-def sft_export(tmp_path_factory) -> str:
-    """The bundled model after a short SFT on the addition chats: it answers in the chat format and
-    ends its answers, so GRPO's groups hold right and wrong answers (the base model's are all wrong and
-    all cut off, which leaves GRPO nothing to learn from)."""
-    from plpost import ChatDataModule, SFTModule
-    from plpost.callbacks import HFExport
-
-    path = str(tmp_path_factory.mktemp("tiny-sft"))
-    L.seed_everything(0)
-    model = SFTModule("plpost:tiny", optimizer=lambda params: torch.optim.AdamW(params, lr=3e-3))
-    data = ChatDataModule("plpost:tiny", train={"path": "plpost:data/addition/sft.jsonl", "limit": 4000},
-                          batch_size=64, max_length=64)
-    L.Trainer(max_steps=150, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              enable_model_summary=False, callbacks=[HFExport(path)]).fit(model, data)
-    return path
-
-
 STARTS_FROM_SFT = {"grpo.yaml", "grpo-gspo.yaml", "grpo-qwen2.5-0.5b.yaml"}
 """Configs whose stage learns nothing from the bundled base model in two steps (see `sft_export`)."""
 

@@ -259,8 +259,9 @@ class PPOModule(OnlineRLModule):
             "val/clipfrac": value.clipped.sum().float(),
         }
         if hp.entropy_coef > 0:
-            loss = loss - hp.entropy_coef * forward.entropy.sum()
-            stats["policy/entropy"] = forward.entropy.detach().sum()
+            entropy = masked_sum(forward.entropy, mask)
+            loss = loss - hp.entropy_coef * entropy
+            stats["policy/entropy"] = entropy.detach()
         return loss, stats
 
     def update_kl_coefficient(self, sequence_kl: Tensor) -> Tensor:

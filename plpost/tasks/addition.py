@@ -6,7 +6,8 @@ the units into the tens, which makes room for a *systematic* mistake: forgetting
 (37+48 -> "75"). The bundled SFT data imitates that mistake on purpose, and the preference /
 reward stages are expected to remove it (see scripts/build_assets.py).
 
-Pure Python apart from the reward, which returns a tensor because plpost's reward functions do.
+Pure Python apart from the reward, which returns a tensor because plpost's reward functions do,
+and `TryAgain`, the task as a multi-turn environment (a wrong answer may be corrected).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
 import torch
+
+from plpost.environments import Environment, Episode, Reply
 
 OPERAND_RANGE = range(10, 100)
 """Both operands are two-digit numbers."""
@@ -157,3 +160,27 @@ def exact_match_reward(
         for completion, expected in zip(completions, answer)
     ]
     return torch.tensor(rewards, dtype=torch.float32)
+
+
+class TryAgain(Environment):
+    """Self-correction as a multi-turn task: a wrong answer is told so and may be tried again.
+
+    Each assistant turn is graded against the row's `answer` (its first integer, as
+    `exact_match_reward` grades); right, the episode ends with reward 1; wrong, the user answers
+    "wrong, try again" and the policy answers anew, up to `max_turns` turns. Reward 0 for an
+    episode that never gets it right. Count its rewards with `plpost.rewards.EnvironmentReward`.
+    """
+
+    def start(self, prompt: Sequence[Any], answer: str, **columns: Any) -> Episode:
+        return TryAgainEpisode(self, str(answer).strip())
+
+
+class TryAgainEpisode(Episode):
+    def __init__(self, environment: TryAgain, answer: str) -> None:
+        super().__init__(environment)
+        self.answer = answer
+
+    def respond(self, message: dict[str, Any]) -> Reply:
+        if extract_answer(message.get("content") or "") == self.answer:
+            return Reply(done=True, reward=1.0)
+        return Reply([{"role": "user", "content": "wrong, try again"}], reward=0.0)
