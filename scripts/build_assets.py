@@ -3,6 +3,7 @@ two-digit addition datasets that the default demo and the tests run on, offline.
 
     python scripts/build_assets.py                      # writes into plpost/assets/
     python scripts/build_assets.py --out-dir /tmp/x     # somewhere else
+    python scripts/build_assets.py --skip-model         # the tokenizer and data only; the weights stay
 
 Runtime: about 2 minutes on 2 idle CPU cores (pretraining 450 steps at ~0.2-0.25 s each; the
 tokenizer and data take seconds). Cores shared with other jobs make it several times longer.
@@ -52,23 +53,58 @@ SPECIAL_TOKENS = [PAD, BOS, END, *ROLE_TOKENS]  # ids 0..6, in this order; <pad>
 
 # <|role|>content<|end|> per message; no <|bos|>: every sequence would pay a token for a
 # marker that carries no information here (sequences are short, and never packed in post-training).
-# The {% generation %} block spans the assistant content AND its <|end|>, so the assistant mask
-# trains the model to stop. The generation prompt is the bare <|assistant|> header, which makes
-# the prompt a token prefix of the full conversation.
+# The {% generation %} block spans the assistant content, its tool calls AND its <|end|>, so the
+# assistant mask trains the model to call tools and to stop. The generation prompt is the bare
+# <|assistant|> header, which makes the prompt a token prefix of the full conversation.
+# Tools are listed by name only, and a call is one line of JSON: 256 positions leave no room for
+# schemas. Arguments given as a JSON string are written as they are, in place of the object.
 CHAT_TEMPLATE = (
+    "{%- if tools -%}"
+    "{{- '<|system|>tools: ' -}}"
+    "{%- for tool in tools -%}"
+    "{{- (tool['function'] if tool['function'] is defined else tool)['name'] -}}"
+    "{{- ', ' if not loop.last else '' -}}"
+    "{%- endfor -%}"
+    "{{- '<|end|>' -}}"
+    "{%- endif -%}"
     "{%- for message in messages -%}"
     "{%- if message['role'] not in ['system', 'user', 'assistant', 'tool'] -%}"
     "{{ raise_exception('unknown role ' + message['role'] + ': expected system, user, assistant or tool') }}"
     "{%- endif -%}"
     "{{ '<|' + message['role'] + '|>' }}"
     "{%- if message['role'] == 'assistant' -%}"
-    "{% generation %}{{ message['content'] }}<|end|>{% endgeneration %}"
+    "{% generation %}"
+    "{{- message['content'] if message['content'] is not none else '' -}}"
+    "{%- for call in message['tool_calls'] or [] -%}"
+    "{%- set function = call['function'] if call['function'] is defined else call -%}"
+    "{%- set arguments = function['arguments'] if function['arguments'] is string else function['arguments'] | tojson -%}"
+    "{{- '<call>{\"name\": ' + function['name'] | tojson + ', \"arguments\": ' + arguments + '}</call>' -}}"
+    "{%- endfor -%}"
+    "<|end|>{% endgeneration %}"
     "{%- else -%}"
     "{{ message['content'] }}<|end|>"
     "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}<|assistant|>{%- endif -%}"
 )
+# What tokenizer.parse_response reads to turn one generated assistant turn back into a message:
+# text up to <|end|> is the content, each <call>...</call> one call (its JSON is name + arguments).
+# The content defaults to "" and is kept unstripped, so that every turn parses back to exactly the
+# message that rendered it (a turn of calls alone included).
+RESPONSE_TEMPLATE = {
+    "defaults": {"role": "assistant", "content": ""},
+    "start_anchor": "<|assistant|>",
+    "fields": {
+        "tool_calls": {
+            "open": "<call>",
+            "close": "</call>",
+            "repeats": True,
+            "content": "json",
+            "transform": {"type": "function", "function": "{content}"},
+        },
+        "content": {"close": "<|end|>", "content": "text", "content_args": {"strip": False}},
+    },
+}
 MAX_LENGTH = 256
 
 
@@ -109,6 +145,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         eos_token=END,
         extra_special_tokens=ROLE_TOKENS,
         chat_template=CHAT_TEMPLATE,
+        response_template=RESPONSE_TEMPLATE,
         model_max_length=MAX_LENGTH,
         clean_up_tokenization_spaces=False,  # "a ." must decode to "a .", not "a."
     )
@@ -375,18 +412,25 @@ def main() -> None:
     parser.add_argument("--out-dir", type=Path, default=REPO_ROOT / "plpost" / "assets")
     parser.add_argument("--pretrain-steps", type=int, default=450, help="32 x 128-token windows per step")
     parser.add_argument("--seed", type=int, default=0, help="model init and pretraining corpus")
+    parser.add_argument(
+        "--skip-model", action="store_true",
+        help="write the tokenizer and the data only, keeping the model files in --out-dir as they are",
+    )
     args = parser.parse_args()
     started = time.perf_counter()
 
     model_dir = args.out_dir / "tiny"
-    if model_dir.exists():
+    if model_dir.exists() and not args.skip_model:
         shutil.rmtree(model_dir)  # no stale files from an earlier layout
     tokenizer = build_tokenizer()
     tokenizer.save_pretrained(model_dir, save_jinja_files=False)  # template inside tokenizer_config.json
     print(f"tokenizer: {len(tokenizer)} tokens, specials {dict(zip(SPECIAL_TOKENS, tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS)))}")
 
     build_datasets(args.out_dir / "data" / "addition")
-    build_model(tokenizer, model_dir, args)
+    # The weights never see the chat template (pretraining has no chat text), so a change to the
+    # tokenizer's templates alone does not ask for them to be trained again.
+    if not args.skip_model:
+        build_model(tokenizer, model_dir, args)
     print(f"done in {time.perf_counter() - started:.0f}s -> {args.out_dir}")
 
 
