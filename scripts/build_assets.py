@@ -3,6 +3,7 @@ two-digit addition datasets that the default demo and the tests run on, offline.
 
     python scripts/build_assets.py                      # writes into plpost/assets/
     python scripts/build_assets.py --out-dir /tmp/x     # somewhere else
+    python scripts/build_assets.py --skip-model         # the tokenizer and data only; the weights stay
 
 Runtime: about 2 minutes on 2 idle CPU cores (pretraining 450 steps at ~0.2-0.25 s each; the
 tokenizer and data take seconds). Cores shared with other jobs make it several times longer.
@@ -10,12 +11,19 @@ tokenizer and data take seconds). Cores shared with other jobs make it several t
 What it writes (under --out-dir):
   tiny/                 tokenizer (byte-level, no merges) + Llama config, fp32 safetensors,
                         generation config; loads with AutoTokenizer / AutoModelForCausalLM.
-  data/addition/        sft.jsonl, preference.jsonl, prompts.jsonl, eval.jsonl.
+  data/addition/        sft.jsonl (20,000 rows), preference.jsonl (6,000), prompts.jsonl (4,000),
+                        eval.jsonl (300 held-out problems).
+  data/calculator/      sft.jsonl (4,000 rows): addition with the `add` tool of
+                        plpost.tasks.calculator on offer in half of them; its RL prompts and
+                        evaluation are the addition files.
 
 Reproducibility: the data files are byte-identical on every run (fixed seeds; only
 `random.random()` draws, whose stream Python keeps stable across versions). The weights are
 identical for the same torch version and thread count; other CPUs or thread counts may differ
 in the last bits of float arithmetic, and so in the weights, but not in behaviour.
+
+Over 300 lines: one script builds every bundled asset (tokenizer, datasets, model) so they stay
+consistent with each other; each section is short and none is used elsewhere.
 
 Why the base model is pretrained at all: SFT must have something to teach. The corpus below
 teaches digits and number text (counting, copying, reversing, number words, bare "37+48"
@@ -42,6 +50,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run as a plain script, the repo root is not on the path
 
 from plpost.tasks.addition import AdditionProblem, random_index, sample_problems  # noqa: E402
+from plpost.tasks.calculator import calculator_tool_schemas, direct_demonstration, tool_demonstration  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # Tokenizer
@@ -52,23 +61,58 @@ SPECIAL_TOKENS = [PAD, BOS, END, *ROLE_TOKENS]  # ids 0..6, in this order; <pad>
 
 # <|role|>content<|end|> per message; no <|bos|>: every sequence would pay a token for a
 # marker that carries no information here (sequences are short, and never packed in post-training).
-# The {% generation %} block spans the assistant content AND its <|end|>, so the assistant mask
-# trains the model to stop. The generation prompt is the bare <|assistant|> header, which makes
-# the prompt a token prefix of the full conversation.
+# The {% generation %} block spans the assistant content, its tool calls AND its <|end|>, so the
+# assistant mask trains the model to call tools and to stop. The generation prompt is the bare
+# <|assistant|> header, which makes the prompt a token prefix of the full conversation.
+# Tools are listed by name only, and a call is one line of JSON: 256 positions leave no room for
+# schemas. Arguments given as a JSON string are written as they are, in place of the object.
 CHAT_TEMPLATE = (
+    "{%- if tools -%}"
+    "{{- '<|system|>tools: ' -}}"
+    "{%- for tool in tools -%}"
+    "{{- (tool['function'] if tool['function'] is defined else tool)['name'] -}}"
+    "{{- ', ' if not loop.last else '' -}}"
+    "{%- endfor -%}"
+    "{{- '<|end|>' -}}"
+    "{%- endif -%}"
     "{%- for message in messages -%}"
     "{%- if message['role'] not in ['system', 'user', 'assistant', 'tool'] -%}"
     "{{ raise_exception('unknown role ' + message['role'] + ': expected system, user, assistant or tool') }}"
     "{%- endif -%}"
     "{{ '<|' + message['role'] + '|>' }}"
     "{%- if message['role'] == 'assistant' -%}"
-    "{% generation %}{{ message['content'] }}<|end|>{% endgeneration %}"
+    "{% generation %}"
+    "{{- message['content'] if message['content'] is not none else '' -}}"
+    "{%- for call in message['tool_calls'] or [] -%}"
+    "{%- set function = call['function'] if call['function'] is defined else call -%}"
+    "{%- set arguments = function['arguments'] if function['arguments'] is string else function['arguments'] | tojson -%}"
+    "{{- '<call>{\"name\": ' + function['name'] | tojson + ', \"arguments\": ' + arguments + '}</call>' -}}"
+    "{%- endfor -%}"
+    "<|end|>{% endgeneration %}"
     "{%- else -%}"
     "{{ message['content'] }}<|end|>"
     "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}<|assistant|>{%- endif -%}"
 )
+# What tokenizer.parse_response reads to turn one generated assistant turn back into a message:
+# text up to <|end|> is the content, each <call>...</call> one call (its JSON is name + arguments).
+# The content defaults to "" and is kept unstripped, so that every turn parses back to exactly the
+# message that rendered it (a turn of calls alone included).
+RESPONSE_TEMPLATE = {
+    "defaults": {"role": "assistant", "content": ""},
+    "start_anchor": "<|assistant|>",
+    "fields": {
+        "tool_calls": {
+            "open": "<call>",
+            "close": "</call>",
+            "repeats": True,
+            "content": "json",
+            "transform": {"type": "function", "function": "{content}"},
+        },
+        "content": {"close": "<|end|>", "content": "text", "content_args": {"strip": False}},
+    },
+}
 MAX_LENGTH = 256
 
 
@@ -109,6 +153,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         eos_token=END,
         extra_special_tokens=ROLE_TOKENS,
         chat_template=CHAT_TEMPLATE,
+        response_template=RESPONSE_TEMPLATE,
         model_max_length=MAX_LENGTH,
         clean_up_tokenization_spaces=False,  # "a ." must decode to "a .", not "a."
     )
@@ -120,6 +165,10 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 EVAL_SIZE, SFT_SIZE, PREFERENCE_SIZE, PROMPTS_SIZE = 300, 20_000, 6_000, 4_000
 FORGOTTEN_CARRY_SHARE = 0.65
 EVAL_SEED, SFT_SEED, SFT_MISTAKE_SEED, PREFERENCE_SEED, PROMPTS_SEED = 0, 1, 2, 3, 4
+# Calculator SFT: half the rows offer the tool, and 30% of those call it. A model that learns this
+# calls the tool only sometimes, and forgets carries when it does not: RL has a reward to gain.
+CALCULATOR_SFT_SIZE, CALCULATOR_TOOL_ROWS, TOOL_DEMONSTRATION_SHARE = 4_000, 2_000, 0.30
+CALCULATOR_SEED, CALCULATOR_MISTAKE_SEED, CALCULATOR_CALL_SEED, CALCULATOR_SHUFFLE_SEED = 5, 6, 7, 8
 
 
 def user(content: str) -> dict[str, str]:
@@ -130,18 +179,28 @@ def assistant(content: str) -> dict[str, str]:
     return {"role": "assistant", "content": content}
 
 
-def sft_rows(problems: list[AdditionProblem], forgotten_share: float, seed: int) -> list[dict]:
-    """Chat rows where exactly round(share * #carry rows) carry rows show the forgotten carry.
+def shuffled(items: list, seed: int) -> list:
+    """A copy of `items` in a random order: Fisher-Yates on random() only (see random_index)."""
+    items, rng = list(items), random.Random(seed)
+    for i in range(len(items)):
+        j = i + random_index(rng, len(items) - i)
+        items[i], items[j] = items[j], items[i]
+    return items
+
+
+def forgotten_carry_rows(problems: list[AdditionProblem], share: float, seed: int) -> set[int]:
+    """Indexes of exactly round(share * #carry problems) of the carry problems, chosen at random.
 
     Choosing an exact count (rather than a coin per row) ships the stated share, not a noisy one.
     Which rows are wrong is random, so the same problem may appear both right and wrong.
     """
-    carry_rows = [index for index, problem in enumerate(problems) if problem.has_carry]
-    rng = random.Random(seed)
-    for i in range(len(carry_rows)):  # Fisher-Yates on random() only (see random_index)
-        j = i + random_index(rng, len(carry_rows) - i)
-        carry_rows[i], carry_rows[j] = carry_rows[j], carry_rows[i]
-    wrong = set(carry_rows[: round(forgotten_share * len(carry_rows))])
+    carry_rows = shuffled([index for index, problem in enumerate(problems) if problem.has_carry], seed)
+    return set(carry_rows[: round(share * len(carry_rows))])
+
+
+def sft_rows(problems: list[AdditionProblem], forgotten_share: float, seed: int) -> list[dict]:
+    """Chat rows where exactly round(share * #carry rows) carry rows show the forgotten carry."""
+    wrong = forgotten_carry_rows(problems, forgotten_share, seed)
     return [
         {
             "messages": [
@@ -153,6 +212,37 @@ def sft_rows(problems: list[AdditionProblem], forgotten_share: float, seed: int)
     ]
 
 
+def calculator_sft_rows(
+    problems: list[AdditionProblem],
+    *,
+    tool_rows: int,
+    demonstration_share: float,
+    forgotten_share: float,
+    call_seed: int,
+    mistake_seed: int,
+    shuffle_seed: int,
+) -> list[dict]:
+    """Chat rows for `problems`: the last `tool_rows` carry the calculator's `tools`, and exactly
+    round(demonstration_share * tool_rows) of those, chosen at random, are tool demonstrations.
+    Every other row answers directly, and exactly round(forgotten_share * #carry problems) of the
+    direct rows' carry problems show the forgotten carry (tool results are always right).
+    The rows come shuffled, so a training run sees rows with and without tools mixed from the start.
+    """
+    offered = range(len(problems) - tool_rows, len(problems))
+    demonstrated = set(shuffled(list(offered), call_seed)[: round(demonstration_share * tool_rows)])
+    direct = [index for index in range(len(problems)) if index not in demonstrated]
+    wrong = {direct[k] for k in forgotten_carry_rows([problems[index] for index in direct], forgotten_share, mistake_seed)}
+    tools = calculator_tool_schemas()
+    rows = []
+    for index, problem in enumerate(problems):
+        if index in demonstrated:
+            messages = tool_demonstration(problem)
+        else:
+            messages = direct_demonstration(problem, problem.forgotten_carry_answer if index in wrong else problem.answer)
+        rows.append({"messages": messages, "tools": tools} if index in offered else {"messages": messages})
+    return shuffled(rows, shuffle_seed)
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8", newline="\n") as handle:
@@ -160,7 +250,13 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def build_datasets(data_dir: Path) -> None:
+def build_datasets(data_root: Path) -> None:
+    eval_problems = build_addition_data(data_root / "addition")
+    build_calculator_data(data_root / "calculator", eval_problems)
+
+
+def build_addition_data(data_dir: Path) -> list[AdditionProblem]:
+    """Writes the addition files; returns the held-out eval problems, which no training file may hold."""
     eval_problems = sample_problems(EVAL_SIZE, EVAL_SEED, distinct=True)
     # Every training file draws from the same pool: all problems except the held-out ones.
     sft_problems = sample_problems(SFT_SIZE, SFT_SEED, exclude=eval_problems)
@@ -189,6 +285,39 @@ def build_datasets(data_dir: Path) -> None:
     )
     print(f"data: preference {len(preference)} pairs ({sum(p.has_carry for p in preference_problems)} forgotten-carry rejections)")
     print(f"data: prompts {len(prompts)} rows ({sum(p.has_carry for p in prompt_problems)} with carry)")
+    return eval_problems
+
+
+def build_calculator_data(data_dir: Path, eval_problems: list[AdditionProblem]) -> None:
+    problems = sample_problems(CALCULATOR_SFT_SIZE, CALCULATOR_SEED, exclude=eval_problems)
+    rows = calculator_sft_rows(
+        problems,
+        tool_rows=CALCULATOR_TOOL_ROWS,
+        demonstration_share=TOOL_DEMONSTRATION_SHARE,
+        forgotten_share=FORGOTTEN_CARRY_SHARE,
+        call_seed=CALCULATOR_CALL_SEED,
+        mistake_seed=CALCULATOR_MISTAKE_SEED,
+        shuffle_seed=CALCULATOR_SHUFFLE_SEED,
+    )
+    write_jsonl(data_dir / "sft.jsonl", rows)
+
+    with_tools = [row for row in rows if "tools" in row]
+    calls = sum(len(row["messages"]) == 4 for row in with_tools)
+    answered = [row["messages"] for row in rows if len(row["messages"]) == 2]
+    direct = [(question_problem(asked["content"]), shown["content"]) for asked, shown in answered]
+    carries = sum(problem.has_carry for problem, _ in direct)
+    forgotten = sum(shown != problem.answer for problem, shown in direct)
+    print(
+        f"data: calculator sft {len(rows)} rows, {len(with_tools)} offer the tools and {calls} of those call add "
+        f"({calls / len(with_tools):.1%}); {forgotten} of the {carries} direct answers needing a carry "
+        f"forget it ({forgotten / carries:.1%})"
+    )
+
+
+def question_problem(question: str) -> AdditionProblem:
+    """The problem a user message asks, "37+48" -> AdditionProblem(37, 48)."""
+    a, b = question.split("+")
+    return AdditionProblem(int(a), int(b))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,18 +504,25 @@ def main() -> None:
     parser.add_argument("--out-dir", type=Path, default=REPO_ROOT / "plpost" / "assets")
     parser.add_argument("--pretrain-steps", type=int, default=450, help="32 x 128-token windows per step")
     parser.add_argument("--seed", type=int, default=0, help="model init and pretraining corpus")
+    parser.add_argument(
+        "--skip-model", action="store_true",
+        help="write the tokenizer and the data only, keeping the model files in --out-dir as they are",
+    )
     args = parser.parse_args()
     started = time.perf_counter()
 
     model_dir = args.out_dir / "tiny"
-    if model_dir.exists():
+    if model_dir.exists() and not args.skip_model:
         shutil.rmtree(model_dir)  # no stale files from an earlier layout
     tokenizer = build_tokenizer()
     tokenizer.save_pretrained(model_dir, save_jinja_files=False)  # template inside tokenizer_config.json
     print(f"tokenizer: {len(tokenizer)} tokens, specials {dict(zip(SPECIAL_TOKENS, tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS)))}")
 
-    build_datasets(args.out_dir / "data" / "addition")
-    build_model(tokenizer, model_dir, args)
+    build_datasets(args.out_dir / "data")
+    # The weights never see the chat template (pretraining has no chat text), so a change to the
+    # tokenizer's templates alone does not ask for them to be trained again.
+    if not args.skip_model:
+        build_model(tokenizer, model_dir, args)
     print(f"done in {time.perf_counter() - started:.0f}s -> {args.out_dir}")
 
 

@@ -156,6 +156,19 @@ def test_resolve_pretrained_finds_bundled_folder_and_files():
     assert "plpost:tiny" in bundled_names() and "plpost:data/addition/eval.jsonl" in bundled_names()
 
 
+def test_bundled_data_files_and_their_row_counts():
+    rows = {
+        "plpost:data/addition/sft.jsonl": 20_000,
+        "plpost:data/addition/preference.jsonl": 6_000,
+        "plpost:data/addition/prompts.jsonl": 4_000,
+        "plpost:data/addition/eval.jsonl": 300,
+        "plpost:data/calculator/sft.jsonl": 4_000,
+    }
+    assert [name for name in bundled_names() if name.startswith("plpost:data/")] == sorted(rows)
+    for name, count in rows.items():
+        assert len(Path(resolve_pretrained(name)).read_text(encoding="utf-8").splitlines()) == count, name
+
+
 @pytest.mark.parametrize("name", ["gpt2", "Qwen/Qwen2.5-0.5B", "/some/local/dir", "data/addition/sft.jsonl", ""])
 def test_resolve_pretrained_passes_other_names_through(name):
     assert resolve_pretrained(name) == name

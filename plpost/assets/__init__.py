@@ -1,6 +1,9 @@
-"""The tiny tokenizer, base model and addition datasets shipped inside plpost.
+"""The tiny tokenizer, base model and datasets shipped inside plpost.
 
 They let the default demo and every test run offline. `scripts/build_assets.py` rebuilds them.
+The datasets: data/addition/ (sft.jsonl 20,000 rows, preference.jsonl 6,000, prompts.jsonl 4,000,
+eval.jsonl 300) and data/calculator/sft.jsonl (4,000 rows, half of them offering the `add` tool of
+plpost.tasks.calculator; its prompts and evaluation are the addition files).
 Refer to them with `plpost:` names wherever a model or data path is accepted:
 
     resolve_pretrained("plpost:tiny")                         # tokenizer + model folder

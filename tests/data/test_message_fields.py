@@ -89,7 +89,11 @@ def test_a_field_the_template_does_not_render_is_named(message, field):
 
 
 def test_tools_the_template_does_not_render_are_named():
-    problem = refusal([{"tools": TOOLS, "messages": [USER, {"role": "assistant", "content": "3"}]}], chat_template=None)
+    without_tools = (  # the bundled format, minus its tools line
+        "{%- for m in messages -%}{{ '<|' + m['role'] + '|>' + m['content'] }}<|end|>{%- endfor -%}"
+        "{%- if add_generation_prompt -%}<|assistant|>{%- endif -%}"
+    )
+    problem = refusal([{"tools": TOOLS, "messages": [USER, {"role": "assistant", "content": "3"}]}], chat_template=without_tools)
     assert 'record 0, field "tools"' in problem
 
 
