@@ -199,6 +199,7 @@ class EpisodePlayer:
         try:
             message = self.tokenizer.parse_response(turn, self.response_template, prefix=context,
                                                     tools=self.environment.schemas)
+            check_calls(message.get("tool_calls") or [])
         except Exception as error:  # whatever the parser raises, the turn is unreadable, not the run broken
             if not finished:
                 return {"role": "assistant", "content": text}, None
@@ -256,6 +257,17 @@ class EpisodePlayer:
         rewards = torch.tensor([e.reward for e in played], dtype=torch.float32, device=device)
         return Episodes(samples, [e.completion for e in played], [e.conversation for e in played], rewards,
                         any(e.rewarded for e in played), statistics)
+
+
+def check_calls(calls: Any) -> None:
+    """Refuses parsed tool calls of a shape no template can write back: each is {"type": "function",
+    "function": {"name": a string, "arguments": an object or a JSON string}} (a response parser
+    reads any JSON inside the call markers, a list included)."""
+    for call in calls if isinstance(calls, list) else [calls]:
+        function = call.get("function") if isinstance(call, dict) else None
+        if not (isinstance(function, dict) and isinstance(function.get("name"), str) and function["name"]
+                and isinstance(function.get("arguments", {}), dict | str)):
+            raise ValueError(f"a tool call is an object with a name and arguments, not {call!r}")
 
 
 def checked_messages(reply: Reply, environment: Environment) -> list[Message]:

@@ -1,5 +1,5 @@
 """Measuring a policy on held-out prompts: task score, chat format, KL to a reference, learned reward,
-and the log-probability it gives a completion."""
+the log-probability it gives a completion, and multi-turn episodes with an environment."""
 
 from __future__ import annotations
 
@@ -11,11 +11,15 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from plpost.data.chat_template import ChatTemplate
 from plpost.data.collate import pad_rows
 from plpost.data.tokenize import chat_ids, prompt_ids
+from plpost.environments import Environment
+from plpost.episodes import EpisodePlayer
 from plpost.generation import Prompt, encode_prompts, generate_texts, generation_config
 from plpost.rewards import RewardModel, Responses
 from plpost.rollout import decode_completions, join_responses, position_ids_from, response_forward, sample_responses
+from plpost.rollout import sampled_completions
 
 
 class GreedyReport(NamedTuple):
@@ -46,6 +50,54 @@ def greedy_report(
     scores = torch.as_tensor(score_fn(list(prompts), generations.texts, **columns), dtype=torch.float32)
     shaped = torch.tensor([re.fullmatch(answer_format, text.strip()) is not None for text in generations.texts])
     return GreedyReport(generations.texts, scores, generations.stopped & shaped)
+
+
+class EpisodeReport(NamedTuple):
+    completions: list[str]
+    """Each episode's last assistant turn."""
+    conversations: list[list[dict]]
+    """Each episode's messages after its prompt."""
+    statistics: dict[str, Tensor]
+    """name -> (prompts,) per episode: turns, tool_calls, ... (see `plpost.episodes.Episodes`)."""
+    scores: Tensor
+    """(prompts,) float32, from the score function."""
+
+
+@torch.no_grad()
+def episode_report(
+    model: PreTrainedModel,
+    template: ChatTemplate | PreTrainedTokenizerBase,
+    environment: Environment,
+    prompts: Sequence[list],
+    score_fn: Callable[..., Tensor],
+    columns: dict[str, list[Any]],
+    *,
+    max_new_tokens: int = 16,
+    batch_size: int = 256,
+) -> EpisodeReport:
+    """One greedy episode per prompt with `environment`, scored by `score_fn(prompts, completions,
+    conversation=..., **columns)` as a reward function would score it (the last assistant turn as
+    the completion). `template`: the chat template the policy was trained with (or its tokenizer)."""
+    template = template if isinstance(template, ChatTemplate) else ChatTemplate(template)
+    tokenizer = template.tokenizer
+    config = generation_config(tokenizer, do_sample=False, max_new_tokens=max_new_tokens)
+    player = EpisodePlayer(environment, template, stop_ids=config.eos_token_id, max_new_tokens=max_new_tokens,
+                           max_positions=getattr(model.config, "max_position_embeddings", None))
+    device = next(model.parameters()).device
+
+    def sample_turn(input_ids: Tensor, attention_mask: Tensor, n: int) -> Tensor:
+        return sampled_completions(model, input_ids, attention_mask, config, pad_token_id=tokenizer.pad_token_id,
+                                   num_samples=n)[0]
+
+    parts = [player.play(sample_turn, prompts[start : start + batch_size],
+                         {key: values[start : start + batch_size] for key, values in columns.items()}, 1, device=device)
+             for start in range(0, len(prompts), batch_size)]
+    completions = [c for part in parts for c in part.completions]
+    conversations = [c for part in parts for c in part.conversations]
+    statistics = {name: torch.cat([part.statistics[name].cpu() for part in parts]) for name in parts[0].statistics}
+    scores = torch.as_tensor(score_fn(list(prompts), completions, conversation=conversations, **columns),
+                             dtype=torch.float32)
+    return EpisodeReport(completions, conversations, statistics, scores)
 
 
 class SampledReport(NamedTuple):

@@ -265,3 +265,13 @@ def test_a_template_whose_tool_calls_cannot_be_read_is_named():
     tokenizer.chat_template = (llama_cpp_models() / "templates" / "meta-llama-Llama-3.1-8B-Instruct.jinja").read_text()
     with pytest.raises(ValueError, match="has no response_template and its chat template does not write tool calls"):
         player(ChatTemplate(tokenizer), Environment(tools=[add]))
+
+
+@pytest.mark.parametrize("call", ['<tool_call>\n[12, 34]\n</tool_call><|im_end|>',
+                                  '<tool_call>\n{"arguments": {"a": 1}}\n</tool_call><|im_end|>'])
+def test_a_call_of_the_wrong_shape_is_malformed(qwen, call):
+    """Valid JSON that is not a call (a list, no name) is read as malformed, not run nor rendered."""
+    policy = Scripted(qwen.tokenizer, [call, "3<|im_end|>"])
+    episodes = player(qwen, Environment(tools=[add])).play(policy, [USER], {}, 1)
+    assert episodes.statistics["malformed"].tolist() == [1.0] and episodes.statistics["tool_calls"].tolist() == [0.0]
+    assert "tool_calls" not in episodes.conversations[0][0]

@@ -42,7 +42,8 @@ from plpost.callbacks.guards import batch_records
 from plpost.data.prompts import PromptBatch
 from plpost.modules import ModelSettings
 from plpost.optim import WarmupCosineLR
-from plpost.rewards import RewardFunction
+from plpost.rewards import EnvironmentReward, RewardFunction
+from plpost.tasks.addition import TryAgain
 
 TINY = "plpost:tiny"
 RECORDS = 12  # batch_size 2 x accumulate 2: 3 optimizer steps per epoch
@@ -161,6 +162,17 @@ def grpo(run: Run) -> tuple[L.LightningModule, L.LightningDataModule]:
     return module, PromptDataModule(TINY, train=rows, batch_size=run.batch_size)
 
 
+def episodes(run: Run) -> tuple[L.LightningModule, L.LightningDataModule]:
+    # Multi-turn: a wrong answer is told so and answered again, so the episodes of a step end at
+    # different turns, and what they hold depends on every earlier turn's samples.
+    module = GRPOModule(run.model, rewards=[EnvironmentReward(), RewardFunction(completion_length)],
+                        environment=TryAgain(max_turns=3), num_generations=4, max_new_tokens=6,
+                        gradient_accumulation_steps=run.accumulate, optimizer=adamw, scheduler=warmup_cosine)
+    rows = [{"prompt": [{"role": "user", "content": f"{i + 17}+{i * 3 + 25}"}], "answer": str(4 * i + 42)}
+            for i in range(RECORDS)]
+    return module, PromptDataModule(TINY, train=rows, batch_size=run.batch_size)
+
+
 def distill(run: Run) -> tuple[L.LightningModule, L.LightningDataModule]:
     # A random student has a teacher to learn from; lmbda = 0.5 draws, every step, whether the
     # student samples or the dataset's completions are used: the restored generators decide both.
@@ -173,8 +185,11 @@ def distill(run: Run) -> tuple[L.LightningModule, L.LightningDataModule]:
 
 STAGES: dict[str, Callable[[Run], tuple[L.LightningModule, L.LightningDataModule]]] = {
     "sft": sft, "reward": reward, "dpo": dpo, "ppo": ppo, "grpo": grpo, "distill": distill,
-    "kto": kto,
+    "kto": kto, "episodes": episodes,
 }
+SAMPLES_EPISODES = {"episodes"}
+"""Stages that need a policy which ends its turns (the bundled base model never does): the callers
+give them an SFT export as the model."""
 
 
 class RecordAndKill(L.Callback):

@@ -9,7 +9,9 @@ The negative controls remove one of those from the checkpoint and show the same 
 
 Adding a stage takes an entry in `resume_harness.STAGES` and in STAGES below. GRPO samples its own
 completions every step, so its resumed run must also draw the same samples: the random generators
-and the data position decide them (and, for distillation, which steps sample at all).
+and the data position decide them (and, for distillation, which steps sample at all). "episodes" is
+GRPO on multi-turn episodes (a wrong answer is told so and answered again): every turn's samples
+decide what the next turn sees.
 """
 
 import multiprocessing
@@ -19,11 +21,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from resume_harness import Run, differences, save_dropout_model, seen, train, train_with_threads
+from resume_harness import SAMPLES_EPISODES, Run, differences, save_dropout_model, seen, train, train_with_threads
 
 from plpost.checkpointing import RNG_STATES_KEY
 
-STAGES = ["sft", "reward", "dpo", "grpo", "distill", "kto"]
+STAGES = ["sft", "reward", "dpo", "grpo", "distill", "kto", "episodes"]
 KILL_AFTER = 4  # one step into the second epoch (3 steps per epoch)
 
 
@@ -44,7 +46,13 @@ def dropout_model(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, dropout_model):
+def model_of(dropout_model, sft_export):
+    """The model a stage trains: the dropout model, or for multi-turn episodes an SFT export."""
+    return lambda stage: sft_export if stage in SAMPLES_EPISODES else dropout_model
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, model_of):
     """Per stage, computed once: the uninterrupted run's final state and records, and the folder
     of a run killed after KILL_AFTER steps (copy it before resuming: resuming writes into it)."""
     cache = {}
@@ -52,9 +60,9 @@ def runs(tmp_path_factory, dropout_model):
     def get(stage: str) -> tuple[dict, list[dict], Path]:
         if stage not in cache:
             root = tmp_path_factory.mktemp(stage)
-            expected = train(Run(stage, root / "uninterrupted", model=dropout_model))
+            expected = train(Run(stage, root / "uninterrupted", model=model_of(stage)))
             folder = root / "killed"
-            assert killed(Run(stage, folder, model=dropout_model, kill_after_step=KILL_AFTER)) == -signal.SIGKILL
+            assert killed(Run(stage, folder, model=model_of(stage), kill_after_step=KILL_AFTER)) == -signal.SIGKILL
             cache[stage] = expected, seen(root / "uninterrupted"), folder
         return cache[stage]
 
@@ -68,13 +76,13 @@ def resume(killed_folder: Path, into: Path, stage: str, model: str) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", STAGES)
-def test_killed_and_resumed_run_ends_exactly_as_the_uninterrupted_run(stage, runs, dropout_model, tmp_path):
+def test_killed_and_resumed_run_ends_exactly_as_the_uninterrupted_run(stage, runs, model_of, tmp_path):
     expected, expected_seen, killed_folder = runs(stage)
-    batches_per_step = 1 if stage in ("grpo", "distill") else 2  # these accumulate inside their training step
+    batches_per_step = 1 if stage in ("grpo", "distill", "episodes") else 2  # these accumulate inside their step
     assert expected["global_step"] == 7 and len(expected_seen) == 7 * batches_per_step
     assert expected["optimizers"][0]["state"] and expected["schedulers"]  # moments and a schedule to compare
     assert len(seen(killed_folder)) == batches_per_step * KILL_AFTER  # it did die where it should
-    resumed = resume(killed_folder, tmp_path / "resumed", stage, dropout_model)
+    resumed = resume(killed_folder, tmp_path / "resumed", stage, model_of(stage))
     assert differences(expected, resumed) == []
     assert seen(tmp_path / "resumed") == expected_seen
 

@@ -9,7 +9,8 @@ micro-batch by micro-batch, are the same sequence. The runs shuffle, accumulate 
 cross an epoch boundary and train with attention dropout 0.1 (see test_resume.py, which shows, on
 one process, that a checkpoint without the data position or without the generators fails this
 comparison); PPO and GRPO sample their completions on every step, from the full weights gathered
-on each rank, so each rank's generators must come back. The kill takes both processes at once (its
+on each rank, so each rank's generators must come back; "episodes" is GRPO on multi-turn episodes,
+each rank playing its own, ending at different turns. The kill takes both processes at once (its
 process group), at the start of step 5, after step 4's checkpoint.
 
 One uninterrupted sharded run serves both checkpoint forms: the form changes how the checkpoint is
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from resume_harness import TINY, differences, save_dropout_model, seen
+from resume_harness import SAMPLES_EPISODES, TINY, differences, save_dropout_model, seen
 from torch.distributed.checkpoint import FileSystemReader
 
 from plpost import DPOModule
@@ -32,7 +33,7 @@ from plpost.checkpointing import RNG_STATES_KEY, TRAINED_KEYS
 SCRIPT = Path(__file__).with_name("resume_harness.py")
 KILL_AFTER = 4
 FORMS = {  # strategy: the stages resumed under it
-    "sharded": ["sft", "dpo", "ppo", "grpo"],
+    "sharded": ["sft", "dpo", "ppo", "grpo", "episodes"],
     "sharded-full": ["sft", "dpo", "ppo"],
     "ddp": ["sft"],
 }
@@ -67,20 +68,30 @@ def finish(process: subprocess.Popen) -> int:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> Path:
+def runs(tmp_path_factory, sft_export) -> Path:
     """ROOT/uninterrupted-STRATEGY/STAGE and ROOT/STRATEGY/STAGE (killed after step 4, then resumed in place)."""
     root = tmp_path_factory.mktemp("resume-processes")
-    model = save_dropout_model(root / "tiny-dropout")
+    dropout_model = save_dropout_model(root / "tiny-dropout")
+
+    def by_model(stages: list[str]) -> list[tuple[str, list[str]]]:
+        """The stages in launches of one model each: multi-turn episodes start from an SFT export."""
+        groups = {dropout_model: [s for s in stages if s not in SAMPLES_EPISODES],
+                  sft_export: [s for s in stages if s in SAMPLES_EPISODES]}
+        return [(model, group) for model, group in groups.items() if group]
+
     kill = ("--kill-after", str(KILL_AFTER))
-    killed = [(root / form, form, model, stage, *kill) for form, stages in FORMS.items() for stage in stages]
+    killed = [(root / form, form, model, stage, *kill) for form, stages in FORMS.items()
+              for model, group in by_model(stages) for stage in group]
     assert run_all(killed) == [-9] * len(killed)
     for form, stages in FORMS.items():
         for stage in stages:
             assert last_step(root / form / stage / "checkpoints" / "last.ckpt") == KILL_AFTER
     uninterrupted = {kind: sorted({s for form, stages in FORMS.items() if UNINTERRUPTED[form] == kind for s in stages})
                      for kind in set(UNINTERRUPTED.values())}
-    rest = [(root / f"uninterrupted-{kind}", kind, model, *stages) for kind, stages in uninterrupted.items()]
-    rest += [(root / form, form, model, *stages, "--resume") for form, stages in FORMS.items()]
+    rest = [(root / f"uninterrupted-{kind}", kind, model, *group) for kind, stages in uninterrupted.items()
+            for model, group in by_model(stages)]
+    rest += [(root / form, form, model, *group, "--resume") for form, stages in FORMS.items()
+             for model, group in by_model(stages)]
     assert run_all(rest) == [0] * len(rest)
     return root
 
