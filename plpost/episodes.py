@@ -199,7 +199,8 @@ class EpisodePlayer:
         try:
             message = self.tokenizer.parse_response(turn, self.response_template, prefix=context,
                                                     tools=self.environment.schemas)
-            check_calls(message.get("tool_calls") or [])
+            if message.get("tool_calls"):
+                message["tool_calls"] = well_formed_calls(message["tool_calls"])
         except Exception as error:  # whatever the parser raises, the turn is unreadable, not the run broken
             if not finished:
                 return {"role": "assistant", "content": text}, None
@@ -259,15 +260,18 @@ class EpisodePlayer:
                         any(e.rewarded for e in played), statistics)
 
 
-def check_calls(calls: Any) -> None:
-    """Refuses parsed tool calls of a shape no template can write back: each is {"type": "function",
-    "function": {"name": a string, "arguments": an object or a JSON string}} (a response parser
-    reads any JSON inside the call markers, a list included)."""
+def well_formed_calls(calls: Any) -> list[dict[str, Any]]:
+    """Parsed tool calls as templates write them back, {"type": "function", "function": {"name",
+    "arguments"}} (arguments {} when the call gave none); a shape no template can write back is
+    refused (a response parser reads any JSON inside the call markers, a list included)."""
+    checked = []
     for call in calls if isinstance(calls, list) else [calls]:
         function = call.get("function") if isinstance(call, dict) else None
         if not (isinstance(function, dict) and isinstance(function.get("name"), str) and function["name"]
                 and isinstance(function.get("arguments", {}), dict | str)):
             raise ValueError(f"a tool call is an object with a name and arguments, not {call!r}")
+        checked.append({**call, "type": call.get("type", "function"), "function": {"arguments": {}, **function}})
+    return checked
 
 
 def checked_messages(reply: Reply, environment: Environment) -> list[Message]:

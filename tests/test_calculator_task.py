@@ -17,6 +17,7 @@ from plpost.tasks import AdditionProblem
 from plpost.tasks.calculator import (
     CALCULATOR_TOOLS,
     add,
+    calculate,
     calculator_tool_schemas,
     direct_demonstration,
     tool_demonstration,
@@ -167,3 +168,20 @@ def test_the_longest_row_fits_the_tiny_model_positions(prepared):
     longest = max(prepared, key=lambda example: len(example["input_ids"]))
     assert is_tool_demonstration(shipped_rows()[longest["record_index"]])
     assert len(longest["input_ids"]) < AutoConfig.from_pretrained(resolve_pretrained(TINY)).max_position_embeddings == 256
+
+
+@pytest.mark.parametrize("expression, value", [("(12 + 30) * 4 / 3", "56"), ("7 / 2", "3.5"), ("-2 ** 3", "-8"),
+                                               ("17 // 5 + 17 % 5", "5")])
+def test_calculate_evaluates_arithmetic(expression, value):
+    assert calculate(expression) == value
+
+
+@pytest.mark.parametrize("expression, problem", [("__import__('os')", "not arithmetic"), ("9 ** 9 ** 9", "exponents"),
+                                                 ("x + 1", "not arithmetic")])
+def test_calculate_refuses_what_is_not_arithmetic(expression, problem):
+    with pytest.raises(ValueError, match=problem):
+        calculate(expression)
+
+
+def test_calculate_has_a_schema():
+    assert get_json_schema(calculate)["function"]["parameters"]["properties"]["expression"]["type"] == "string"

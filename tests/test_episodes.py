@@ -275,3 +275,12 @@ def test_a_call_of_the_wrong_shape_is_malformed(qwen, call):
     episodes = player(qwen, Environment(tools=[add])).play(policy, [USER], {}, 1)
     assert episodes.statistics["malformed"].tolist() == [1.0] and episodes.statistics["tool_calls"].tolist() == [0.0]
     assert "tool_calls" not in episodes.conversations[0][0]
+
+
+def test_a_call_without_arguments_is_run_with_none(qwen):
+    """{"name": "add"} is a call: add() then fails for want of its arguments, an error the policy sees."""
+    policy = Scripted(qwen.tokenizer, ['<tool_call>\n{"name": "add"}\n</tool_call><|im_end|>', "3<|im_end|>"])
+    episodes = player(qwen, Environment(tools=[add])).play(policy, [USER], {}, 1)
+    assert episodes.statistics["tool_errors"].tolist() == [1.0] and episodes.statistics["malformed"].tolist() == [0.0]
+    assert episodes.conversations[0][0]["tool_calls"][0]["function"]["arguments"] == {}
+    assert "missing 2 required positional arguments" in episodes.conversations[0][1]["content"]

@@ -14,10 +14,15 @@ The bundled SFT data (scripts/build_assets.py) mixes both: with the tool on offe
 only sometimes and forgets carries when it does not, so RL with the tool has a reward to gain by
 calling it more often. GRPO prompts and the held-out evaluation are the addition task's own files;
 the environment offers the tools.
+
+`calculate`, an arithmetic evaluator for word problems (GSM8K and the like), is the tool of the GPU
+recipe (configs/gpu/grpo-tools-qwen2.5-0.5b.yaml).
 """
 
 from __future__ import annotations
 
+import ast
+import operator
 from typing import Any
 
 from transformers.utils import get_json_schema
@@ -36,6 +41,39 @@ def add(a: int, b: int) -> int:
         The sum a + b.
     """
     return a + b
+
+
+ARITHMETIC = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+              ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
+SIGNS = {ast.UAdd: operator.pos, ast.USub: operator.neg}
+LARGEST_POWER = 64
+"""The largest exponent `calculate` raises to: a policy's 9**9**9 would take the process down."""
+
+
+def calculate(expression: str) -> str:
+    """Evaluate an arithmetic expression of numbers, + - * / // % ** and parentheses.
+
+    Args:
+        expression: The expression, e.g. "(12 + 30) * 4 / 3".
+
+    Returns:
+        Its value: an integer where it is a whole number, else a decimal.
+    """
+    value = evaluate(ast.parse(expression, mode="eval").body)
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
+def evaluate(node: ast.AST) -> int | float:
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        return node.value
+    if isinstance(node, ast.UnaryOp) and type(node.op) in SIGNS:
+        return SIGNS[type(node.op)](evaluate(node.operand))
+    if isinstance(node, ast.BinOp) and type(node.op) in ARITHMETIC:
+        left, right = evaluate(node.left), evaluate(node.right)
+        if isinstance(node.op, ast.Pow) and abs(right) > LARGEST_POWER:
+            raise ValueError(f"exponents are limited to {LARGEST_POWER}, got {right}")
+        return ARITHMETIC[type(node.op)](left, right)
+    raise ValueError(f"not arithmetic: {ast.unparse(node)!r}")
 
 
 CALCULATOR_TOOLS = [add]
