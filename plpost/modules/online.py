@@ -252,7 +252,9 @@ class OnlineRLModule(OnlineModule):
             samples = self.sample(input_ids, attention_mask, num_samples, logits_processor=logits_processor)
             return samples, responses_of(self.tokenizer, samples, prompts, columns, num_samples), {}
         episodes = self.play_episodes(prompts, columns, num_samples)
-        if episodes.rewarded and not any(isinstance(s, EnvironmentReward) for s in self.reward_scorer.sources):
+        read = any(isinstance(source, EnvironmentReward) for source in self.reward_scorer.sources)
+        # Decided over every device, so that all of them stop, not the one whose episodes had a reward.
+        if not read and self.trainer.strategy.reduce_boolean_decision(episodes.rewarded, all=False):
             raise ValueError(f"{type(self.environment).__name__} gives rewards, which no reward source reads: add "
                              "plpost.rewards.EnvironmentReward to `rewards` (or give no rewards in its replies)")
         return episodes.samples, responses_of_episodes(episodes, prompts, columns, num_samples), episodes.statistics
