@@ -224,6 +224,11 @@ class OnlineRLModule(OnlineModule):
         limit = self.environment.max_episode_tokens
         return budget if limit is None else min(budget, limit)
 
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if self.environment is not None:
+            self.episode_player  # noqa: B018 (built now: a tokenizer that cannot read tool calls stops the run here)
+
     @cached_property
     def episode_player(self) -> EpisodePlayer:
         data = self.trainer.datamodule if self._trainer is not None else None

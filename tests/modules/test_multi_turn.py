@@ -170,3 +170,21 @@ def test_settings_that_cannot_work_with_an_environment_are_refused():
         stage(GRPOModule, TINY, off_policy_correction="token_truncate")
     with pytest.raises(ValueError, match="give the stage an environment"):
         stage(GRPOModule, TINY, environment=None)
+
+
+def test_a_tokenizer_that_cannot_read_tool_calls_stops_the_run_before_the_first_step():
+    """The bundled tokenizer without its response template, whose calls (<call> JSON) are not Hermes:
+    the run stops before any sampling, with the tokenizer named."""
+    from plpost.environments import Environment
+    from plpost.tasks.calculator import add
+
+    module = stage(GRPOModule, TINY, environment=Environment(tools=[add]), rewards=[RewardFunction(exact_match_reward)])
+    data = PromptDataModule(TINY, ROWS, batch_size=4)
+    data.tokenizer.response_template = None
+    sampled = []
+    module.play_episodes = lambda *args: sampled.append(args)
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    with pytest.raises(ValueError, match="the tokenizer of .*tiny has no response_template"):
+        trainer.fit(module, data)
+    assert sampled == []
