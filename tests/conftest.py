@@ -134,6 +134,11 @@ def sft_export(tmp_path_factory) -> str:
     return path
 
 
+def is_tool_demonstration(row: dict) -> bool:
+    """A chat row in which the assistant calls a tool."""
+    return any("tool_calls" in message for message in row["messages"])
+
+
 @pytest.fixture(scope="session")
 def tool_sft_export(tmp_path_factory) -> str:
     """The bundled model after a short SFT on the calculator's tool demonstrations only: offered the
@@ -144,7 +149,7 @@ def tool_sft_export(tmp_path_factory) -> str:
     from plpost.callbacks import HFExport
 
     with open(resolve_pretrained("plpost:data/calculator/sft.jsonl")) as lines:
-        rows = [row for row in map(json.loads, lines) if any("tool_calls" in m for m in row["messages"])]
+        rows = [row for row in map(json.loads, lines) if is_tool_demonstration(row)]
     path = str(tmp_path_factory.mktemp("tiny-tool-sft"))
     L.seed_everything(0)
     model = SFTModule("plpost:tiny", optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3))
