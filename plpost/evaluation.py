@@ -1,5 +1,5 @@
-"""Measuring a policy on held-out prompts: task score, chat format, KL to a reference, learned reward,
-the log-probability it gives a completion, and multi-turn episodes with an environment."""
+"""Measuring a policy on held-out prompts: task score, chat format, multi-turn episodes with an
+environment, KL to a reference, learned reward, and the log-probability it gives a completion."""
 
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from plpost.data.chat_template import ChatTemplate
 from plpost.data.collate import pad_rows
 from plpost.data.tokenize import chat_ids, prompt_ids
-from plpost.environments import Environment
-from plpost.episodes import EpisodePlayer
-from plpost.generation import Prompt, encode_prompts, generate_texts, generation_config
+from plpost.environments import Environment, Message
+from plpost.episodes import EPISODE_STATISTICS, EpisodePlayer
+from plpost.generation import Prompt, decoding_config, eager_sampling, encode_prompts, generate_texts, generation_config
 from plpost.rewards import RewardModel, Responses
-from plpost.rollout import decode_completions, join_responses, position_ids_from, response_forward, sample_responses
-from plpost.rollout import sampled_completions
+from plpost.rollout import (decode_completions, join_responses, position_ids_from, response_forward, sample_responses,
+                            sampled_completions)
 
 
 class GreedyReport(NamedTuple):
@@ -54,13 +54,17 @@ def greedy_report(
 
 class EpisodeReport(NamedTuple):
     completions: list[str]
-    """Each episode's last assistant turn."""
-    conversations: list[list[dict]]
-    """Each episode's messages after its prompt."""
+    """Each episode's last assistant turn, as a score function reads it."""
+    conversations: list[list[Message]]
+    """Each episode's messages after its prompt: the policy's turns (as parsed) and the environment's."""
+    lengths: Tensor
+    """(prompts,) the policy's tokens in the episode, every turn's stop token included."""
+    stopped: Tensor
+    """(prompts,) bool: every policy turn ended with a stop token within max_new_tokens."""
     statistics: dict[str, Tensor]
-    """name -> (prompts,) per episode: turns, tool_calls, ... (see `plpost.episodes.Episodes`)."""
-    scores: Tensor
-    """(prompts,) float32, from the score function."""
+    """name -> (prompts,) float, per episode: those of `plpost.episodes.Episodes` (turns, tool_calls, ...)."""
+    scores: Tensor | None
+    """(prompts,) float32 from the score function (None without one)."""
 
 
 @torch.no_grad()
@@ -68,36 +72,55 @@ def episode_report(
     model: PreTrainedModel,
     template: ChatTemplate | PreTrainedTokenizerBase,
     environment: Environment,
-    prompts: Sequence[list],
-    score_fn: Callable[..., Tensor],
+    prompts: Sequence[list[Message]],
+    score_fn: Callable[..., Tensor] | None,
     columns: dict[str, list[Any]],
     *,
     max_new_tokens: int = 16,
-    batch_size: int = 256,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    batch_size: int = 64,
 ) -> EpisodeReport:
-    """One greedy episode per prompt with `environment`, scored by `score_fn(prompts, completions,
-    conversation=..., **columns)` as a reward function would score it (the last assistant turn as
-    the completion). `template`: the chat template the policy was trained with (or its tokenizer)."""
+    """One episode per prompt of `environment` with `model`, greedy unless `do_sample`, scored as
+    training scores them: `score_fn(prompts, completions, conversation=..., **columns)`.
+
+    template: the chat template the prompts are rendered with (a tokenizer: its own); the rows'
+    `tools` column, where there is one, adds their schemas before the environment's. Every turn
+    is at most `max_new_tokens`; `batch_size` prompts play at a time.
+    """
+    if not prompts:
+        empty = {name: torch.zeros(0) for name in EPISODE_STATISTICS}
+        return EpisodeReport([], [], torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.bool), empty,
+                             None if score_fn is None else torch.zeros(0))
     template = template if isinstance(template, ChatTemplate) else ChatTemplate(template)
     tokenizer = template.tokenizer
-    config = generation_config(tokenizer, do_sample=False, max_new_tokens=max_new_tokens)
+    config = decoding_config(tokenizer, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                             top_p=top_p)
     player = EpisodePlayer(environment, template, stop_ids=config.eos_token_id, max_new_tokens=max_new_tokens,
                            max_positions=getattr(model.config, "max_position_embeddings", None))
     device = next(model.parameters()).device
 
-    def sample_turn(input_ids: Tensor, attention_mask: Tensor, n: int) -> Tensor:
+    def sample_turn(input_ids: Tensor, attention_mask: Tensor, num_samples: int) -> Tensor:
         return sampled_completions(model, input_ids, attention_mask, config, pad_token_id=tokenizer.pad_token_id,
-                                   num_samples=n)[0]
+                                   num_samples=num_samples)[0]
 
-    parts = [player.play(sample_turn, prompts[start : start + batch_size],
-                         {key: values[start : start + batch_size] for key, values in columns.items()}, 1, device=device)
-             for start in range(0, len(prompts), batch_size)]
-    completions = [c for part in parts for c in part.completions]
-    conversations = [c for part in parts for c in part.conversations]
-    statistics = {name: torch.cat([part.statistics[name].cpu() for part in parts]) for name in parts[0].statistics}
-    scores = torch.as_tensor(score_fn(list(prompts), completions, conversation=conversations, **columns),
-                             dtype=torch.float32)
-    return EpisodeReport(completions, conversations, statistics, scores)
+    completions, conversations, lengths, stopped, statistics = [], [], [], [], []
+    with eager_sampling():
+        for start in range(0, len(prompts), batch_size):
+            part = {key: values[start : start + batch_size] for key, values in columns.items()}
+            episodes = player.play(sample_turn, prompts[start : start + batch_size], part, 1, device=device)
+            completions += episodes.completions
+            conversations += episodes.conversations
+            lengths.append(episodes.samples.response_mask.sum(1).cpu())
+            stopped.append(episodes.samples.stopped.cpu())
+            statistics.append({name: values.cpu() for name, values in episodes.statistics.items()})
+    scores = None
+    if score_fn is not None:
+        scores = torch.as_tensor(score_fn(list(prompts), completions, conversation=conversations, **columns),
+                                 dtype=torch.float32)
+    return EpisodeReport(completions, conversations, torch.cat(lengths), torch.cat(stopped),
+                         {name: torch.cat([part[name] for part in statistics]) for name in EPISODE_STATISTICS}, scores)
 
 
 class SampledReport(NamedTuple):

@@ -31,6 +31,15 @@ def generation_config(tokenizer: PreTrainedTokenizerBase, **settings) -> Generat
     return GenerationConfig(eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id, **settings)
 
 
+def decoding_config(tokenizer: PreTrainedTokenizerBase, *, max_new_tokens: int, do_sample: bool = False,
+                    temperature: float = 1.0, top_p: float = 1.0) -> GenerationConfig:
+    """Greedy decoding, or sampling at `temperature` within `top_p` (no top-k cut), with the KV cache."""
+    settings = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, use_cache=True)
+    if do_sample:
+        settings.update(temperature=temperature, top_p=top_p, top_k=0)
+    return generation_config(tokenizer, **settings)
+
+
 class Generations(NamedTuple):
     texts: list[str]
     """Completions, special tokens removed."""
@@ -75,10 +84,8 @@ def generate_texts(
     greedy unless `do_sample`; leaves the model in the mode it found it."""
     was_training = model.training
     model.eval()
-    settings = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, use_cache=True)
-    if do_sample:
-        settings.update(temperature=temperature, top_p=top_p, top_k=0)
-    config = generation_config(tokenizer, **settings)
+    config = decoding_config(tokenizer, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                             top_p=top_p)
     device = next(model.parameters()).device
     texts, lengths, stopped = [], [], []
     try:

@@ -132,3 +132,28 @@ def sft_export(tmp_path_factory) -> str:
     L.Trainer(max_steps=150, logger=False, enable_checkpointing=False, enable_progress_bar=False,
               enable_model_summary=False, callbacks=[HFExport(path)]).fit(model, data)
     return path
+
+
+def is_tool_demonstration(row: dict) -> bool:
+    """A chat row in which the assistant calls a tool."""
+    return any("tool_calls" in message for message in row["messages"])
+
+
+@pytest.fixture(scope="session")
+def tool_sft_export(tmp_path_factory) -> str:
+    """The bundled model after a short SFT on the calculator's tool demonstrations only: offered the
+    `add` tool, it calls it, reads the result and answers with it (the shipped mix of direct answers
+    would have it call the tool only sometimes)."""
+    from plpost import ChatDataModule, SFTModule
+    from plpost.assets import resolve_pretrained
+    from plpost.callbacks import HFExport
+
+    with open(resolve_pretrained("plpost:data/calculator/sft.jsonl")) as lines:
+        rows = [row for row in map(json.loads, lines) if is_tool_demonstration(row)]
+    path = str(tmp_path_factory.mktemp("tiny-tool-sft"))
+    L.seed_everything(0)
+    model = SFTModule("plpost:tiny", optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3))
+    data = ChatDataModule("plpost:tiny", train=rows, batch_size=16, max_length=128)
+    L.Trainer(max_steps=300, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, callbacks=[HFExport(path)]).fit(model, data)
+    return path

@@ -7,7 +7,7 @@ from functools import cache
 from pathlib import Path
 
 import pytest
-from conftest import TINY, supervised_spans
+from conftest import TINY, is_tool_demonstration, supervised_spans
 from transformers import AutoConfig
 from transformers.utils import get_json_schema
 
@@ -44,10 +44,6 @@ def shipped_rows() -> list[dict]:
 def problem_of(row: dict) -> AdditionProblem:
     a, b = row["messages"][0]["content"].split("+")
     return AdditionProblem(int(a), int(b))
-
-
-def is_tool_demonstration(row: dict) -> bool:
-    return any("tool_calls" in message for message in row["messages"])
 
 
 # -- the tool and its demonstrations ---------------------------------------------------------

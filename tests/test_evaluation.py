@@ -1,10 +1,13 @@
-"""plpost.evaluation's completion log-probabilities, against a naive per-example forward."""
+"""plpost.evaluation's completion log-probabilities, against a naive per-example forward; its
+sampled KL report; its episode report, played in batches."""
 
 import torch
 
 from plpost.data.tokenize import chat_ids, prompt_ids
-from plpost.evaluation import completion_logprobs, sampled_report
+from plpost.episodes import EPISODE_STATISTICS
+from plpost.evaluation import completion_logprobs, episode_report, sampled_report
 from plpost.hf import load_causal_lm
+from plpost.tasks.addition import TryAgain, exact_match_reward
 
 
 def naive_completion_logprob(model, tokenizer, prompt, completion) -> float:
@@ -40,3 +43,23 @@ def test_sampled_report_repeats_each_prompt_and_a_model_is_zero_nats_from_itself
     # The same seed draws the same samples.
     again = sampled_report(model, model, tokenizer, prompts, max_new_tokens=4, samples_per_prompt=3)
     assert again.completions == report.completions
+
+
+@torch.no_grad()
+def test_episode_report_plays_in_batches_and_keeps_the_prompts_order(tokenizer):
+    """Greedy episodes of prompts of one length (no padding differs between batches): played 2 at a
+    time or all at once, the same episodes in the same order, scored on their last turns."""
+    model = load_causal_lm("plpost:tiny")
+    questions = ["37+48", "21+34", "59+26"]
+    prompts = [[{"role": "user", "content": q}] for q in questions]
+    columns = {"answer": [str(eval(q)) for q in questions]}
+    whole, split = (episode_report(model, tokenizer, TryAgain(max_turns=2), prompts, exact_match_reward, columns,
+                                   max_new_tokens=4, batch_size=size) for size in (3, 2))
+    assert split.conversations == whole.conversations and torch.equal(split.lengths, whole.lengths)
+    assert all(torch.equal(split.statistics[name], whole.statistics[name]) for name in EPISODE_STATISTICS)
+    assert torch.equal(whole.scores, exact_match_reward(prompts, whole.completions, columns["answer"]))
+
+
+def test_episode_report_of_no_prompts_plays_nothing():
+    report = episode_report(None, None, TryAgain(), [], exact_match_reward, {"answer": []})
+    assert report.completions == [] and len(report.scores) == 0 and set(report.statistics) == set(EPISODE_STATISTICS)

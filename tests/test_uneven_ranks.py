@@ -36,11 +36,13 @@ def test_ranks_that_take_different_paths_still_meet_in_every_collective(tmp_path
     groups of each of its 2 batches twice more (8 groups) while rank 1 samples none again, but joins
     each round's gathering of the sharded weights. The other stages: 7 rows over 2 ranks and batches
     of 2, two epochs, so the last batch is short. GenerationEval: 3 prompts (2 and 1 per rank) and
-    1 (none on rank 1); every rank ends with all the completions, the same on both."""
+    1 (none on rank 1), alone and as a TryAgain episode; every rank ends with all the completions
+    (and the episode's conversation), the same on both."""
     run(tmp_path, strategy)
     for case in CASES:
         done = [json.loads((tmp_path / case / f"done-{rank}.json").read_text()) for rank in (0, 1)]
         assert done[0]["three"] == done[1]["three"] and len(done[0]["three"]) == 3
         assert done[0]["one"] == done[1]["one"] and len(done[0]["one"]) == 1
+        assert done[0]["episodes"] == done[1]["episodes"] and len(done[0]["episodes"]) == 1
     resampled = [json.loads((tmp_path / "grpo-dynamic" / f"done-{rank}.json").read_text())["resampled"] for rank in (0, 1)]
     assert resampled == [8, 0]

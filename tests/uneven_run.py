@@ -7,9 +7,9 @@ CASE:
   interleave) always score the same, so only rank 0 has groups to sample again.
 - sft, dpo, kto, grpo, ppo, distill: an odd number of rows, so the last batch of an epoch is short
   (and on one rank wraps around to the first rows), two epochs.
-Every case ends with GenerationEval over 3 prompts (2 on rank 0, 1 on rank 1) and over 1 prompt
-(none on rank 1). Writes OUT/CASE/done-RANK.json from each rank: its own resampled groups
-(grpo-dynamic) and the gathered evaluation completions.
+Every case ends with GenerationEval over 3 prompts (2 on rank 0, 1 on rank 1), over 1 prompt
+(none on rank 1), both alone and as a TryAgain episode. Writes OUT/CASE/done-RANK.json from each rank:
+its own resampled groups (grpo-dynamic) and the gathered evaluation completions and conversations.
 Run as a script because Lightning's launcher starts the other process by re-running the command line.
 """
 
@@ -29,6 +29,7 @@ from plpost import (ChatDataModule, DistillationModule, DPOModule, FeedbackDataM
 from plpost.callbacks import GenerationEval
 from plpost.modules import ModelSettings
 from plpost.rewards import RewardFunction
+from plpost.tasks.addition import TryAgain
 
 ROWS = 7
 DISTINCT = itertools.count()
@@ -93,13 +94,16 @@ def fit(out: Path, case: str, strategy: str) -> None:
     module, data = build(case)
     three = GenerationEval([{"prompt": f"{i}+{i + 1}="} for i in range(3)], every_n_steps=0, max_new_tokens=4)
     one = GenerationEval([{"prompt": "1+2="}], every_n_steps=0, max_new_tokens=4, name="one")
+    episodes = GenerationEval([{"prompt": [{"role": "user", "content": "1+2"}], "answer": "3"}],
+                              environment=TryAgain(max_turns=2), every_n_steps=0, max_new_tokens=4, name="try-again")
     epochs = 1 if case == "grpo-dynamic" else 2
     trainer = L.Trainer(accelerator="cpu", devices=2, max_epochs=epochs, logger=False, enable_checkpointing=False,
                         strategy=STRATEGIES[strategy](), enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[three, one])
+                        callbacks=[three, one, episodes])
     trainer.fit(module, data)
     out.mkdir(parents=True, exist_ok=True)
-    done = {"resampled": getattr(module, "resampled", None), "three": three.completions, "one": one.completions}
+    done = {"resampled": getattr(module, "resampled", None), "three": three.completions, "one": one.completions,
+            "episodes": episodes.conversations}
     (out / f"done-{trainer.global_rank}.json").write_text(json.dumps(done))
 
 

@@ -346,3 +346,10 @@ def held_out(examples: ExampleTable, size: int, seed: int) -> tuple[ExampleTable
     sample = np.sort(np.random.default_rng(seed).choice(len(examples), size=size, replace=False))
     rest = np.setdiff1d(np.arange(len(examples)), sample, assume_unique=True)
     return examples.select(rest), examples.select(sample)
+
+
+def trainer_template(trainer: L.Trainer | None, tokenizer: PreTrainedTokenizerBase) -> ChatTemplate:
+    """The chat template a run renders its conversations with: its plpost data module's (with that
+    module's `chat_template_kwargs`), else the tokenizer's own."""
+    data = trainer.datamodule if trainer is not None else None
+    return data.template if isinstance(data, PostTrainingDataModule) else ChatTemplate(tokenizer)
