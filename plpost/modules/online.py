@@ -14,8 +14,7 @@ import torch
 from torch import Tensor
 from transformers import GenerationConfig
 
-from plpost.data.base import PostTrainingDataModule
-from plpost.data.chat_template import ChatTemplate
+from plpost.data.base import trainer_template
 from plpost.data.prompts import PromptDataModule
 from plpost.environments import Environment
 from plpost.episodes import EpisodePlayer, Episodes
@@ -231,9 +230,7 @@ class OnlineRLModule(OnlineModule):
 
     @cached_property
     def episode_player(self) -> EpisodePlayer:
-        data = self.trainer.datamodule if self._trainer is not None else None
-        template = data.template if isinstance(data, PostTrainingDataModule) else ChatTemplate(self.tokenizer)
-        return EpisodePlayer(self.environment, template, stop_ids=self.sampling_config().eos_token_id,
+        return EpisodePlayer(self.environment, trainer_template(self._trainer, self.tokenizer), stop_ids=self.sampling_config().eos_token_id,
                              max_new_tokens=self.hparams.max_new_tokens,
                              max_positions=getattr(self.policy.config, "max_position_embeddings", None))
 
