@@ -188,3 +188,24 @@ def test_a_tokenizer_that_cannot_read_tool_calls_stops_the_run_before_the_first_
     with pytest.raises(ValueError, match="the tokenizer of .*tiny has no response_template"):
         trainer.fit(module, data)
     assert sampled == []
+
+
+def test_dynamic_sampling_plays_the_degenerate_groups_again(sft_export):
+    """Groups whose episodes all score alike are played again (their rows and statistics replaced),
+    then dropped if they stay so; the step trains on what is left."""
+    seen = []
+    module = stage(GRPOModule, sft_export, rewards=[EnvironmentReward()], dynamic_sampling=True, max_resample_rounds=1)
+    generate = module.generate
+
+    def generating(batch):
+        groups = generate(batch)
+        seen.append(groups)
+        return groups
+
+    module.generate = generating
+    trainer = fit(module, batch_size=8)
+    groups = seen[0]
+    assert groups.resampled > 0
+    assert groups.episode_statistics["turns"].shape == groups.rewards.shape
+    assert groups.samples.response_mask.shape[1] == groups.loss_mask.shape[1]
+    assert "dynamic_sampling/filtered" in trainer.logged_metrics
