@@ -4,10 +4,12 @@ import json
 import math
 
 import pytest
+import torch
 
 from plpost.cli import main
 from plpost.demo.data import correct_demonstrations, problem_of, stopped, style_of, style_pairs, styled_answer_correct
-from plpost.demo.report import cell, spread
+from plpost.demo.measure import episode_shares
+from plpost.demo.report import TOOL_COLUMNS, TOOL_POLICIES, cell, spread
 from plpost.tasks.addition import AdditionProblem
 
 
@@ -39,12 +41,21 @@ def test_a_number_over_seeds_is_their_mean_and_half_their_range():
     assert cell([0.5, 0.6, 0.9], "percent") == "66.7% ± 20.0" and cell([1.234], "number") == "1.23"
 
 
+def test_episode_shares_count_episodes_not_calls():
+    # Four episodes: two calls in one, one in another, none in two; one malformed turn, in the episode
+    # that called twice. So half the episodes call the tool and a quarter hold a malformed turn.
+    statistics = {"tool_calls": torch.tensor([2.0, 1.0, 0.0, 0.0]), "malformed": torch.tensor([1.0, 0.0, 0.0, 0.0]),
+                  "turns": torch.tensor([3.0, 2.0, 1.0, 1.0])}
+    assert episode_shares(statistics) == {"tool_call_rate": 0.5, "malformed_rate": 0.25, "turns": 1.75}
+
+
 @pytest.mark.slow
 def test_quick_demo_runs_every_stage_and_reports(tmp_path):
     main(["demo", "--quick", "--quiet", "--out", str(tmp_path)])
     report = json.loads((tmp_path / "report.json").read_text())
     (result,) = report["results"]
-    for folder in ("sft", "sft_clean", "reward", "dpo", "dpo_sigmoid", "dpo_bare", "dpo_stopped", "ppo_exact", "grpo"):
+    for folder in ("sft", "sft_clean", "reward", "dpo", "dpo_sigmoid", "dpo_bare", "dpo_stopped", "ppo_exact", "grpo",
+                   "sft_tools", "grpo_tools"):
         assert (tmp_path / "seed-0" / folder / "config.json").exists(), folder
     table = result["policies"]
     # Even a short SFT teaches the chat format that the base model never saw.
@@ -57,6 +68,13 @@ def test_quick_demo_runs_every_stage_and_reports(tmp_path):
         assert [point["rollouts"] for point in points][:2] == [0, 1], name
         assert points[0]["kl_to_sft"] == pytest.approx(0.0, abs=1e-4), name  # the PPO policy starts as the SFT model
     assert set(result["ranking"]["plausible"]) >= {"sft_likelihood", "reward_sampled", "reward_bundled", "implicit_dpo"}
+    for name, _ in TOOL_POLICIES:
+        for key, _ in TOOL_COLUMNS:
+            assert 0.0 <= result["tools"][name][key] <= 1.0, (name, key, result["tools"][name][key])
+        assert 1.0 <= result["tools"][name]["turns"] <= 3.0, name  # the calculator episodes' max_turns
     text = (tmp_path / "report.md").read_text()
     assert "| rlhf_kl_0 |" in text and "| rlhf_bundled |" in text and "| dpo_stopped |" in text
+    for _, label in TOOL_POLICIES:
+        row = next(line for line in text.splitlines() if line.startswith(f"| {label} |"))
+        assert row.count("%") == len(TOOL_COLUMNS), row
     assert (tmp_path / "report.png").stat().st_size > 1000 and (tmp_path / "overoptimisation.png").stat().st_size > 1000

@@ -3,12 +3,15 @@
     bundled base model -> SFT -> preference pairs -> reward model -> PPO against it (RLHF), KL sweep
                               \\-> DPO (+ RPO, sigmoid alone, two answer styles)
                               \\-> PPO and GRPO rewarded by exact match (a verifiable reward)
+    bundled base model -> SFT with a calculator tool -> GRPO with the tool on offer (multi-turn episodes)
 
 The SFT demonstrations forget the carry on 65% of the problems that need one, as real
 demonstrations hold plausible mistakes; SFT imitates them. RLHF's preference pairs are the
 policies' own samples labelled by the checker (exact match), and PPO then optimises the learned
 reward model's score with a KL penalty to SFT: exact match is the gold measure that policy never
-sees. Every number in the report is measured by the run, with fixed seeds.
+sees. The calculator demonstrations call an `add` tool on 30% of the problems that offer it and
+answer the rest directly, forgetting the carry as the addition demonstrations do; GRPO rewarded by
+exact match of the last turn learns to call it. Every number in the report is measured by the run, with fixed seeds.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pathlib import Path
 import torch
 
 from plpost.demo.data import checker_pairs, rows
-from plpost.demo.measure import held_out_pairs, policy_row, ranking_accuracies, style_shares
+from plpost.demo.measure import held_out_pairs, policy_row, ranking_accuracies, style_shares, tool_row
 from plpost.demo.report import write_report
 from plpost.demo.stages import BASE, QUICK, DemoScale, Pipeline
 from plpost.hf import load_causal_lm, load_tokenizer
@@ -36,7 +39,8 @@ def run_seed(out: Path, scale: DemoScale, seed: int, quiet: bool) -> tuple[dict,
     with lightning_notices_hidden():
         trained = pipeline.run(held_out[: scale.probe_prompts])
     if not quiet:
-        print(f"measuring {len(trained['policies']) + 1} policies on {len(held_out)} held-out problems ...", flush=True)
+        measured = len(trained["policies"]) + len(trained["tool_policies"]) + 1
+        print(f"measuring {measured} policies on {len(held_out)} held-out problems ...", flush=True)
     policies, reward = trained["policies"], trained["reward_models"]["sampled"]
     tokenizer = load_tokenizer(policies["sft"])
     reference = load_causal_lm(policies["sft"])
@@ -48,7 +52,8 @@ def run_seed(out: Path, scale: DemoScale, seed: int, quiet: bool) -> tuple[dict,
     ranking = {kind: ranking_accuracies(kind_pairs, tokenizer, policies["sft"], trained["reward_models"], preference_policies)
                for kind, kind_pairs in pairs.items()}
     styles = {name: style_shares(path, tokenizer, held_out) for name, path in {"sft": policies["sft"], **trained["styles"]}.items()}
-    return {"policies": table, "ranking": ranking, "styles": styles, "curves": trained["curves"],
+    tools = {name: tool_row(path, held_out) for name, path in trained["tool_policies"].items()}
+    return {"policies": table, "ranking": ranking, "styles": styles, "tools": tools, "curves": trained["curves"],
             "pairs": trained["pairs"], "held_out": len(held_out), "seed": seed}, pipeline
 
 

@@ -1,5 +1,6 @@
 """The demo's data made at run time from the bundled addition files: the clean demonstrations,
-preference pairs labelled by the checker from a policy's own samples, and two answer styles."""
+preference pairs labelled by the checker from a policy's own samples, and two answer styles; and
+the calculator task's demonstrations and environment."""
 
 from __future__ import annotations
 
@@ -10,12 +11,22 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from plpost.data.sources import load_source
+from plpost.environments import Environment
 from plpost.generation import generate_texts
 from plpost.tasks.addition import AdditionProblem
+from plpost.tasks.calculator import CALCULATOR_TOOLS
 
 DATA = "plpost:data/addition/"
 MAX_NEW_TOKENS = 10
 """Room for every answer the demo grades with its end-of-turn token ("99+99=198" is 9 tokens, then 1)."""
+CALCULATOR_SFT = "plpost:data/calculator/sft.jsonl"
+TOOL_TURN_TOKENS = 64
+"""Room for one turn of a calculator episode: a call is about 55 tokens of the bundled byte-level tokenizer."""
+
+
+def calculator_environment() -> Environment:
+    """The `add` tool on offer; 3 turns leave room to call it, read its result and answer."""
+    return Environment(tools=CALCULATOR_TOOLS, max_turns=3)
 
 
 def rows(name: str, limit: int | None = None) -> list[dict]:

@@ -1,5 +1,6 @@
 """What the demo measures on the held-out problems: each policy's row, who ranks answers right,
-which answer style a policy writes, and the RLHF runs' proxy, gold and KL as they train."""
+which answer style a policy writes, the RLHF runs' proxy, gold and KL as they train, and how the
+tool policies answer with the calculator on offer and without it."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from collections.abc import Sequence
 import lightning as L
 import torch
 
-from plpost.demo.data import MAX_NEW_TOKENS, STYLES, problem_of, style_of, styled_answer_correct
-from plpost.evaluation import completion_logprobs, greedy_report, learned_rewards, sampled_report
+from plpost.demo.data import MAX_NEW_TOKENS, STYLES, TOOL_TURN_TOKENS, calculator_environment, problem_of, style_of
+from plpost.demo.data import styled_answer_correct
+from plpost.evaluation import completion_logprobs, episode_report, greedy_report, learned_rewards, sampled_report
 from plpost.generation import generate_texts
 from plpost.hf import load_causal_lm, load_tokenizer
 from plpost.tasks.addition import exact_match_reward
@@ -44,6 +46,28 @@ def policy_row(path: str, reference, tokenizer, rows: Sequence[dict], reward: st
         "reward": float(learned_rewards(reward, tokenizer, prompts, greedy.completions).mean()),
         "kl_to_sft": float(sampled.kl.mean()),
     }
+
+
+def episode_shares(statistics: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Of an episode report's statistics: the share of episodes that call a tool at least once, the
+    share with at least one malformed turn (a call the parser could not read), and the mean turns."""
+    return {
+        "tool_call_rate": float((statistics["tool_calls"] >= 1).float().mean()),
+        "malformed_rate": float((statistics["malformed"] >= 1).float().mean()),
+        "turns": float(statistics["turns"].float().mean()),
+    }
+
+
+def tool_row(path: str, rows: Sequence[dict]) -> dict[str, float]:
+    """Greedy exact match with the `add` tool on offer (episodes, the last turn graded) and without
+    it (the plain one-turn prompt), and how the episodes went (`episode_shares`)."""
+    policy, tokenizer = load_causal_lm(path), load_tokenizer(path)
+    prompts, columns = prompts_and_answers(rows)
+    episodes = episode_report(policy, tokenizer, calculator_environment(), prompts, exact_match_reward, columns,
+                              max_new_tokens=TOOL_TURN_TOKENS)
+    plain = greedy_report(policy, tokenizer, prompts, exact_match_reward, columns, max_new_tokens=MAX_NEW_TOKENS)
+    return {"accuracy_with_tool": float(episodes.scores.mean()), "accuracy_without_tool": float(plain.scores.mean()),
+            **episode_shares(episodes.statistics)}
 
 
 def held_out_pairs(rows: Sequence[dict], sft_pairs: Sequence[dict]) -> dict[str, list[tuple]]:

@@ -1,5 +1,5 @@
-"""The demo's report: report.md (every table, a sentence per row), report.png (the stage table) and
-overoptimisation.png (the RLHF runs' proxy and gold against KL). With several seeds a number is
+"""The demo's report: report.md (every table, a sentence per row of the stage table), report.png
+(the stage table) and overoptimisation.png (the RLHF runs' proxy and gold against KL). With several seeds a number is
 their mean, ± half their range."""
 
 from __future__ import annotations
@@ -22,6 +22,11 @@ RANKERS = [
     ("sft_likelihood", "SFT model, its own likelihood"), ("reward_bundled", "reward model, bundled pairs"),
     ("reward_sampled", "reward model, with the SFT model's samples"), ("implicit_dpo", "DPO + RPO, implicit reward"),
     ("implicit_dpo_sigmoid", "DPO sigmoid alone, implicit reward"),
+]
+TOOL_POLICIES = [("sft_tools", "SFT with a calculator tool"), ("grpo_tools", "GRPO with a calculator tool")]
+TOOL_COLUMNS = [
+    ("accuracy_with_tool", "exact match with the tool"), ("accuracy_without_tool", "exact match without it"),
+    ("tool_call_rate", "tool-call rate"), ("malformed_rate", "malformed-call rate"),
 ]
 
 
@@ -107,7 +112,27 @@ def markdown(results: list[dict], scale, seconds: dict, machine: str, seeds: Seq
               f"wrong samples against the correct sum), {pairs['bundled']:,} bundled ones for the other. "
               "`overoptimisation.png` plots each RLHF run's reward-model score (the proxy) and exact match (the gold) "
               "against its KL to SFT as it trains, on samples of held-out prompts."]
+    lines += tool_lines(results, scale)
     return "\n".join(lines) + "\n"
+
+
+def tool_lines(results: list[dict], scale) -> list[str]:
+    """The calculator task's table, what each row trained and what the table shows."""
+    demonstrations = f"the first {scale.tool_sft_limit:,}" if scale.tool_sft_limit else "the 4,000"
+    lines = [
+        "", f"With a calculator: SFT ({scale.tool_sft_epochs} epochs) from the base model on {demonstrations} calculator "
+        "demonstrations (half offer the `add` tool, and 30% of those call it; the direct answers forget the carry as "
+        f"above), then GRPO ({scale.tool_grpo_steps} steps) from it with the tool on offer, rewarded by exact match of "
+        "the last turn. With the tool: greedy episodes of up to 3 turns; without it: the plain one-turn prompt. The "
+        "rates are shares of the tool episodes: with a call, and with a call the parser could not read.", "",
+        "| policy | " + " | ".join(label for _, label in TOOL_COLUMNS) + " |",
+        "| --- " * (len(TOOL_COLUMNS) + 1) + "|",
+    ]
+    for name, label in TOOL_POLICIES:
+        cells = [cell(over_seeds(results, "tools", name, key), "percent") for key, _ in TOOL_COLUMNS]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines + ["", "What it shows: the SFT model imitates its demonstrations, which mostly answer without the "
+                    "tool, and GRPO, whose only reward is the right sum, learns that calling the tool earns it."]
 
 
 def pyplot():
