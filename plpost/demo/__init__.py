@@ -11,7 +11,8 @@ policies' own samples labelled by the checker (exact match), and PPO then optimi
 reward model's score with a KL penalty to SFT: exact match is the gold measure that policy never
 sees. The calculator demonstrations call an `add` tool on 30% of the problems that offer it and
 answer the rest directly, forgetting the carry as the addition demonstrations do; GRPO rewarded by
-exact match of the last turn learns to call it. Every number in the report is measured by the run, with fixed seeds.
+exact match of the last turn learns to call it. Every number in the report is measured by the run,
+with fixed seeds.
 """
 
 from __future__ import annotations

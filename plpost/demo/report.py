@@ -1,6 +1,6 @@
 """The demo's report: report.md (every table, a sentence per row of the stage table), report.png
-(the stage table) and overoptimisation.png (the RLHF runs' proxy and gold against KL). With several seeds a number is
-their mean, ± half their range."""
+(the stage table) and overoptimisation.png (the RLHF runs' proxy and gold against KL). With several
+seeds a number is their mean, ± half their range."""
 
 from __future__ import annotations
 
