@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from functools import cached_property
 from typing import Any
 
 import torch
@@ -203,6 +202,8 @@ class OnlineRLModule(OnlineModule):
 
     reward_scorer: RewardScorer
     environment: Environment | None = None
+    episode_player: EpisodePlayer | None = None
+    """Plays the environment's episodes; built when a fit starts."""
 
     def score_with(self, rewards: Sequence[RewardSource], environment: Environment | None, **shaping: Any) -> None:
         """Scores with `rewards` (see `plpost.rewards.RewardScorer` for `shaping`); `environment`,
@@ -225,14 +226,13 @@ class OnlineRLModule(OnlineModule):
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
+        # Built for each fit, with that fit's data module's chat template; a tokenizer that cannot
+        # read tool calls stops the run here, before the first step.
         if self.environment is not None:
-            self.episode_player  # noqa: B018 (built now: a tokenizer that cannot read tool calls stops the run here)
-
-    @cached_property
-    def episode_player(self) -> EpisodePlayer:
-        return EpisodePlayer(self.environment, trainer_template(self._trainer, self.tokenizer), stop_ids=self.sampling_config().eos_token_id,
-                             max_new_tokens=self.hparams.max_new_tokens,
-                             max_positions=getattr(self.policy.config, "max_position_embeddings", None))
+            self.episode_player = EpisodePlayer(
+                self.environment, trainer_template(self._trainer, self.tokenizer),
+                stop_ids=self.sampling_config().eos_token_id, max_new_tokens=self.hparams.max_new_tokens,
+                max_positions=getattr(self.policy.config, "max_position_embeddings", None))
 
     @torch.no_grad()
     def play_episodes(self, prompts: Sequence, columns: dict[str, list[Any]], num_samples: int) -> Episodes:
