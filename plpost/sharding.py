@@ -104,8 +104,11 @@ def mixed_precision_policy(trainer: L.Trainer) -> Any | None:
 
 
 def shard(model: nn.Module, mesh: Any, mp_policy: Any | None = None) -> nn.Module:
-    """`model` sharded in place with FSDP2 over `mesh`: each decoder layer, then the root (which
-    takes the embeddings, the final norm, the head and, for LoRA, the adapters outside the layers).
+    """`model` sharded in place with FSDP2 over `mesh`: each decoder layer, the input embeddings,
+    the head (one unit with the embeddings when they are tied), then the root (the final norm and,
+    for LoRA, the adapters outside the layers). The embeddings and the head are units of their own
+    because a root unit stays whole from the forward to the end of the backward: for Llama-3-8B
+    that would be 1B parameters, their float32 weights and gradients, whole on every rank.
 
     A sequence classifier (reward model, critic) is read as backbone and score head, each called
     on its own (`plpost.reward_head`), never through the root's forward, whose hook is what gathers
@@ -127,8 +130,22 @@ def shard(model: nn.Module, mesh: Any, mp_policy: Any | None = None) -> nn.Modul
         unit(classifier.base_model)
         unit(head)
     else:
+        for embedding_unit in embedding_units(model):
+            unit(embedding_unit)
         unit(model)
     return model
+
+
+def embedding_units(model: nn.Module) -> list[nn.Module | list[nn.Module]]:
+    """A language model's input embeddings and head as FSDP units: two, or one when they are tied
+    (one tensor cannot be in two units, so it stays whole from the lookup to the head); none for a
+    module without them (a PPO value head)."""
+    if not hasattr(model, "get_input_embeddings"):
+        return []
+    embeddings, output = model.get_input_embeddings(), model.get_output_embeddings()
+    if output is None:
+        return [embeddings]
+    return [[embeddings, output]] if output.weight is embeddings.weight else [embeddings, output]
 
 
 def shard_from_rank0(model: nn.Module, mesh: Any, device: torch.device, mp_policy: Any | None = None) -> nn.Module:

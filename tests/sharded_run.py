@@ -2,14 +2,17 @@
 
     python tests/sharded_run.py OUT STRATEGY STAGE...     (STRATEGY: ddp, sharded or tensor-parallel)
 
-STAGE: sft, sft-packed, sft-lora, sft-merged, sft-bf16 (precision bf16-mixed), reward, dpo, dpo-adapter,
+STAGE: sft, sft-packed, sft-lora, sft-merged, sft-bf16 (precision bf16-mixed), sft-untied (the bundled
+model with a head of its own, not tied to the embeddings, written to OUT/untied-model), reward, dpo, dpo-adapter,
 dpo-precomputed, orpo, kto, ppo, ppo-critic, grpo, distill, one fit after the other in the same two processes. Run as a script because Lightning's launcher starts the other process by re-running
 the command line. Writes each stage's export to OUT/STAGE/model, from rank 0, the sum of each
 rank's local policy parameters to OUT/STAGE/sums.pt, and, from each rank, the greedy completions
 GenerationEval made at the end of training (each rank generates its share, every rank holds all) to
 OUT/STAGE/generations-RANK.json (not for reward), and
-the dtype of the weights the first decoder layer computes with to OUT/STAGE/compute-dtype.txt.
+the dtype of the weights the first decoder layer computes with to OUT/STAGE/compute-dtype.txt, and
+the FSDP units of the policy, each as the names of its modules, to OUT/STAGE/units.json.
 """
+
 
 import json
 import sys
@@ -22,6 +25,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from plpost import (ChatDataModule, DistillationModule, DPOModule, FeedbackDataModule, GRPOModule, KTOModule, PPOModule,
                     PreferenceDataModule, PromptDataModule, RewardModule, SFTModule)
 from plpost.callbacks import GenerationEval, HFExport
+from plpost.hf import load_causal_lm, load_tokenizer
 from plpost.modules import ModelSettings, LoraSettings
 from plpost.rewards import RewardFunction
 
@@ -60,6 +64,27 @@ class ComputeDtype(L.Callback):
         linear.register_forward_pre_hook(lambda module, args: self.dtypes.add(str(module.weight.dtype)))
 
 
+def write_untied_model(folder: Path) -> None:
+    """The bundled model with its head a copy of the embeddings, no longer the same tensor."""
+    model = load_causal_lm("plpost:tiny")
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    model.save_pretrained(folder)
+    load_tokenizer("plpost:tiny").save_pretrained(folder)
+
+
+def fsdp_units(model: torch.nn.Module) -> list[list[str]]:
+    from torch.distributed.fsdp import FSDPModule
+
+    names = {module: name for name, module in model.named_modules()}
+    states = {}
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            state = module._get_fsdp_state()
+            states.setdefault(id(state), []).append(names[module])
+    return sorted(states.values())
+
+
 def sgd(params):
     return torch.optim.SGD(params, lr=0.5)
 
@@ -81,7 +106,8 @@ def build(stage: str, cache: Path):
         return KTOModule("plpost:tiny", optimizer=sgd), data
     if stage.startswith("sft"):
         data = ChatDataModule("plpost:tiny", train=chats(), batch_size=4, shuffle=False, packing=stage == "sft-packed")
-        return SFTModule("plpost:tiny", optimizer=sgd, model_settings=ModelSettings(lora=lora)), data
+        model = str(UNTIED) if stage == "sft-untied" else "plpost:tiny"
+        return SFTModule(model, optimizer=sgd, model_settings=ModelSettings(lora=lora)), data
     data = PreferenceDataModule("plpost:tiny", train=pairs(), batch_size=2, shuffle=False)
     if stage == "reward":
         return RewardModule("plpost:tiny", optimizer=sgd), data
@@ -119,8 +145,14 @@ def fit(out: Path, stage: str, strategy: str) -> None:
     if trainer.is_global_zero:
         torch.save(sums, out / "sums.pt")
         (out / "compute-dtype.txt").write_text(" ".join(sorted(dtype.dtypes)))
+        if strategy == "sharded":
+            (out / "units.json").write_text(json.dumps(fsdp_units(module.policy)))
 
 
 if __name__ == "__main__":
+    UNTIED = Path(sys.argv[1]) / "untied-model"
+    # Written by the first process, before its first fit starts the second (which then finds it).
+    if "sft-untied" in sys.argv[3:] and not UNTIED.exists():
+        write_untied_model(UNTIED)
     for name in sys.argv[3:]:
         fit(Path(sys.argv[1]) / name, name, sys.argv[2])

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from plpost.hf import load_causal_lm
 
 SCRIPT = Path(__file__).with_name("sharded_run.py")
-STAGES = ["sft", "sft-packed", "sft-lora", "sft-merged", "sft-bf16", "reward", "dpo", "dpo-adapter", "dpo-precomputed", "orpo", "kto",
+STAGES = ["sft", "sft-packed", "sft-lora", "sft-merged", "sft-bf16", "sft-untied", "reward", "dpo", "dpo-adapter", "dpo-precomputed", "orpo", "kto",
           "ppo", "ppo-critic", "grpo", "distill"]
 CLIPPED = {"ppo", "ppo-critic", "grpo", "distill"}
 """Stages that clip the gradient norm (see the tolerance in the test below)."""
@@ -83,6 +83,20 @@ def test_generation_eval_samples_from_the_gathered_weights_of_a_sharded_model(ru
         assert sharded == json.loads((runs / "sharded" / stage / "generations-0.json").read_text())
         if stage not in CLIPPED | MIXED:
             assert sharded == json.loads((runs / "ddp" / stage / f"generations-{rank}.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("stage", "head_units"), [("sft", [["lm_head", "model.embed_tokens"]]),
+                                                   ("sft-untied", [["lm_head"], ["model.embed_tokens"]])])
+def test_embeddings_and_head_are_units_of_their_own(runs, stage, head_units):
+    """A root unit stays whole from its forward to the end of the backward, so the embeddings and
+    the head (a quarter of the bundled model, 14% of Qwen2.5-7B's) are units outside it: separate
+    when untied, one unit when tied (one tensor cannot be in two). The root keeps only the final
+    norm; each decoder layer is a unit."""
+    units = json.loads((runs / "sharded" / stage / "units.json").read_text())
+    layers = [unit for unit in units if unit[0].startswith("model.layers.")]
+    assert len(layers) == load_causal_lm("plpost:tiny").config.num_hidden_layers
+    assert sorted(map(sorted, units)) == sorted([[""], *head_units, *layers])
 
 
 @pytest.mark.slow

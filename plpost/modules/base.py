@@ -140,6 +140,12 @@ class PostTrainingModule(BuildsModels, HoldsFrozenModels, L.LightningModule):
             scheduler.total_steps = self.scheduled_steps()
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        # Lightning zeroes gradients in the next step's closure, after its forward: freed here, the
+        # last step's gradients (a whole model's worth unsharded) never sit beside the activations.
+        optimizer.zero_grad(set_to_none=True)
+
     def scheduled_steps(self) -> int:
         """The optimizer steps of the whole fit, which a schedule without `total_steps` spans."""
         return int(self.trainer.estimated_stepping_batches)
