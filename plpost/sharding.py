@@ -3,11 +3,12 @@ before any model loads, of every strategy or setting that plpost cannot run corr
 
 The supported form is data-parallel sharding: `ModelParallelStrategy(data_parallel_size=N,
 tensor_parallel_size=1)`. Each trained model (policy, critic) and each frozen copy (a DPO or PPO
-reference) is sharded over the data-parallel mesh, one FSDP unit per decoder layer, then the root;
-sharding a frozen model costs nothing but an all-gather per layer at each forward and keeps its
-memory divided like the policy's. Only rank 0 builds these models whole; every other rank builds
-them on the meta device and receives its shards from rank 0 (`shard_from_rank0`). Reward models scored from Python (`RewardScorer` sources) are
-not modules of the stage: each rank keeps its own whole copy (replicated). A `precomputed` DPO or
+reference) is sharded over the data-parallel mesh, one FSDP unit per decoder layer, the embeddings
+and the head, then the root; sharding a frozen model costs nothing but an all-gather per unit at
+each forward and keeps its memory divided like the policy's. Only rank 0 builds these models
+whole; every other rank builds them on the meta device and receives its shards from rank 0
+(`shard_from_rank0`). Reward models scored from Python (`RewardScorer` sources) are not modules of
+the stage: each rank keeps its own whole copy (replicated). A `precomputed` DPO or
 KTO reference is loaded whole on each rank for its one pass before training (each rank computes
 its share of the batches; see `plpost.modules.precomputed.precompute_logps`), then freed: the peak
 is one unsharded model per rank at the start of fit, and none during training.
