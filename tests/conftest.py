@@ -1,3 +1,4 @@
+import inspect
 import json
 import os
 import tempfile
@@ -16,9 +17,24 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForSequenceClassification  # noqa: E402
 
+from jsonargparse._parameter_resolvers import ParamData, get_signature_parameters  # noqa: E402
+
 from plpost.hf import load_tokenizer  # noqa: E402
 
 TINY = "plpost:tiny"
+
+
+def cli_parameters(cls: type) -> list[ParamData]:
+    """The arguments of `cls` as LightningCLI's parser (jsonargparse) resolves them: through each
+    `**kwargs` an `__init__` forwards to `super().__init__`, each with the help text it finds in the
+    docstrings. jsonargparse exports no resolver; this is the one its `add_class_arguments` calls."""
+    return get_signature_parameters(cls)
+
+
+def cli_signature(cls: type) -> inspect.Signature:
+    """`cli_parameters` as a signature, to bind calls against: a name no class in the chain declares fails."""
+    return inspect.Signature([inspect.Parameter(p.name, p.kind, default=p.default, annotation=p.annotation)
+                              for p in cli_parameters(cls)])
 
 # pytest-xdist runs one worker per core: each worker computing on every core would oversubscribe
 # them (a model this small gains nothing from more than one thread anyway).
