@@ -32,9 +32,14 @@ def cli_parameters(cls: type) -> list[ParamData]:
 
 
 def cli_signature(cls: type) -> inspect.Signature:
-    """`cli_parameters` as a signature, to bind calls against: a name no class in the chain declares fails."""
-    return inspect.Signature([inspect.Parameter(p.name, p.kind, default=p.default, annotation=p.annotation)
-                              for p in cli_parameters(cls)])
+    """`cli_parameters` as a signature, to bind calls against: a name no class in the chain declares
+    fails. An argument after a keyword-only one reached `cls` through `**kwargs`: keyword-only too."""
+    parameters, keyword_only = [], False
+    for p in cli_parameters(cls):
+        keyword_only = keyword_only or p.kind is inspect.Parameter.KEYWORD_ONLY
+        kind = inspect.Parameter.KEYWORD_ONLY if keyword_only else p.kind
+        parameters.append(inspect.Parameter(p.name, kind, default=p.default, annotation=p.annotation))
+    return inspect.Signature(parameters)
 
 # pytest-xdist runs one worker per core: each worker computing on every core would oversubscribe
 # them (a model this small gains nothing from more than one thread anyway).
