@@ -60,6 +60,11 @@ class PostTrainingModule(BuildsModels, HoldsFrozenModels, L.LightningModule):
     another plpost data module stops in `setup`, before any model loads (a data module of one's
     own is trusted).
 
+    Each argument is declared once, by the class that uses it: a subclass declares its own and
+    passes the rest on with `**kwargs` (the CLI and `from_hyperparameters` read them through the
+    bases; a name that no class declares is refused here). A stage with arguments of its own
+    declares `model` and `tokenizer` again, first, for the positional form `DPOModule("plpost:tiny")`.
+
     Args:
         model: Hub name, local folder, or bundled name (``plpost:tiny``) of the model to train.
         tokenizer: the tokenizer (default: the model's); linked from the data in the CLI.
