@@ -141,8 +141,9 @@ class HoldsFrozenModels:
     is built, which are sharded and compiled, what checkpoints record of them, and the reference.
 
     Expects `model_name`, `model_settings`, `policy`, `load_pretrained` and `weights_dtype` of
-    `PostTrainingModule`. A stage with a reference calls `choose_reference` in `__init__`
-    (`build_frozen_models` builds it with the policy) and runs it through `reference_model()`.
+    `PostTrainingModule`. A stage with a reference calls `choose_reference` in `__init__` (its
+    base `plpost.modules.reference.ReferenceModule` does), `build_frozen_models` builds it with the
+    policy, and the stage runs it through `reference_model()`.
     """
 
     # No class default for `reference` itself: nn.Module keeps submodules out of the instance's

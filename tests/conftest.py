@@ -1,3 +1,4 @@
+import inspect
 import json
 import os
 import tempfile
@@ -16,9 +17,29 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForSequenceClassification  # noqa: E402
 
+from jsonargparse._parameter_resolvers import ParamData, get_signature_parameters  # noqa: E402
+
 from plpost.hf import load_tokenizer  # noqa: E402
 
 TINY = "plpost:tiny"
+
+
+def cli_parameters(cls: type) -> list[ParamData]:
+    """The arguments of `cls` as LightningCLI's parser (jsonargparse) resolves them: through each
+    `**kwargs` an `__init__` forwards to `super().__init__`, each with the help text it finds in the
+    docstrings. jsonargparse exports no resolver; this is the one its `add_class_arguments` calls."""
+    return get_signature_parameters(cls)
+
+
+def cli_signature(cls: type) -> inspect.Signature:
+    """`cli_parameters` as a signature, to bind calls against: a name no class in the chain declares
+    fails. An argument after a keyword-only one reached `cls` through `**kwargs`: keyword-only too."""
+    parameters, keyword_only = [], False
+    for p in cli_parameters(cls):
+        keyword_only = keyword_only or p.kind is inspect.Parameter.KEYWORD_ONLY
+        kind = inspect.Parameter.KEYWORD_ONLY if keyword_only else p.kind
+        parameters.append(inspect.Parameter(p.name, kind, default=p.default, annotation=p.annotation))
+    return inspect.Signature(parameters)
 
 # pytest-xdist runs one worker per core: each worker computing on every core would oversubscribe
 # them (a model this small gains nothing from more than one thread anyway).

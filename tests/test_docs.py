@@ -2,7 +2,8 @@
 
 What is read from the pages: the README's stage table and config table, every relative link, every
 `configs/...yaml` path, every YAML block (keys against the signatures of the classes they name), every
-Python block and inline call (names and arguments bound against the real signatures), every
+Python block and inline call (names and arguments bound against the real signatures; a stage's
+includes the arguments it forwards to its bases, as the CLI resolves them), every
 `Defaults:` line (each value equal to the signature's default), every dotted `plpost.` name, and the
 `name: value` settings of each stage's section in docs/stages.md (a parameter of the stage, a value
 its Literal allows). No model is loaded.
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import cli_signature
 
 import plpost
 from plpost.data.base import PostTrainingDataModule
@@ -95,9 +97,24 @@ def literal_choices(annotation) -> set | None:
     return None
 
 
+def forwards_to_its_bases(target) -> bool:
+    """A plpost class whose `__init__` passes `**kwargs` on to its base's (another library's
+    `**kwargs` may go anywhere, wandb's to `wandb.init`: those stay open)."""
+    return (inspect.isclass(target) and target.__module__.startswith("plpost.")
+            and any(p.kind is p.VAR_KEYWORD for p in inspect.signature(target).parameters.values()))
+
+
+def signature_of(target) -> inspect.Signature:
+    """What `target(...)` takes: a plpost class that forwards `**kwargs` takes exactly the arguments
+    the CLI resolves through its bases, so a name none of them declares fails to bind."""
+    return cli_signature(target) if forwards_to_its_bases(target) else inspect.signature(target)
+
+
 def argument_types(cls: type) -> dict:
-    """The resolved annotations of `cls.__init__`; none for a class whose annotations name types its
-    module imports only for type checkers (some loggers do)."""
+    """The resolved annotations of the arguments of `cls`; none for a class whose annotations name
+    types its module imports only for type checkers (some loggers do)."""
+    if forwards_to_its_bases(cls):
+        return {name: p.annotation for name, p in cli_signature(cls).parameters.items()}
     try:
         return typing.get_type_hints(cls.__init__)
     except NameError:
@@ -107,7 +124,7 @@ def argument_types(cls: type) -> dict:
 def check_setting(name: str, value: str, classes: list[type], where: str) -> None:
     """`name` is an argument of one of `classes`; where that argument is a Literal, every word of `value`
     (`truncate | drop | error` names three) is one of its choices."""
-    owners = [cls for cls in classes if name in inspect.signature(cls).parameters]
+    owners = [cls for cls in classes if name in signature_of(cls).parameters]
     assert owners, f"{where}: `{name}` is not an argument of {', '.join(cls.__name__ for cls in classes)}"
     choices = literal_choices(argument_types(owners[0]).get(name))
     words = [word.strip() for word in value.split("|")]
@@ -213,7 +230,7 @@ def check_class_paths(node, where: str) -> None:
         return
     if "class_path" in node:
         cls = resolve(node["class_path"])
-        parameters = inspect.signature(cls).parameters
+        parameters = signature_of(cls).parameters
         hints = argument_types(cls)
         open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
         for name, value in node.get("init_args", {}).items():
@@ -259,7 +276,7 @@ def calls_bind(tree: ast.AST, namespace: dict, where: str, *, partial: bool) -> 
         target = named_object(call.func, namespace)
         if target is None:  # a local variable, or the result of another call
             continue
-        bind = inspect.signature(target).bind_partial if partial else inspect.signature(target).bind
+        bind = signature_of(target).bind_partial if partial else signature_of(target).bind
         try:
             bind(*call.args, **{keyword.arg: keyword.value for keyword in call.keywords if keyword.arg})
         except TypeError as error:
@@ -299,7 +316,7 @@ def check_defaults(span: str, namespace: dict, where: str) -> None:
     call = ast.parse(span, mode="eval").body
     cls = named_object(call.func, namespace) if isinstance(call, ast.Call) else None
     assert cls is not None, f"{where}: a Defaults line must open with a call of a plpost class, not `{span[:40]}`"
-    parameters = inspect.signature(cls).parameters
+    parameters = signature_of(cls).parameters
     for keyword in call.keywords:
         default = parameters[keyword.arg].default
         assert ast.literal_eval(keyword.value) == default, (

@@ -37,6 +37,20 @@ def default_optimizer(params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
 
 
+def argument_names(cls: type) -> set[str]:
+    """The names `cls(...)` takes: those of its `__init__`, and, while an `__init__` forwards `**kwargs`
+    to `super().__init__`, those of the next `__init__` in the MRO (as jsonargparse resolves them)."""
+    names: set[str] = set()
+    for owner in cls.__mro__:
+        if "__init__" not in vars(owner):
+            continue
+        parameters = list(inspect.signature(vars(owner)["__init__"]).parameters.values())[1:]
+        names.update(p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            break
+    return names
+
+
 class PostTrainingModule(BuildsModels, HoldsFrozenModels, L.LightningModule):
     """Base of the stage modules; `self.policy` is the model being trained.
 
@@ -45,6 +59,11 @@ class PostTrainingModule(BuildsModels, HoldsFrozenModels, L.LightningModule):
     instead). Stages name the plpost data modules they train on in `data_modules`; a fit with
     another plpost data module stops in `setup`, before any model loads (a data module of one's
     own is trusted).
+
+    Each argument is declared once, by the class that uses it: a subclass declares its own and
+    passes the rest on with `**kwargs` (the CLI and `from_hyperparameters` read them through the
+    bases; a name that no class declares is refused here). A stage with arguments of its own
+    declares `model` and `tokenizer` again, first, for the positional form `DPOModule("plpost:tiny")`.
 
     Args:
         model: Hub name, local folder, or bundled name (``plpost:tiny``) of the model to train.
@@ -103,7 +122,7 @@ class PostTrainingModule(BuildsModels, HoldsFrozenModels, L.LightningModule):
         what `plpost export` and `plpost chat` rebuild a policy from. Keys that are not arguments
         (LightningCLI adds `_class_path` and `_instantiator`) are left out; model settings saved
         one by one (checkpoints older than `model_settings`) are gathered into one."""
-        arguments = inspect.signature(cls.__init__).parameters
+        arguments = argument_names(cls)
         hyperparameters = settings_from_flat(dict(hyperparameters))
         return cls(**{name: value for name, value in hyperparameters.items() if name in arguments})
 

@@ -4,9 +4,9 @@ learns the teacher's next-token distribution on them."""
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from plpost.data.prompts import PromptBatch
@@ -14,9 +14,7 @@ from plpost.frozen import FrozenCopy
 from plpost.hf import check_same_tokenizer, check_vocabulary_fits
 from plpost.losses import masked_sum, token_divergence
 from plpost.losses.distillation import Divergence
-from plpost.modules.base import default_optimizer
 from plpost.modules.online import OnlineModule
-from plpost.modules.settings import ModelSettings
 from plpost.rollout import Samples, join_responses, response_logits
 
 
@@ -38,6 +36,12 @@ class DistillationModule(OnlineModule):
     0.5B 151936), are no token either model can be given, so a teacher and a student of the same
     tokenizer compare whatever their embedding widths.
 
+    Both distributions are taken at the sampling `temperature`, as TRL does. The logits of both
+    models over a micro-batch are in memory at once, so `gradient_accumulation_steps` bounds that
+    memory. With `model_settings`, the teacher, never trained, loads in the compute dtype (see
+    `plpost.precision`) and compiles with the student. Besides its own arguments, distillation
+    takes those of `OnlineModule` and `PostTrainingModule`.
+
     Args:
         model: the student's initial weights: Hub name, folder or ``plpost:tiny``.
         teacher: the frozen teacher: Hub name or folder, with the student's tokenizer (a teacher
@@ -49,19 +53,8 @@ class DistillationModule(OnlineModule):
             generalised Jensen-Shannon divergence with `beta`.
         beta: the JSD's weight of the teacher in its mixture, 0 < beta < 1 (read by "jsd" only).
         lmbda: the share of generation batches the student samples (1: on-policy only, TRL's
-            DistillationTrainer; 0: supervised KD on the dataset's completions only).
-        max_new_tokens: the longest sampled completion (dataset completions are kept whole).
-        temperature: sampling temperature; both distributions are taken at it too, as TRL does.
-        top_p: nucleus sampling threshold (1.0: off).
-        top_k: sample among the k most likely tokens (0: off).
-        gradient_accumulation_steps: micro-batches the generation batch is split into for the
-            forwards and backward (the logits of both models over a micro-batch are in memory at once).
-        gradient_clip_val: clip the gradient norm of each optimizer step (None: off).
-        model_settings: how the student loads and trains (`plpost.modules.ModelSettings`); the
-            teacher, never trained, loads in the compute dtype (see `plpost.precision`) and compiles
-            with the student.
-        optimizer: the optimizer, given the student's trainable parameters.
-        scheduler: the learning-rate schedule, stepped every optimizer step.
+            DistillationTrainer; 0: supervised KD on the dataset's completions only; dataset
+            completions are kept whole, not cut at max_new_tokens).
     """
 
     def __init__(
@@ -73,24 +66,14 @@ class DistillationModule(OnlineModule):
         divergence: Divergence = "reverse_kl",
         beta: float = 0.5,
         lmbda: float = 1.0,
-        max_new_tokens: int = 64,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        gradient_accumulation_steps: int = 1,
-        gradient_clip_val: float | None = 1.0,
-        model_settings: ModelSettings = ModelSettings(),
-        optimizer: OptimizerCallable = default_optimizer,
-        scheduler: LRSchedulerCallable | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(model, tokenizer, model_settings=model_settings, optimizer=optimizer, scheduler=scheduler)
-        # Refuses an unknown divergence, a JSD beta outside (0, 1) or a temperature <= 0 now, not at the first step.
+        super().__init__(model=model, tokenizer=tokenizer, **kwargs)
+        # Refuses an unknown divergence or a JSD beta outside (0, 1) now, not at the first step.
         token_divergence(torch.zeros(1, 1, 2), torch.zeros(1, 1, 2), torch.ones(1, 1), divergence=divergence,
-                         beta=beta, temperature=temperature)
+                         beta=beta)
         if not 0 <= lmbda <= 1:
             raise ValueError(f"lmbda is the share of generation batches the student samples, in [0, 1]; got {lmbda}")
-        if gradient_accumulation_steps < 1:
-            raise ValueError(f"gradient_accumulation_steps must be >= 1, got {gradient_accumulation_steps}")
         self.teacher_name = teacher
         self.teacher: FrozenCopy | None = None
 

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
@@ -13,10 +12,8 @@ from plpost.data.preference import PreferenceDataModule
 from plpost.data.shared_prompt import SharedPromptRows, check_shared_prompt_attention, share_prompts
 from plpost.frozen import ReferenceKind
 from plpost.losses import REFERENCE_FREE_LOSS_TYPES, DPOLoss, chosen_nll, dpo_loss
-from plpost.modules.base import default_optimizer
 from plpost.modules.preference_base import PreferenceModule
 from plpost.modules.preference_logps import ChosenRejected, completion_lengths, pair_logps, shared_pair_logps
-from plpost.modules.settings import ModelSettings
 
 if TYPE_CHECKING:
     from plpost.data.preference import PreferenceBatch
@@ -42,12 +39,15 @@ class DPOModule(PreferenceModule):
     weight times the chosen answers' NLL normalised as `nll_normalization` says; so it is the
     same whatever the micro-batch size, gradient accumulation or device count.
 
+    With `model_settings`, a "copy" reference loads with the policy's dtype and attention, and
+    compiles with it. Besides its own arguments, DPO takes those of `PreferenceModule` and its
+    bases (`ReferenceModule`: every reference, "none" only for the reference-free loss_types, and
+    `PostTrainingModule`).
+
     Args:
         model: Hub name, local folder, or bundled name (``plpost:tiny``) of the causal LM to
             train; usually the SFT model (e.g. ``outputs/tiny-sft/model``).
         tokenizer: the tokenizer (default: the model's); linked from the data in the CLI.
-        beta: the inverse temperature of the implicit reward beta * log(pi / pi_ref); larger
-            keeps the policy closer to the reference.
         loss_type: "sigmoid" (DPO), "robust", "hinge" (SLiC), "ipo", or the reference-free
             "simpo" and "orpo" (the odds-ratio term, plus the chosen answer's NLL with weight 1:
             ORPO needs no SFT stage before it); see `plpost.losses.dpo_loss` for each formula and
@@ -68,61 +68,42 @@ class DPOModule(PreferenceModule):
             micro-batch on one device they are the same, and TRL's ORPO counts the prompt
             tokens too). Default: "pair" for RPO, "token" for ORPO, whose NLL term is the SFT
             loss it replaces.
-        reference: where the reference log-probs come from (see `plpost.frozen`). "copy":
-            a frozen second model in memory. "adapter": the policy with its LoRA adapter disabled
-            (needs `lora`; no second copy, one more forward). "precomputed": computed for every
-            training and validation pair once before training (reference loaded only for that
-            pass), cached on disk. "none": no reference, only for the loss_types "simpo" and
-            "orpo". "auto": "none" for those loss types, else "adapter" with LoRA, else "copy".
-        reference_model: the reference's Hub name or folder (default, or `model` itself: the
-            policy's starting weights, copied). Not with "adapter", whose reference is always `model`.
-        reference_cache_dir: where "precomputed" keeps its log-probs, one file per reference,
-            tokenizer and data; a rerun with the same ones reads them instead of recomputing.
         share_prompt: compute each pair's prompt once, in one row of prompt + chosen + rejected
             with a mask that keeps the rejected tokens from seeing the chosen ones (see
             `plpost.data.shared_prompt`), for the policy and the reference alike: the same
             log-probs and gradients, fewer tokens. Needs attn_implementation "sdpa" or "eager";
             off, chosen and rejected are two padded rows.
-        disable_dropout: turn off every dropout in the policy, so its log-probs are as
-            deterministic as the reference's (as TRL's DPO does by default).
-        model_settings: how the policy loads and trains (`plpost.modules.ModelSettings`); a "copy"
-            reference loads with its dtype and attention, and compiles with the policy.
-        optimizer: the optimizer, given the trainable parameters.
-        scheduler: the learning-rate schedule, stepped every optimizer step.
     """
 
     data_modules = (PreferenceDataModule,)
     logps_type = ChosenRejected
+    reference_kinds = ("auto", "copy", "adapter", "precomputed", "none")
 
     def __init__(
         self,
         model: str,
         tokenizer: str | None = None,
         *,
-        beta: float = 0.1,
         loss_type: DPOLossType = "sigmoid",
         label_smoothing: float = 0.0,
         simpo_gamma: float = 0.5,
         rpo_alpha: float | None = None,
         nll_normalization: NLLNormalization | None = None,
-        reference: ReferenceKind = "auto",
-        reference_model: str | None = None,
-        reference_cache_dir: str = ".plpost-cache/reference",
         share_prompt: bool = True,
-        disable_dropout: bool = True,
-        model_settings: ModelSettings = ModelSettings(),
-        optimizer: OptimizerCallable = default_optimizer,
-        scheduler: LRSchedulerCallable | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(model, tokenizer, model_settings=model_settings, optimizer=optimizer, scheduler=scheduler)
-        if reference == "auto" and loss_type in REFERENCE_FREE_LOSS_TYPES:
-            reference = "none"
-        self.init_reference(reference, reference_model, allowed=("auto", "copy", "adapter", "precomputed", "none"))
+        super().__init__(model=model, tokenizer=tokenizer, **kwargs)
         self.check_settings()
         self.nll_weight = 1.0 if loss_type == "orpo" else rpo_alpha
         self.nll_normalization = nll_normalization or ("token" if loss_type == "orpo" else "pair")
         names = PAIR_METRICS + (("nll_loss",) if self.nll_weight is not None else ())
         self.val_metrics = nn.ModuleDict({metric_key(name): MeanMetric() for name in names})
+
+    def choose_reference(self, kind: ReferenceKind, reference_model: str | None, *, allowed: tuple[str, ...]) -> None:
+        # A reference-free loss compares against nothing: "auto" is no reference for it.
+        if kind == "auto" and self.hparams.loss_type in REFERENCE_FREE_LOSS_TYPES:
+            kind = "none"
+        super().choose_reference(kind, reference_model, allowed=allowed)
 
     def check_settings(self) -> None:
         """Fails on contradictory settings now, not after the model has loaded."""

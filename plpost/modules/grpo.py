@@ -1,16 +1,16 @@
 """GRPOModule: critic-free online RL (GRPO, Dr. GRPO, DAPO, BNPO, RLOO, GSPO, CISPO, SAPO, REINFORCE++):
 G samples per prompt, each compared with the others of its group instead of with a value model.
 
-Over 300 lines: a third of it is the class docstring, the `--help` of its thirty arguments; the
-shared step is `plpost.modules.online`, the recipes' helpers `plpost.modules.grpo_recipes`."""
+Over 300 lines: one stage for nine recipes, a fifth of it the class docstring, the `--help` of its
+twenty arguments; the shared step is `plpost.modules.online`, rewards and reference
+`plpost.modules.online_rl`, the recipes' helpers `plpost.modules.grpo_recipes`."""
 
 from __future__ import annotations
 
 import time
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 from transformers import LogitsProcessorList
 
@@ -21,12 +21,9 @@ from plpost.losses import grpo_token_losses, kl_penalty, leave_one_out_advantage
 from plpost.losses import entropy_bonus_terms
 from plpost.losses.grpo import GRPOLossType
 from plpost.losses.importance import ImportanceSamplingLevel, OffPolicyMode
-from plpost.modules.base import default_optimizer
 from plpost.modules.grpo_recipes import check_recipe, token_advantages, token_weights
-from plpost.modules.online import OnlineRLModule, forward_in_layout, per_token
-from plpost.modules.settings import ModelSettings
-from plpost.environments import Environment
-from plpost.rewards import RewardSource
+from plpost.modules.online import forward_in_layout, per_token
+from plpost.modules.online_rl import OnlineRLModule
 from plpost.rollout import ResponseForward, Samples, replace_rows, response_forward
 from plpost.sampler_logprobs import SampledTokenLogprobs, replace_logprob_rows
 
@@ -69,19 +66,16 @@ class GRPOModule(OnlineRLModule):
     the first ratio is exactly 1; when the generation batch takes one optimizer step in all
     (num_iterations = num_mini_batches = 1) they are that pass's own, detached, as TRL does.
 
+    A reward source may return None (NaN) for a completion it does not apply to; a completion no
+    source applies to is left out of its group's statistics and gets advantage 0.
+
+    Besides its own arguments, GRPO takes those of `OnlineRLModule` and its bases (`OnlineModule`,
+    `ReferenceModule`: reference "auto", "copy" or "adapter", the KL anchor when beta > 0, and
+    `PostTrainingModule`).
+
     Args:
         model: the initial policy (usually the SFT export): Hub name, folder or ``plpost:tiny``.
         tokenizer: the tokenizer (default: the model's); linked from the data in the CLI.
-        rewards: the reward sources, summed with their weights (`plpost.rewards.RewardFunction`,
-            `plpost.rewards.RewardModel`, the verifiable rewards of `plpost.verifiable`). A source
-            may return None (NaN) for a completion it does not apply to; a completion no source
-            applies to is left out of its group's statistics and gets advantage 0.
-        environment: makes every episode multi-turn (`plpost.environments.Environment`: Python
-            tools, or a world of its own): the policy writes a turn, the environment answers,
-            up to its max_turns; only the policy's tokens are trained (`plpost.episodes`). Its
-            rewards count through a `plpost.rewards.EnvironmentReward` source; reward functions
-            read the last assistant turn as the completion, the episode in the ``conversation`` column.
-        missing_eos_penalty: subtracted from the score of a completion with no stop token.
         num_generations: G, the completions sampled per prompt (>= 2).
         advantage_estimator: "grpo": (r - group mean) scaled by `scale_rewards`; "rloo": r minus
             the mean of the other G - 1 rewards of its group (RLOO), not scaled;
@@ -93,16 +87,18 @@ class GRPOModule(OnlineRLModule):
         scale_rewards: "group": divide by the group's Bessel-corrected std + 1e-4 (GRPO, TRL);
             "batch": by the std of every reward of the step; "none": do not (Dr. GRPO). Must be
             "none" with "rloo" and REINFORCE++.
-        loss_type: "grpo" | "bnpo" | "dr_grpo" | "dapo": how token losses are aggregated;
-            "cispo" | "sapo": CISPO's and SAPO's objectives, aggregated as "dapo" and "grpo"
-            (TRL's names; see `plpost.losses.grpo_token_losses`).
+        loss_type: "grpo" | "bnpo" | "dr_grpo" | "dapo": how token losses are aggregated ("dr_grpo":
+            over completions x max_new_tokens, or with an environment the most policy tokens of an
+            episode); "cispo" | "sapo": CISPO's and SAPO's objectives, aggregated as "dapo" and
+            "grpo" (TRL's names; see `plpost.losses.grpo_token_losses`).
         importance_sampling_level: "token": one ratio per token; "sequence": GSPO's one ratio per
             completion, exp(mean token log-ratio), clipped as a whole (its paper clips at
             epsilon_low = 3e-4, epsilon_high = 4e-4).
         epsilon_low: the ratio is clipped below at 1 - epsilon_low.
         epsilon_high: and above at 1 + epsilon_high (DAPO's clip-higher: 0.28; default: epsilon_low).
             With "cispo", the cap of the importance weight itself (ScaleRL: 5.0), which must be > 1.
-        sapo_temperature_pos, sapo_temperature_neg: SAPO's gate temperatures for A > 0 and A <= 0.
+        sapo_temperature_pos: SAPO's gate temperature for A > 0.
+        sapo_temperature_neg: SAPO's gate temperature for A <= 0.
         top_entropy_quantile: rho, train only the tokens whose entropy is in the top rho of the
             generation batch's (all devices; under the sampling policy): "Beyond the 80/20 rule"
             recommends 0.2. 1.0: every token.
@@ -113,32 +109,18 @@ class GRPOModule(OnlineRLModule):
             or sequence level, truncated (TIS) or masked (MIS): "token_truncate" | "token_mask" |
             "sequence_truncate" | "sequence_mask"; None: off. The mismatch is logged in any case
             when set (sampling/sampling_logp_difference/*, sampling/importance_sampling_ratio/*).
-        off_policy_clip_min, off_policy_clip_max: the bounds of the weights (TRL's
-            vllm_importance_sampling_clip_min / _max).
+        off_policy_clip_min: the lower bound of the weights (TRL's vllm_importance_sampling_clip_min).
+        off_policy_clip_max: their upper bound (TRL's vllm_importance_sampling_clip_max).
         num_iterations: passes over each generation batch (GRPO's mu).
-        num_mini_batches: optimizer steps per pass; the B * G rows are split into this many.
-        gradient_accumulation_steps: micro-batches per optimizer step.
         beta: weight of the KL to the frozen reference (0: no reference is loaded at all).
         kl_mode: "loss": beta * the k3 estimator per token in the loss (GRPO's paper, TRL);
             "reward": beta * the summed k1 estimator subtracted from each completion's reward.
-        reference: the KL anchor when beta > 0 (see `plpost.frozen`): "copy": a frozen copy;
-            "adapter": the LoRA policy with its adapter off; "auto": the latter with LoRA.
-        reference_model: the reference's weights for "copy" (default: the policy's starting weights).
         mask_truncated_completions: leave completions that hit max_new_tokens without a stop token
             out of the loss (DAPO's overlong filtering); they still count in the reward statistics.
         dynamic_sampling: drop groups whose rewards are all equal (no signal: every advantage is
             0), sampling them again first up to `max_resample_rounds` times (DAPO). Dropped groups
             stay in the batch with their tokens masked out of the loss and its normalisation.
         max_resample_rounds: how many times the degenerate groups are sampled again.
-        max_new_tokens: the longest completion, or turn of an episode (Dr. GRPO's constant normaliser:
-            this, or with an environment the most policy tokens of an episode).
-        temperature: sampling temperature; log-probs are taken at the same temperature.
-        top_p: nucleus sampling threshold (1.0: off).
-        top_k: sample among the k most likely tokens (0: off).
-        gradient_clip_val: clip the gradient norm of each optimizer step (None: off).
-        model_settings: how the policy loads and trains (`plpost.modules.ModelSettings`), as for `PPOModule`.
-        optimizer: the optimizer, given the policy's trainable parameters.
-        scheduler: the learning-rate schedule, stepped every optimizer step.
     """
 
     def __init__(
@@ -146,9 +128,6 @@ class GRPOModule(OnlineRLModule):
         model: str,
         tokenizer: str | None = None,
         *,
-        rewards: list[RewardSource] | None = None,
-        environment: Environment | None = None,
-        missing_eos_penalty: float | None = None,
         num_generations: int = 8,
         advantage_estimator: Literal["grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline"] = "grpo",
         scale_rewards: Literal["group", "batch", "none"] = "group",
@@ -164,42 +143,33 @@ class GRPOModule(OnlineRLModule):
         off_policy_clip_min: float | None = None,
         off_policy_clip_max: float | None = 3.0,
         num_iterations: int = 1,
-        num_mini_batches: int = 1,
-        gradient_accumulation_steps: int = 1,
         beta: float = 0.0,
         kl_mode: Literal["loss", "reward"] = "loss",
-        reference: ReferenceKind = "auto",
-        reference_model: str | None = None,
         mask_truncated_completions: bool = False,
         dynamic_sampling: bool = False,
         max_resample_rounds: int = 2,
-        max_new_tokens: int = 64,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        gradient_clip_val: float | None = 1.0,
-        model_settings: ModelSettings = ModelSettings(),
-        optimizer: OptimizerCallable = default_optimizer,
-        scheduler: LRSchedulerCallable | None = None,
+        **kwargs: Any,
     ) -> None:
         if epsilon_high is None:
             epsilon_high = epsilon_low
-        super().__init__(model, tokenizer, model_settings=model_settings, optimizer=optimizer, scheduler=scheduler)
+        super().__init__(model=model, tokenizer=tokenizer, **kwargs)
         loss_scope(loss_type)  # refuses an unknown loss_type now, not at the first step
         if num_generations < 2:
             raise ValueError(f"num_generations must be >= 2 (a group of one has no baseline), got {num_generations}")
         check_recipe(self.hparams)
-        if min(num_iterations, num_mini_batches, gradient_accumulation_steps) < 1:
-            raise ValueError("num_iterations, num_mini_batches and gradient_accumulation_steps must be >= 1")
-        if beta < 0 or epsilon_low < 0 or epsilon_high < 0 or not temperature > 0:
-            raise ValueError("beta, epsilon_low and epsilon_high must be >= 0, and temperature > 0")
-        if environment is not None and off_policy_correction is not None:
+        if num_iterations < 1:
+            raise ValueError(f"num_iterations must be >= 1, got {num_iterations}")
+        if beta < 0 or epsilon_low < 0 or epsilon_high < 0:
+            raise ValueError("beta, epsilon_low and epsilon_high must be >= 0")
+        if self.environment is not None and off_policy_correction is not None:
             raise ValueError("off_policy_correction records the sampler's log-probs of one turn; with an environment "
                              "the episodes are multi-turn: leave off_policy_correction unset")
-        self.score_with(rewards or [], environment, missing_eos_penalty=missing_eos_penalty)
-        # beta = 0: no KL term, so no reference at all.
-        self.choose_reference(reference if beta > 0 else "none", reference_model,
-                              allowed=("auto", "copy", "adapter") if beta > 0 else ("auto", "copy", "adapter", "none"))
+
+    def choose_reference(self, kind: ReferenceKind, reference_model: str | None, *, allowed: tuple[str, ...]) -> None:
+        # beta = 0: no KL term, so no reference at all, whatever `reference` says.
+        if not self.hparams.beta > 0:
+            kind, allowed = "none", ("none",)
+        super().choose_reference(kind, reference_model, allowed=allowed)
 
     @property
     def optimizer_steps_per_batch(self) -> int:

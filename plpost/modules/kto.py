@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from plpost.data.feedback import FeedbackBatch, FeedbackDataModule
-from plpost.frozen import ReferenceKind
 from plpost.losses import KTOLoss, kto_loss, kto_reference_point
-from plpost.modules.base import default_optimizer
 from plpost.modules.dpo import metric_key
 from plpost.modules.preference_base import PreferenceModule
 from plpost.modules.preference_logps import completion_logps
-from plpost.modules.settings import ModelSettings
 
 KTO_METRICS = ("loss", "kl", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected")
 """Logged as train/<name> and val/<name> (with rewards/margins), the names TRL's KTOTrainer uses:
@@ -49,23 +45,17 @@ class KTOModule(PreferenceModule):
     within each per-device batch of the dataset, which is why it needs sequential sampling and
     a per-device batch above 1, and averages the per-device means.
 
+    A "precomputed" reference stores the log-probs of every example and of its mismatched
+    completion. Besides its own arguments, KTO takes those of `PreferenceModule` and its bases
+    (`ReferenceModule`: reference "auto", "copy", "adapter" or "precomputed", and `PostTrainingModule`).
+
     Args:
         model: Hub name, local folder, or bundled name (``plpost:tiny``) of the causal LM to
             train; usually the SFT model.
         tokenizer: the tokenizer (default: the model's); linked from the data in the CLI.
-        beta: the inverse temperature of the implicit reward beta * log(pi / pi_ref).
         desirable_weight: the weight of the desirable examples' losses.
         undesirable_weight: the weight of the undesirable examples' losses. The paper suggests
             desirable_weight * n_desirable / (undesirable_weight * n_undesirable) in [1, 4/3].
-        reference: where the reference log-probs come from: "copy" (a frozen second model),
-            "adapter" (the policy with its LoRA adapter disabled; needs `lora`), "precomputed"
-            (computed once before training for every example and its mismatched completion,
-            cached on disk) or "auto" ("adapter" with LoRA, else "copy"), as for `DPOModule`.
-        reference_model: the reference's Hub name or folder (default: the policy's starting
-            weights). Not with "adapter".
-        reference_cache_dir: where "precomputed" keeps its log-probs.
-        disable_dropout: turn off every dropout in the policy (as TRL's KTO does by default).
-        model_settings, optimizer, scheduler: as for `DPOModule`.
     """
 
     data_modules = (FeedbackDataModule,)
@@ -76,22 +66,14 @@ class KTOModule(PreferenceModule):
         model: str,
         tokenizer: str | None = None,
         *,
-        beta: float = 0.1,
         desirable_weight: float = 1.0,
         undesirable_weight: float = 1.0,
-        reference: ReferenceKind = "auto",
-        reference_model: str | None = None,
-        reference_cache_dir: str = ".plpost-cache/reference",
-        disable_dropout: bool = True,
-        model_settings: ModelSettings = ModelSettings(),
-        optimizer: OptimizerCallable = default_optimizer,
-        scheduler: LRSchedulerCallable | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(model, tokenizer, model_settings=model_settings, optimizer=optimizer, scheduler=scheduler)
+        super().__init__(model=model, tokenizer=tokenizer, **kwargs)
         one = torch.zeros(1)  # kto_loss validates beta and the weights
-        kto_loss(one, one, one.bool(), one[0], beta=beta, desirable_weight=desirable_weight,
+        kto_loss(one, one, one.bool(), one[0], beta=self.hparams.beta, desirable_weight=desirable_weight,
                  undesirable_weight=undesirable_weight)
-        self.init_reference(reference, reference_model, allowed=("auto", "copy", "adapter", "precomputed"))
         self.val_metrics = nn.ModuleDict({metric_key(name): MeanMetric() for name in KTO_METRICS})
 
     def model_logps(self, model: nn.Module, batch: FeedbackBatch, layout: None = None) -> CompletionMismatched:

@@ -1,7 +1,8 @@
 """What the online stages share (PPO, GRPO, distillation): sampling from the policy, and one
 training step on what was sampled: the micro-batch layout, gradient accumulation, clipping, the
 optimizer and scheduler steps, and the episode metrics and timings; each stage gives its loss.
-The reinforcement-learning ones (PPO, GRPO) also share their reward sources and KL reference."""
+The reinforcement-learning ones (PPO, GRPO) also share their reward sources, environment and KL
+reference (`plpost.modules.online_rl`)."""
 
 from __future__ import annotations
 
@@ -13,16 +14,11 @@ import torch
 from torch import Tensor
 from transformers import GenerationConfig
 
-from plpost.data.base import trainer_template
 from plpost.data.prompts import PromptDataModule
-from plpost.environments import Environment
-from plpost.episodes import EpisodePlayer, Episodes
 from plpost.generation import eager_sampling, generation_config
 from plpost.modules.base import PostTrainingModule
 from plpost.modules.building import disable_dropout
-from plpost.rewards import EnvironmentReward, RewardFunction, RewardScorer, RewardSource, Responses
-from plpost.rewards import responses_of, responses_of_episodes
-from plpost.rollout import Samples, response_forward, sample_responses, sampled_completions
+from plpost.rollout import Samples, response_forward, sample_responses
 from plpost.sharding import full_parameters
 
 Layout = list[list[Tensor]]
@@ -56,23 +52,34 @@ def per_token(sums: dict[str, Tensor]) -> dict[str, Tensor]:
     return {name: value / tokens for name, value in sums.items() if name != "tokens"}
 
 
-def not_scored(prompts: list, completions: list[str], **columns: Any) -> Tensor:
-    raise RuntimeError("this module was rebuilt from a checkpoint without its reward sources; it cannot score")
-
-
 class OnlineModule(PostTrainingModule):
     """Base of the stages that train on their own samples, with manual optimization.
 
-    Subclasses keep `temperature`, `top_p`, `top_k`, `max_new_tokens`, `gradient_accumulation_steps`
-    and `gradient_clip_val` in their hyperparameters, say how many optimizer steps one training
-    step (one generation batch) takes in `optimizer_steps_per_batch`, and train with `update`.
+    Subclasses say how many optimizer steps one training step (one generation batch) takes in
+    `optimizer_steps_per_batch`, and train with `update`.
+
+    Args:
+        max_new_tokens: the longest sampled completion (with an environment, the longest turn).
+        temperature: sampling temperature (> 0); log-probs are taken at the same temperature.
+        top_p: nucleus sampling threshold (1.0: off).
+        top_k: sample among the k most likely tokens (0: off).
+        gradient_accumulation_steps: micro-batches per optimizer step.
+        gradient_clip_val: clip the gradient norm of each optimizer step (None: off). Given here,
+            not to the Trainer, which does not clip under manual optimization.
     """
 
     data_modules = (PromptDataModule,)
     samples_while_training = True
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self, *, max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+        gradient_accumulation_steps: int = 1, gradient_clip_val: float | None = 1.0, **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if gradient_accumulation_steps < 1:
+            raise ValueError(f"gradient_accumulation_steps must be >= 1, got {gradient_accumulation_steps}")
         self.register_buffer("episodes", torch.zeros((), dtype=torch.float64))  # in checkpoints
         self.automatic_optimization = False
 
@@ -191,109 +198,3 @@ class OnlineModule(PostTrainingModule):
             return trainer.max_steps
         total = int(batches) * self.optimizer_steps_per_batch
         return min(total, trainer.max_steps) if trainer.max_steps != -1 else total
-
-
-class OnlineRLModule(OnlineModule):
-    """Base of the online reinforcement-learning stages (PPO, GRPO): reward sources, a KL
-    reference, and an optional environment that makes every episode multi-turn.
-
-    Subclasses call `score_with` and `choose_reference` in `__init__`.
-    """
-
-    reward_scorer: RewardScorer
-    environment: Environment | None = None
-    episode_player: EpisodePlayer | None = None
-    """Plays the environment's episodes; built when a fit starts."""
-
-    def score_with(self, rewards: Sequence[RewardSource], environment: Environment | None, **shaping: Any) -> None:
-        """Scores with `rewards` (see `plpost.rewards.RewardScorer` for `shaping`); `environment`,
-        when given, plays every episode (its rewards count through an `EnvironmentReward` source)."""
-        if environment is not None and not isinstance(environment, Environment):
-            raise TypeError(f"environment must be a plpost.environments.Environment, got {type(environment).__name__}")
-        if environment is None and any(isinstance(source, EnvironmentReward) for source in rewards):
-            raise ValueError("an EnvironmentReward source reads an environment's rewards: give the stage an environment")
-        self.environment = environment
-        self.reward_scorer = RewardScorer(rewards, **shaping)
-
-    @property
-    def completion_budget(self) -> int:
-        """The most policy tokens after a prompt: max_new_tokens, or every turn of an episode."""
-        if self.environment is None:
-            return self.hparams.max_new_tokens
-        budget = self.environment.max_turns * self.hparams.max_new_tokens
-        limit = self.environment.max_episode_tokens
-        return budget if limit is None else min(budget, limit)
-
-    def on_fit_start(self) -> None:
-        super().on_fit_start()
-        # Built for each fit, with that fit's data module's chat template; a tokenizer that cannot
-        # read tool calls stops the run here, before the first step.
-        if self.environment is not None:
-            self.episode_player = EpisodePlayer(
-                self.environment, trainer_template(self._trainer, self.tokenizer),
-                stop_ids=self.sampling_config().eos_token_id, max_new_tokens=self.hparams.max_new_tokens,
-                max_positions=getattr(self.policy.config, "max_position_embeddings", None))
-
-    @torch.no_grad()
-    def play_episodes(self, prompts: Sequence, columns: dict[str, list[Any]], num_samples: int) -> Episodes:
-        """`num_samples` episodes of each prompt with the environment, those of a prompt consecutive,
-        each turn sampled as `sample` samples (all turns inside one gathering of sharded weights)."""
-        config, pad = self.sampling_config(), self.tokenizer.pad_token_id
-        with eager_sampling(), full_parameters(self.generation_model()) as model:
-            def sample_turn(input_ids: Tensor, attention_mask: Tensor, n: int) -> Tensor:
-                return sampled_completions(model, input_ids, attention_mask, config, pad_token_id=pad, num_samples=n)[0]
-
-            return self.episode_player.play(sample_turn, prompts, columns, num_samples, device=self.device)
-
-    def sample_responses(self, input_ids: Tensor, attention_mask: Tensor, prompts: Sequence,
-                         columns: dict[str, list[Any]], num_samples: int = 1, logits_processor: list | None = None,
-                         ) -> tuple[Samples, Responses, dict[str, Tensor]]:
-        """The samples of these prompts, what the reward sources read of them, and the episode
-        statistics (none without an environment)."""
-        if self.environment is None:
-            samples = self.sample(input_ids, attention_mask, num_samples, logits_processor=logits_processor)
-            return samples, responses_of(self.tokenizer, samples, prompts, columns, num_samples), {}
-        episodes = self.play_episodes(prompts, columns, num_samples)
-        read = any(isinstance(source, EnvironmentReward) for source in self.reward_scorer.sources)
-        # Decided over every device, so that all of them stop, not the one whose episodes had a reward.
-        if not read and self.trainer.strategy.reduce_boolean_decision(episodes.rewarded, all=False):
-            raise ValueError(f"{type(self.environment).__name__} gives rewards, which no reward source reads: add "
-                             "plpost.rewards.EnvironmentReward to `rewards` (or give no rewards in its replies)")
-        return episodes.samples, responses_of_episodes(episodes, prompts, columns, num_samples), episodes.statistics
-
-    def episode_metrics(self, statistics: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Per episode means of the statistics of `plpost.episodes`, and TRL's tool frequencies
-        (calls per episode, failures per call, over every device)."""
-        if not statistics:
-            return {}
-        calls, failures = (self.global_sum(statistics[name].sum()) for name in ("tool_calls", "tool_errors"))
-        episodes = self.global_sum(torch.tensor(float(len(statistics["turns"])), device=self.device))
-        return {
-            **{f"episodes/{name}": values.mean() for name, values in statistics.items()},
-            "tools/call_frequency": calls / episodes, "tools/failure_frequency": failures / calls.clamp(min=1.0),
-        }
-
-    @classmethod
-    def from_hyperparameters(cls, hyperparameters: dict[str, Any]) -> OnlineRLModule:
-        # Reward sources are Python objects, kept out of the hyperparameters; a module rebuilt
-        # from them to export or chat with its policy never scores, so a source that refuses to
-        # score stands in for them.
-        return super().from_hyperparameters({"rewards": [RewardFunction(not_scored)], **hyperparameters})
-
-    def build_models(self) -> None:
-        super().build_models()
-        self.build_value_model()
-        self.reward_scorer.setup(self.tokenizer)
-
-    def build_value_model(self) -> None:
-        """Builds what the stage trains besides the policy (PPO's value head or critic); nothing here."""
-
-    def reference_logprobs(self, *tensors: Tensor) -> Tensor:
-        """(B, R) log-probs of the response tokens under the reference, at the sampling temperature."""
-        with self.reference_model() as model:
-            return response_forward(model, *tensors, temperature=self.hparams.temperature).logprobs
-
-    def frozen_sources(self) -> dict[str, Any]:
-        sources = super().frozen_sources()
-        sources.update({f"reward/{s.name}": s.source() for s in self.reward_scorer.sources})
-        return sources

@@ -3,25 +3,21 @@
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Any, Literal
 
 import torch
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 from transformers import AutoModelForSequenceClassification
 
 from plpost.data.prompts import PromptBatch
-from plpost.frozen import ReferenceKind
 from plpost.hf import load_causal_lm
 from plpost.losses import adaptive_kl_coefficient, clipped_value_loss, gae, kl_penalty, masked_sum, masked_whiten
 from plpost.losses import per_token_rewards, ppo_policy_loss
-from plpost.modules.base import default_optimizer
 from plpost.modules.building import disable_dropout
-from plpost.modules.online import OnlineRLModule, forward_in_layout, per_token
+from plpost.modules.online import forward_in_layout, per_token
+from plpost.modules.online_rl import OnlineRLModule
 from plpost.modules.ppo_value import ValueHead, critic_values, zero_where_not
-from plpost.modules.settings import ModelSettings
-from plpost.environments import Environment
-from plpost.rewards import RewardModel, RewardSource
+from plpost.rewards import RewardModel
 from plpost.rollout import ResponseForward, Rollout, response_forward, rollout_statistics
 
 
@@ -39,32 +35,25 @@ class PPOModule(OnlineRLModule):
     `plpost.callbacks.GenerationEval` callback. Generation runs on the unsharded policy, so the
     strategy must keep whole models on each device (single device, DDP).
 
+    With `model_settings`, the critic gets its own LoRA adapters, and `torch_compile` compiles the
+    policy, a "copy" reference and the critic (the rollout's scoring and the updates; sampling stays
+    eager). With an environment, GAE runs over the policy's tokens only, the environment's replies
+    skipped (`plpost.losses.gae`). The optimizer is given every trainable parameter: the policy's,
+    and the value head's or the critic's.
+
+    Besides its own arguments, PPO takes those of `OnlineRLModule` and its bases (`OnlineModule`,
+    `ReferenceModule`: reference "auto", "copy" or "adapter", and `PostTrainingModule`).
+
     Args:
         model: the initial policy (usually the SFT export): Hub name, folder or ``plpost:tiny``.
         tokenizer: the tokenizer (default: the model's); linked from the data in the CLI.
-        rewards: the reward sources, summed with their weights (`plpost.rewards.RewardFunction`
-            for a Python function, `plpost.rewards.RewardModel` for a trained reward model folder).
-        environment: makes every episode multi-turn, as for `GRPOModule`; GAE then runs over the
-            policy's tokens only, the environment's replies skipped (`plpost.losses.gae`).
-        missing_eos_penalty: subtracted from the score of a response that never produced a stop
-            token within max_new_tokens (None: no penalty).
         normalize_rewards: standardise scores with their running mean and std.
         reward_clip: clamp scores to [-reward_clip, reward_clip] (None: no clipping).
         value_model: "head": a scalar linear head on the policy's last hidden state (shared
             backbone, one forward for both); "critic": a separate model (`critic_model`).
         critic_model: the critic's initial weights (default: the first `RewardModel` source's
             folder); it must share the policy's tokenizer.
-        reference: the KL anchor (see `plpost.frozen`): "copy": a frozen copy; "adapter": the
-            LoRA policy with its adapter switched off (no memory); "auto": the latter with LoRA.
-        reference_model: the reference's weights for "copy" (default: the policy's starting weights).
-        max_new_tokens: the longest response.
-        temperature: sampling temperature; log-probs are taken at the same temperature.
-        top_p: nucleus sampling threshold (1.0: off).
-        top_k: sample among the k most likely tokens (0: off).
         ppo_epochs: passes over each rollout.
-        num_mini_batches: optimizer steps per pass; the rollout's rows are split into this many
-            (sizes differing by at most one; see `plpost.modules.online.micro_batch_layout`).
-        gradient_accumulation_steps: micro-batches per optimizer step, split the same way.
         clip_ratio: PPO's epsilon: the ratio is clipped to [1 - eps, 1 + eps].
         vf_coef: weight of the value loss.
         cliprange_value: how far a value may move from its rollout value before its loss is clipped.
@@ -77,13 +66,6 @@ class PPOModule(OnlineRLModule):
         target_kl: adapt kl_coef towards this KL per response (nats) with the controller of
             Ziegler et al.; None keeps kl_coef fixed.
         kl_horizon: the controller's horizon, in episodes (responses).
-        gradient_clip_val: clip the gradient norm of each optimizer step (None: off). Given here,
-            not to the Trainer, which does not clip under manual optimization.
-        model_settings: how the policy loads and trains (`plpost.modules.ModelSettings`); the critic
-            gets its own LoRA adapters, and `torch_compile` compiles the policy, a "copy" reference
-            and the critic (the rollout's scoring and the updates; sampling stays eager).
-        optimizer: the optimizer, given the trainable parameters (policy, value head or critic).
-        scheduler: the learning-rate schedule, stepped every optimizer step.
     """
 
     def __init__(
@@ -91,22 +73,11 @@ class PPOModule(OnlineRLModule):
         model: str,
         tokenizer: str | None = None,
         *,
-        rewards: list[RewardSource] | None = None,
-        environment: Environment | None = None,
-        missing_eos_penalty: float | None = None,
         normalize_rewards: bool = False,
         reward_clip: float | None = None,
         value_model: Literal["head", "critic"] = "head",
         critic_model: str | None = None,
-        reference: ReferenceKind = "auto",
-        reference_model: str | None = None,
-        max_new_tokens: int = 64,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
         ppo_epochs: int = 4,
-        num_mini_batches: int = 1,
-        gradient_accumulation_steps: int = 1,
         clip_ratio: float = 0.2,
         vf_coef: float = 0.1,
         cliprange_value: float = 0.2,
@@ -118,27 +89,22 @@ class PPOModule(OnlineRLModule):
         kl_estimator: Literal["k1", "k3"] = "k1",
         target_kl: float | None = None,
         kl_horizon: int = 10000,
-        gradient_clip_val: float | None = 1.0,
-        model_settings: ModelSettings = ModelSettings(),
-        optimizer: OptimizerCallable = default_optimizer,
-        scheduler: LRSchedulerCallable | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(model, tokenizer, model_settings=model_settings, optimizer=optimizer, scheduler=scheduler)
+        super().__init__(model=model, tokenizer=tokenizer, **kwargs)
         if value_model == "critic" and critic_model is None:
-            critic_model = next((s.path for s in rewards or [] if isinstance(s, RewardModel)), None)
+            critic_model = next((s.path for s in self.reward_scorer.sources if isinstance(s, RewardModel)), None)
             if critic_model is None:
                 raise ValueError("value_model='critic' needs `critic_model` (or a RewardModel source to start from)")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.score_with(rewards or [], environment, missing_eos_penalty=missing_eos_penalty,
-                        normalize=normalize_rewards, clip=reward_clip)
         self.critic_name = critic_model
-        self.choose_reference(reference, reference_model, allowed=("auto", "copy", "adapter"))
         self.value_head: ValueHead | None = None
         self.critic: torch.nn.Module | None = None
         # Buffers, so checkpoints carry them: the adaptive KL controller's state and the counters.
         self.register_buffer("kl_coef", torch.tensor(float(kl_coef), dtype=torch.float64))
         self.register_buffer("rollouts", torch.zeros((), dtype=torch.float64))
+
+    def reward_shaping(self) -> dict[str, Any]:
+        return {"normalize": self.hparams.normalize_rewards, "clip": self.hparams.reward_clip}
 
     # -- models ---------------------------------------------------------------------------
     def build_value_model(self) -> None:

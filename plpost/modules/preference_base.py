@@ -15,25 +15,35 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from plpost.frozen import FrozenCopy, ReferenceKind, model_fingerprint
-from plpost.modules.base import PostTrainingModule
+from plpost.frozen import FrozenCopy, model_fingerprint
 from plpost.modules.building import disable_dropout
 from plpost.modules.precomputed import cache_key, lookup, precompute_logps
+from plpost.modules.reference import ReferenceModule
 
 
-class PreferenceModule(PostTrainingModule):
+class PreferenceModule(ReferenceModule):
     """A policy trained against a frozen reference on a fixed dataset (see the module docstring).
 
-    Subclasses take `reference_cache_dir` and `disable_dropout` arguments, call
-    `init_reference(reference, reference_model, allowed=...)` in `__init__`, and define
-    `model_logps`, `example_index` and `logps_type`.
+    Subclasses define `model_logps`, `example_index` and `logps_type`.
+
+    Args:
+        beta: the inverse temperature of the implicit reward beta * log(pi / pi_ref); larger
+            keeps the policy closer to the reference.
+        reference_cache_dir: where "precomputed" keeps its log-probs, one file per reference,
+            tokenizer and data; a rerun with the same ones reads them instead of recomputing.
+        disable_dropout: turn off every dropout in the policy, so its log-probs are as
+            deterministic as the reference's (as TRL's DPO and KTO do by default).
     """
 
+    reference_kinds = ("auto", "copy", "adapter", "precomputed")
     logps_type: ClassVar[type[NamedTuple]]
     """The NamedTuple `model_logps` returns; its fields are the precomputed table's columns."""
 
-    def init_reference(self, kind: ReferenceKind, reference_model: str | None, *, allowed: tuple[str, ...]) -> None:
-        self.choose_reference(kind, reference_model, allowed=allowed)
+    def __init__(
+        self, *, beta: float = 0.1, reference_cache_dir: str = ".plpost-cache/reference", disable_dropout: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
         # split -> (the examples it holds, example_index -> reference values, one column per field)
         self.precomputed: dict[str, tuple[list[dict], Tensor]] = {}
         self.reference_cache_files: dict[str, str] = {}

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
@@ -15,7 +14,7 @@ from plpost.data.preference import PreferenceBatch, PreferenceDataModule
 from plpost.data.shared_prompt import SharedPromptRows, check_shared_prompt_attention, share_prompts
 from plpost.hf import load_causal_lm
 from plpost.losses import RewardLoss, bradley_terry_loss, reward_centering_penalty
-from plpost.modules.base import PostTrainingModule, default_optimizer
+from plpost.modules.base import PostTrainingModule
 from plpost.modules.settings import ModelSettings
 from plpost.reward_head import SCORE_HEAD, backbone_and_head, sequence_rewards
 
@@ -57,6 +56,10 @@ class RewardModule(PostTrainingModule):
     the micro-batch size, gradient accumulation or device count. The exported folder loads with
     `AutoModelForSequenceClassification.from_pretrained` (its config carries the pad token id).
 
+    With LoRA (`model_settings`), the reward head is always trained in full (it is added to
+    `modules_to_save`), since it starts from random weights; `torch_compile` compiles the backbone
+    (which the rewards call). Besides its own arguments, it takes those of `PostTrainingModule`.
+
     Args:
         model: Hub name, local folder, or bundled name (``plpost:tiny``) of a causal LM (usually
             the SFT model); its backbone is loaded and a new reward head put on top.
@@ -67,11 +70,6 @@ class RewardModule(PostTrainingModule):
             with a mask that keeps the rejected tokens from seeing the chosen ones (see
             `plpost.data.shared_prompt`): the same rewards and gradients, fewer tokens. Needs
             attn_implementation "sdpa" or "eager"; off, chosen and rejected are two padded rows.
-        model_settings: how the model loads and trains (`plpost.modules.ModelSettings`). With LoRA
-            the reward head is always trained in full (it is added to `modules_to_save`), since it
-            starts from random weights; `torch_compile` compiles the backbone (which the rewards call).
-        optimizer: the optimizer, given the trainable parameters.
-        scheduler: the learning-rate schedule, stepped every optimizer step.
     """
 
     data_modules = (PreferenceDataModule,)
@@ -84,15 +82,14 @@ class RewardModule(PostTrainingModule):
         *,
         center_rewards_coefficient: float | None = None,
         share_prompt: bool = True,
-        model_settings: ModelSettings = ModelSettings(),
-        optimizer: OptimizerCallable = default_optimizer,
-        scheduler: LRSchedulerCallable | None = None,
+        **kwargs: Any,
     ) -> None:
-        lora = model_settings.lora
+        settings: ModelSettings | None = kwargs.get("model_settings")  # only given ones: the default has no LoRA
+        lora = settings.lora if settings is not None else None
         if lora is not None and SCORE_HEAD not in (lora.modules_to_save or []):
             lora = replace(lora, modules_to_save=[*(lora.modules_to_save or []), SCORE_HEAD])
-            model_settings = replace(model_settings, lora=lora)
-        super().__init__(model, tokenizer, model_settings=model_settings, optimizer=optimizer, scheduler=scheduler)
+            kwargs["model_settings"] = replace(settings, lora=lora)
+        super().__init__(model=model, tokenizer=tokenizer, **kwargs)
         self.center_rewards_coefficient = center_rewards_coefficient
         self.share_prompt = share_prompt
         self.train_metrics = nn.ModuleDict({name: MeanMetric() for name in PAIR_METRICS})

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 from torchmetrics import MeanMetric
 
 from plpost.data.chat import ChatDataModule
 from plpost.data.collate import ChatBatch
 from plpost.losses import SFTTokenLosses, next_token_targets, sft_token_losses
-from plpost.modules.base import PostTrainingModule, default_optimizer
-from plpost.modules.settings import ModelSettings
+from plpost.modules.base import PostTrainingModule
 
 
 class SFTModule(PostTrainingModule):
@@ -21,27 +21,13 @@ class SFTModule(PostTrainingModule):
     of that whole step (all micro-batches, all devices), so it is the same whatever the
     micro-batch size, gradient accumulation or device count.
 
-    Args:
-        model: Hub name, local folder, or bundled name (``plpost:tiny``) of a causal LM.
-        tokenizer: the tokenizer (default: the model's); linked from the data in the CLI.
-        model_settings: how the model loads and trains (`plpost.modules.ModelSettings`: random_init,
-            dtype, attention, LoRA, gradient checkpointing, torch_compile).
-        optimizer: the optimizer, given the trainable parameters.
-        scheduler: the learning-rate schedule, stepped every optimizer step.
+    Takes the arguments of `PostTrainingModule`, and no others.
     """
 
     data_modules = (ChatDataModule,)
 
-    def __init__(
-        self,
-        model: str,
-        tokenizer: str | None = None,
-        *,
-        model_settings: ModelSettings = ModelSettings(),
-        optimizer: OptimizerCallable = default_optimizer,
-        scheduler: LRSchedulerCallable | None = None,
-    ) -> None:
-        super().__init__(model, tokenizer, model_settings=model_settings, optimizer=optimizer, scheduler=scheduler)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.val_loss = MeanMetric()
         self.val_accuracy = MeanMetric()
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.float64))

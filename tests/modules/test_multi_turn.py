@@ -13,6 +13,7 @@ import torch
 
 import plpost.modules.grpo as grpo_module
 import plpost.modules.online as online_module
+import plpost.modules.online_rl as online_rl_module
 import plpost.modules.ppo as ppo_module
 from conftest import TINY, GradientCapture
 from plpost import GRPOModule, PPOModule, PromptDataModule
@@ -73,7 +74,7 @@ def test_no_environment_token_reaches_a_loss_a_kl_term_or_a_normaliser(kind, sft
     the values are NaN at the environment's positions; a step with a KL term, an entropy bonus,
     two mini-batches and (PPO) a value loss still has finite losses and gradients."""
     counts = []
-    for module in (grpo_module, online_module, ppo_module):
+    for module in (grpo_module, online_module, online_rl_module, ppo_module):
         monkeypatch.setattr(module, "response_forward", poisoned_response_forward(counts))
     extra = dict(beta=0.1, entropy_coef=0.01, num_mini_batches=2) if kind is GRPOModule else dict(entropy_coef=0.01)
     module = stage(kind, sft_export, **extra)

@@ -7,7 +7,7 @@ import inspect
 import lightning as L
 import pytest
 import yaml
-from conftest import TINY
+from conftest import TINY, cli_signature
 
 import plpost
 from plpost.callbacks import HFExport
@@ -27,9 +27,8 @@ def test_moved_names_are_the_fields_of_model_settings():
 @pytest.mark.parametrize("stage", STAGES, ids=lambda s: s.__name__)
 def test_every_stage_takes_the_same_model_settings_and_none_of_its_fields(stage):
     """A new setting is one field of ModelSettings: no stage repeats a field as its own argument."""
-    parameters = inspect.signature(stage.__init__).parameters
-    base = inspect.signature(PostTrainingModule.__init__).parameters["model_settings"]
-    assert parameters["model_settings"].annotation == base.annotation
+    parameters = cli_signature(stage).parameters
+    assert parameters["model_settings"].annotation is ModelSettings
     assert parameters["model_settings"].default == ModelSettings()
     assert not set(parameters) & set(MOVED_TO_MODEL_SETTINGS)
 
@@ -58,7 +57,7 @@ def test_the_shared_default_is_never_changed_in_place(tmp_path):
     L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
               enable_model_summary=False, callbacks=[HFExport(str(tmp_path / "model"))]).fit(
         module, ChatDataModule(TINY, train="plpost:data/addition/sft.jsonl", batch_size=2, max_length=32))
-    assert inspect.signature(SFTModule.__init__).parameters["model_settings"].default == ModelSettings()
+    assert cli_signature(SFTModule).parameters["model_settings"].default == ModelSettings()
 
 
 def test_hyperparameters_saved_one_by_one_rebuild_the_module():
