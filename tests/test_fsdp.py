@@ -3,6 +3,7 @@ steps as under DDP, its export is gathered whole, and a setting plpost cannot ho
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from safetensors.torch import load_file
 from plpost.hf import load_causal_lm
 
 SCRIPT = Path(__file__).with_name("sharded_run.py")
+UNITS_SCRIPT = Path(__file__).with_name("sharded_units.py")
 STAGES = ["sft", "sft-packed", "sft-lora", "sft-merged", "sft-bf16", "sft-untied", "reward", "dpo", "dpo-adapter", "dpo-precomputed", "orpo", "kto",
           "ppo", "ppo-critic", "grpo", "distill"]
 CLIPPED = {"ppo", "ppo-critic", "grpo", "distill"}
@@ -97,6 +99,25 @@ def test_embeddings_and_head_are_units_of_their_own(runs, stage, head_units):
     layers = [unit for unit in units if unit[0].startswith("model.layers.")]
     assert len(layers) == load_causal_lm("plpost:tiny").config.num_hidden_layers
     assert sorted(map(sorted, units)) == sorted([[""], *head_units, *layers])
+
+
+@pytest.mark.slow
+def test_untied_embeddings_and_head_stay_sharded_through_the_layers_and_a_tied_table_does_not():
+    """One sharded step on 2 processes: with a head of its own, the embeddings are gathered only
+    for the lookup and the head only for its forward and backward, so both are sharded while the
+    decoder layers run, forward and backward. Tied, the table is one unit used at both ends: FSDP2
+    keeps it whole from the lookup to the head, and again through the whole backward (the peak that
+    docs/real-models.md measures at 0.5B). Both end sharded."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    done = subprocess.run([sys.executable, str(UNITS_SCRIPT), str(port)], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          timeout=300, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("{")))
+    points = ["forward of the first layer", "backward of the last layer", "backward of the first layer"]
+    assert seen["untied"] == [[point, "sharded", "sharded"] for point in points] + [["after the backward", "sharded", "sharded"]]
+    assert seen["tied"] == [[point, "whole", "whole"] for point in points] + [["after the backward", "sharded", "sharded"]]
 
 
 @pytest.mark.slow
