@@ -33,6 +33,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -153,14 +154,19 @@ def measure(args: argparse.Namespace, run: str, precision: str) -> dict:
     command = [sys.executable, __file__, "--worker", args.workdir, run, precision, str(args.layers),
                str(int(args.untied)), str(args.steps), str(int(args.checkpointed))]
     started = time.time()
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    least_free = meminfo_gib("MemAvailable")
-    while process.poll() is None:
-        least_free = min(least_free, meminfo_gib("MemAvailable"))
-        time.sleep(0.2)
-    ranks = [json.loads(line) for line in process.stdout.read().splitlines() if line.startswith("{")]
-    if process.returncode != 0 or not ranks:
-        raise SystemExit(f"{run} {precision} failed (exit {process.returncode}): {' '.join(command)}")
+    # Files, not pipes: the run is polled for free memory, and a pipe nobody reads fills and blocks it.
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=err, text=True)
+        least_free = meminfo_gib("MemAvailable")
+        while process.poll() is None:
+            least_free = min(least_free, meminfo_gib("MemAvailable"))
+            time.sleep(0.2)
+        out.seek(0)
+        err.seek(0)
+        ranks = [json.loads(line) for line in out.read().splitlines() if line.startswith("{")]
+        if process.returncode != 0 or not ranks:
+            raise SystemExit(f"{run} {precision} failed (exit {process.returncode}): {' '.join(command)}\n"
+                             + err.read()[-3000:])
     return {"run": run, "precision": precision, "ranks": sorted(ranks, key=lambda rank: rank["rank"]),
             "least_free_gib": round(least_free, 1), "seconds": round(time.time() - started)}
 
