@@ -3,8 +3,9 @@ before any model loads, of every strategy or setting that plpost cannot run corr
 
 The supported form is data-parallel sharding: `ModelParallelStrategy(data_parallel_size=N,
 tensor_parallel_size=1)`. Each trained model (policy, critic) and each frozen copy (a DPO or PPO
-reference) is sharded over the data-parallel mesh, one FSDP unit per decoder layer, the embeddings
-and the head, then the root; sharding a frozen model costs nothing but an all-gather per unit at
+reference) is sharded over the data-parallel mesh: one FSDP unit per decoder layer, then the root,
+and the embeddings and head sharded by vocabulary rows, never gathered while training
+(`plpost.sharded_vocabulary`); sharding a frozen model costs nothing but an all-gather per unit at
 each forward and keeps its memory divided like the policy's. Only rank 0 builds these models
 whole; every other rank builds them on the meta device and receives its shards from rank 0
 (`shard_from_rank0`). Reward models scored from Python (`RewardScorer` sources) are not modules of
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 from plpost.reward_head import SCORE_HEAD
+from plpost.sharded_vocabulary import drop_whole_tables, gather_whole_tables, shard_vocabulary
 
 TENSOR_PARALLEL_REFUSAL = (
     "plpost shards over data-parallel processes only: use ModelParallelStrategy(data_parallel_size={world}, "
@@ -105,11 +107,12 @@ def mixed_precision_policy(trainer: L.Trainer) -> Any | None:
 
 
 def shard(model: nn.Module, mesh: Any, mp_policy: Any | None = None) -> nn.Module:
-    """`model` sharded in place with FSDP2 over `mesh`: each decoder layer, the input embeddings,
-    the head (one unit with the embeddings when they are tied), then the root (the final norm and,
-    for LoRA, the adapters outside the layers). The embeddings and the head are units of their own
-    because a root unit stays whole from the forward to the end of the backward: for Llama-3-8B
-    that would be 1B parameters, their float32 weights and gradients, whole on every rank.
+    """`model` sharded in place with FSDP2 over `mesh`: each decoder layer is a unit, then the root
+    (the final norm and, for LoRA, the adapters outside the layers). The embeddings and the head,
+    tied or not, are sharded by vocabulary rows (`plpost.sharded_vocabulary`), outside every unit:
+    a root unit stays whole from the forward to the end of the backward, and a unit of a tied table
+    stays whole from the lookup to the end of the backward, beside its whole gradient. Embeddings
+    or a head of another kind (`shard_vocabulary` says which) are units of their own instead.
 
     A sequence classifier (reward model, critic) is read as backbone and score head, each called
     on its own (`plpost.reward_head`), never through the root's forward, whose hook is what gathers
@@ -131,16 +134,18 @@ def shard(model: nn.Module, mesh: Any, mp_policy: Any | None = None) -> nn.Modul
         unit(classifier.base_model)
         unit(head)
     else:
-        for embedding_unit in embedding_units(model):
-            unit(embedding_unit)
-        unit(model)
+        vocabulary_sharded = set(shard_vocabulary(model, mesh, mp_policy.param_dtype if mp_policy else None))
+        if not vocabulary_sharded:
+            for embedding_unit in embedding_units(model):
+                unit(embedding_unit)
+        unit(model, ignored_params=vocabulary_sharded)
     return model
 
 
 def embedding_units(model: nn.Module) -> list[nn.Module | list[nn.Module]]:
-    """A language model's input embeddings and head as FSDP units: two, or one when they are tied
-    (one tensor cannot be in two units, so it stays whole from the lookup to the head); none for a
-    module without them (a PPO value head)."""
+    """A language model's input embeddings and head as FSDP units, where they cannot be sharded by
+    vocabulary rows: two, or one when they are tied (one tensor cannot be in two units, so it
+    stays whole from the lookup to the head); none for a module without them (a PPO value head)."""
     if not hasattr(model, "get_input_embeddings"):
         return []
     embeddings, output = model.get_input_embeddings(), model.get_output_embeddings()
@@ -198,18 +203,21 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 @contextmanager
 def full_parameters(model: nn.Module) -> Iterator[nn.Module]:
-    """`model` with every FSDP unit's full parameters gathered, for the many small forwards of
-    `generate` (without it each forward gathers every layer again, and ranks that stop sampling
-    early would leave the others waiting in a collective). Resharded on exit. Every rank enters."""
+    """`model` with every FSDP unit's full parameters and every vocabulary-sharded table gathered,
+    for the many small forwards of `generate` (without it each forward gathers every layer again,
+    and ranks that stop sampling early would leave the others waiting in a collective). Resharded
+    on exit. Every rank enters."""
     from torch.distributed.fsdp import FSDPModule
 
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for unit in units:
         unit.unshard()
         unit.set_reshard_after_forward(False, recurse=False)
+    gather_whole_tables(model)
     try:
         yield model
     finally:
+        drop_whole_tables(model)
         for unit in units:
             unit.set_reshard_after_forward(True, recurse=False)
             unit.reshard()

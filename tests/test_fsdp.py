@@ -47,21 +47,25 @@ def runs(tmp_path_factory) -> Path:
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [stage for stage in STAGES if stage not in MIXED])
 def test_sharded_run_exports_the_weights_of_a_ddp_run(runs, stage):
-    """Both runs see the same 2 x 2 rows per step and take 3 SGD steps. DDP all-reduces the full
-    gradients and averages them; FSDP2 reduce-scatters them with the same average, and each rank
-    steps its shard. Both sum the same two float32 gradients in the same order (gloo, CPU), and SGD
-    is elementwise, so the weights agree exactly: tolerance 0, measured 0.0 on every offline stage.
-    PPO, GRPO and distillation sample on each rank from the full weights, gathered for the generate, and clip
-    the gradient norm: sharded, that norm sums squares shard by shard, then over ranks, another
-    order than DDP's whole tensors, so the clip factor and then the weights may differ in their
-    last bit: measured 1.2e-7 (one float32 ulp at |w| ~ 1, 2**-23) after 3 steps that move the
-    weights by 0.04; the tolerance is 1e-6 (8 such ulps).
+    """Both runs see the same 2 x 2 rows per step and take 3 SGD steps at lr 0.5. DDP all-reduces
+    the full gradients and averages them; FSDP2 reduce-scatters the layers' gradients with the
+    same average, and each rank steps its shard. The reward model (its embeddings inside the
+    backbone's unit) sums the same two float32 gradients in the same order (gloo, CPU), and SGD is
+    elementwise, so its weights agree exactly: tolerance 0.
+    A language model's embeddings and head are sharded by vocabulary rows: each rank's logits are
+    two half-vocabulary products, the gradient of the hidden states is summed half by half, and
+    the table's gradient is one product over both ranks' tokens, where DDP sums two. The same
+    numbers summed in another order differ by float32 rounding: after one step, measured 1.1e-6
+    at most (the embeddings, whose gradients are the largest); 3 steps at this learning rate, which
+    move the weights by up to 4.7, grow it to 6.6e-4 (sft-untied), 1.3e-6 for the preference and
+    online stages: the tolerance is 1e-3. A wrong gradient (a missing average over the ranks, a
+    row sent to the wrong rank) moves the weights by the steps' own size, thousands of times more.
     The ranks of the sharded run hold different halves (their local sums differ), so the export
     is a gathering, not one rank's copy; the steps moved the weights, so equality is not trivial."""
     ddp, sharded = exported(runs / "ddp" / stage), exported(runs / "sharded" / stage)
     assert ddp.keys() == sharded.keys()
     for name in ddp:
-        tolerance = 1e-6 if stage in CLIPPED else 0.0
+        tolerance = 0.0 if stage == "reward" else 1e-3
         torch.testing.assert_close(sharded[name], ddp[name], rtol=0.0, atol=tolerance, msg=name)
     local_sums = torch.load(runs / "sharded" / stage / "sums.pt", weights_only=True)
     assert local_sums[0] != local_sums[1]
@@ -77,47 +81,58 @@ def test_sharded_run_exports_the_weights_of_a_ddp_run(runs, stage):
 def test_generation_eval_samples_from_the_gathered_weights_of_a_sharded_model(runs, stage):
     """GenerationEval at the end of training, greedy: each rank generates its share of the 3
     prompts (2 and 1) from the full weights gathered once (`sharding.full_parameters`), and every
-    rank holds the 3 gathered completions, the DDP run's word for word where the weights are DDP's
-    exactly (not the online stages, one ulp apart, nor bf16)."""
+    rank holds the 3 gathered completions, the DDP run's word for word where the weights agree
+    with DDP's to float32 rounding and the steps sample nothing (not the online stages). bf16's
+    rounding at lr 0.5 moves its weights by 0.02 from DDP's in one step, and after 3 its greedy
+    completions of these prompts mostly end at once (they did before vocabulary sharding too:
+    "", "", "+"), so for it only the ranks' agreement is checked."""
     for rank in (0, 1):
         sharded = json.loads((runs / "sharded" / stage / f"generations-{rank}.json").read_text())
-        assert len(sharded) == 3 and any(sharded)
+        assert len(sharded) == 3 and (any(sharded) or stage in MIXED)
         assert sharded == json.loads((runs / "sharded" / stage / "generations-0.json").read_text())
         if stage not in CLIPPED | MIXED:
             assert sharded == json.loads((runs / "ddp" / stage / f"generations-{rank}.json").read_text())
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("stage", "head_units"), [("sft", [["lm_head", "model.embed_tokens"]]),
-                                                   ("sft-untied", [["lm_head"], ["model.embed_tokens"]])])
-def test_embeddings_and_head_are_units_of_their_own(runs, stage, head_units):
-    """A root unit stays whole from its forward to the end of the backward, so the embeddings and
-    the head (a quarter of the bundled model, 14% of Qwen2.5-7B's) are units outside it: separate
-    when untied, one unit when tied (one tensor cannot be in two). The root keeps only the final
-    norm; each decoder layer is a unit."""
+@pytest.mark.parametrize("stage", ["sft", "sft-untied"])
+def test_the_units_are_the_decoder_layers_and_a_root_of_the_final_norm(runs, stage):
+    """The embeddings and the head are sharded by vocabulary rows (`plpost.sharded_vocabulary`),
+    tied or not, so no FSDP2 unit holds them: each decoder layer is a unit, and the root keeps only
+    the final norm."""
     units = json.loads((runs / "sharded" / stage / "units.json").read_text())
     layers = [unit for unit in units if unit[0].startswith("model.layers.")]
     assert len(layers) == load_causal_lm("plpost:tiny").config.num_hidden_layers
-    assert sorted(map(sorted, units)) == sorted([[""], *head_units, *layers])
+    assert sorted(map(sorted, units)) == sorted([[""], *layers])
 
 
 @pytest.mark.slow
-def test_untied_embeddings_and_head_stay_sharded_through_the_layers_and_a_tied_table_does_not():
-    """One sharded step on 2 processes: with a head of its own, the embeddings are gathered only
-    for the lookup and the head only for its forward and backward, so both are sharded while the
-    decoder layers run, forward and backward. Tied, the table is one unit used at both ends: FSDP2
-    keeps it whole from the lookup to the head, and again through the whole backward (the peak that
-    docs/real-models.md measures at 0.5B). Both end sharded."""
+def test_embeddings_and_head_stay_sharded_and_compute_what_the_whole_model_computes():
+    """One sharded step on 2 processes, each rank on its own tokens and sequence length (16 and 11,
+    so each call pads to the longer). Tied (one table used at both ends, which an FSDP2 unit would
+    keep whole from the lookup through the whole backward) and untied, the table is never whole:
+    sharded at every point of the step. The logits and the gradients are those of the unsharded
+    model: its gradients averaged over the two ranks' tokens, as DDP steps (float32; the only
+    difference is the order of the sums, a few float32 rounding steps of the gradients' size).
+    A head with a bias stays an FSDP2 unit, gathered only for its own forward and backward, so it
+    is sharded while the layers run, and computes the same. Greedy generation with the tables
+    gathered once, ranks asking for different lengths, matches the unsharded model's."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     done = subprocess.run([sys.executable, str(UNITS_SCRIPT), str(port)], env={**os.environ, "OMP_NUM_THREADS": "1"},
                           timeout=300, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    seen = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("{")))
-    points = ["forward of the first layer", "backward of the last layer", "backward of the first layer"]
-    assert seen["untied"] == [[point, "sharded", "sharded"] for point in points] + [["after the backward", "sharded", "sharded"]]
-    assert seen["tied"] == [[point, "whole", "whole"] for point in points] + [["after the backward", "sharded", "sharded"]]
+    every_rank = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("[")))
+    points = ["forward of the first layer", "backward of the last layer", "backward of the first layer",
+              "after the backward"]
+    for seen in every_rank:
+        assert set(seen) == {"tied", "untied", "with a bias"}
+        for head, step in seen.items():
+            assert step["states"] == [[point, "sharded", "sharded"] for point in points], head
+            assert step["logits"] < 1e-5, head
+            assert step["gradients"] < 1e-5, head
+            assert step["generated"], head
 
 
 @pytest.mark.slow
