@@ -22,6 +22,7 @@ forward, as under FSDP2. For `generate`, whose ranks stop at different steps,
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -101,6 +102,8 @@ class _VocabSharded(nn.Module):
 
 
 class VocabShardedEmbedding(_VocabSharded):
+    """`nn.Embedding`'s lookup from this rank's rows of the table."""
+
     def __init__(self, weight: nn.Parameter, mesh: Any, compute_dtype: torch.dtype | None, padding_idx: int | None):
         super().__init__(weight, mesh, compute_dtype)
         self.padding_idx = padding_idx
@@ -119,11 +122,15 @@ class VocabShardedEmbedding(_VocabSharded):
         if self.padding_idx is not None and 0 <= self.padding_idx - self.first_row < rows.shape[0]:
             padding = self.padding_idx - self.first_row
         found = _ScaledGradient.apply(F.embedding(torch.where(inside, local, 0), rows, padding), 1 / self.world)
-        mine = _SumToOwners.apply(found * inside.unsqueeze(-1).to(found.dtype), self.group)
+        mine = _Collective.apply(found * inside.unsqueeze(-1).to(found.dtype), self.group,
+                                 _sum_scatter, _all_gather)
         return mine[:flat.shape[0]].reshape(*ids.shape, rows.shape[1])
 
 
 class VocabShardedHead(_VocabSharded):
+    """A bias-free `nn.Linear` head from this rank's rows: the whole vocabulary's logits for this
+    rank's tokens."""
+
     def __init__(self, weight: nn.Parameter, mesh: Any, compute_dtype: torch.dtype | None):
         super().__init__(weight, mesh, compute_dtype)
         self.out_features, self.in_features = weight.shape
@@ -136,13 +143,14 @@ class VocabShardedHead(_VocabSharded):
         flat = hidden.reshape(-1, hidden.shape[-1])
         tokens = flat.shape[0]
         count = self.agreed_count(tokens, hidden.device)
-        every_rank_hidden = _GatherFromAll.apply(_padded(flat, count), self.group)
+        every_rank_hidden = _Collective.apply(_padded(flat, count), self.group, _all_gather, _sum_scatter)
         my_rows_logits = _ProductWithRows.apply(every_rank_hidden, rows, 1 / self.world)
         if rows.shape[0] < self.rows_per_rank:  # the last rank's rows, when the vocabulary does not divide
             my_rows_logits = F.pad(my_rows_logits, (0, self.rows_per_rank - rows.shape[0]))
         # Block i of what arrives is rank i's rows of the vocabulary for this rank's tokens.
-        blocks = _Exchange.apply(my_rows_logits, self.group).view(self.world, count, self.rows_per_rank)
-        del my_rows_logits
+        arrived = _Collective.apply(my_rows_logits, self.group, _exchange, _exchange)
+        blocks = arrived.view(self.world, count, self.rows_per_rank)
+        del my_rows_logits, arrived
         if tokens < count:
             blocks = blocks[:, :tokens]
         # One copy, into a tensor of its own (not a view: FSDP2 warns that changing a view the root
@@ -189,6 +197,8 @@ def _sum_scatter(tensor: torch.Tensor, group: Any) -> torch.Tensor:
 
 
 class _ScaledGradient(torch.autograd.Function):
+    """The identity, its gradient multiplied by `scale`."""
+
     @staticmethod
     def forward(ctx, tensor: torch.Tensor, scale: float) -> torch.Tensor:
         ctx.scale = scale
@@ -223,47 +233,23 @@ class _ProductWithRows(torch.autograd.Function):
         return grad_hidden, grad_rows, None
 
 
-class _GatherFromAll(torch.autograd.Function):
-    """Forward: every rank's rows; backward: each rank's rows' gradients summed over the ranks."""
+class _Collective(torch.autograd.Function):
+    """`forward_op(tensor, group)`, whose gradient is `backward_op(grad, group)`: gathering every
+    rank's rows and summing blocks to their owners are each other's transposes, and an exchange is
+    its own (block r went to rank r, so block r of the gradient goes back to it)."""
 
     @staticmethod
-    def forward(ctx, tensor: torch.Tensor, group: Any) -> torch.Tensor:
-        ctx.group = group
-        return _all_gather(tensor, group)
+    def forward(ctx, tensor: torch.Tensor, group: Any, forward_op: Callable, backward_op: Callable) -> torch.Tensor:
+        ctx.group, ctx.backward_op = group, backward_op
+        return forward_op(tensor, group)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return _sum_scatter(grad, ctx.group), None
-
-
-class _SumToOwners(torch.autograd.Function):
-    """Forward: block r summed over the ranks to rank r; backward: every rank's block gradients."""
-
-    @staticmethod
-    def forward(ctx, tensor: torch.Tensor, group: Any) -> torch.Tensor:
-        ctx.group = group
-        return _sum_scatter(tensor, group)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return _all_gather(grad, ctx.group), None
-
-
-class _Exchange(torch.autograd.Function):
-    """Block r of the first dimension goes to rank r, and block i of the result came from rank i;
-    the same exchange sends the gradients back."""
-
-    @staticmethod
-    def forward(ctx, tensor: torch.Tensor, group: Any) -> torch.Tensor:
-        ctx.group = group
-        return _exchange(tensor, group)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return _exchange(grad, ctx.group), None
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        return ctx.backward_op(grad, ctx.group), None, None, None
 
 
 def _exchange(tensor: torch.Tensor, group: Any) -> torch.Tensor:
+    """Block r of the first dimension to rank r; block i of the result from rank i."""
     out = torch.empty_like(tensor)
     dist.all_to_all_single(out, tensor.contiguous(), group=group)
     return out

@@ -109,7 +109,8 @@ def test_the_units_are_the_decoder_layers_and_a_root_of_the_final_norm(runs, sta
 @pytest.mark.slow
 def test_embeddings_and_head_stay_sharded_and_compute_what_the_whole_model_computes():
     """One sharded step on 2 processes, each rank on its own tokens and sequence length (16 and 11,
-    so each call pads to the longer). Tied (one table used at both ends, which an FSDP2 unit would
+    so each call pads to the longer), the bundled vocabulary's 263 rows split 132 + 131 (so the
+    short rank pads its logits). Tied (one table used at both ends, which an FSDP2 unit would
     keep whole from the lookup through the whole backward) and untied, the table is never whole:
     sharded at every point of the step. The logits and the gradients are those of the unsharded
     model: its gradients averaged over the two ranks' tokens, as DDP steps (float32; the only
