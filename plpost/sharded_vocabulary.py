@@ -37,16 +37,9 @@ def shard_vocabulary(model: nn.Module, mesh: Any, compute_dtype: torch.dtype | N
     parameter); returns the parameters now sharded, for FSDP2 to leave alone. Returns [] and
     changes nothing for any other kind (Gemma's scaled embedding, a head with a bias, a LoRA-wrapped
     head), which stays an FSDP2 unit, and on a mesh of one process, which shards nothing."""
-    if not hasattr(model, "get_input_embeddings"):
+    if mesh.size() == 1 or not vocabulary_shardable(model):
         return []
     embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
-    if type(embeddings) is not nn.Embedding or embeddings.max_norm is not None or embeddings.scale_grad_by_freq \
-            or embeddings.sparse:
-        return []
-    if head is not None and (type(head) is not nn.Linear or head.bias is not None):
-        return []
-    if mesh.size() == 1:
-        return []
     table = _sharded_parameter(embeddings.weight, mesh)
     replacements = {embeddings: VocabShardedEmbedding(table, mesh, compute_dtype, embeddings.padding_idx)}
     if head is not None:
@@ -57,6 +50,20 @@ def shard_vocabulary(model: nn.Module, mesh: Any, compute_dtype: torch.dtype | N
             if child in replacements:
                 setattr(parent, name, replacements[child])
     return list({id(module.weight): module.weight for module in replacements.values()}.values())
+
+
+def vocabulary_shardable(model: nn.Module) -> bool:
+    """Whether `model`'s input embeddings are a plain lookup (`nn.Embedding` itself, without
+    `max_norm`, `scale_grad_by_freq` or sparse gradients) and its head, if it has one, a bias-free
+    `nn.Linear` itself: what `VocabShardedEmbedding` and `VocabShardedHead` compute. A subclass may
+    compute more (Gemma scales its embeddings) and is left to FSDP2."""
+    if not hasattr(model, "get_input_embeddings"):
+        return False
+    embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if type(embeddings) is not nn.Embedding or embeddings.max_norm is not None or embeddings.scale_grad_by_freq \
+            or embeddings.sparse:
+        return False
+    return head is None or (type(head) is nn.Linear and head.bias is None)
 
 
 def _sharded_parameter(weight: nn.Parameter, mesh: Any) -> nn.Parameter:
