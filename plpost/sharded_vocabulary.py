@@ -156,8 +156,8 @@ class VocabShardedHead(_VocabSharded):
             my_rows_logits = F.pad(my_rows_logits, (0, self.rows_per_rank - rows.shape[0]))
         # Block i of what arrives is rank i's rows of the vocabulary for this rank's tokens.
         arrived = _Collective.apply(my_rows_logits, self.group, _exchange, _exchange)
+        del my_rows_logits  # the buffer sent, as large as the logits
         blocks = arrived.view(self.world, count, self.rows_per_rank)
-        del my_rows_logits, arrived
         if tokens < count:
             blocks = blocks[:, :tokens]
         # One copy, into a tensor of its own (not a view: FSDP2 warns that changing a view the root
